@@ -1,0 +1,144 @@
+"""Attention: DeepSeek's Multi-head Latent Attention (MLA) and grouped-query attention (GQA).
+
+MLA (DeepSeek-V2 paper, section 2.1), in checkpoint names:
+    q            = q_b_proj(q_a_layernorm(q_a_proj(x)))   or q_proj(x) without q LoRA   -> [nope | rope] per head
+    [c_kv | k_r] = kv_a_proj_with_mqa(x);  c_kv = kv_a_layernorm(c_kv)                   latent + shared rope key
+    [k_nope | v] = kv_b_proj(c_kv) per head
+Two ways to compute it, which agree to float tolerance:
+  * full path: expand every cached latent into per-head K and V, then ordinary attention. Cheapest when many
+    queries share the keys (training, prefill).
+  * absorbed path: fold kv_b's key half (W_UK) into the query and apply its value half (W_UV) after
+    attention, so attention runs directly against the latent cache [c_kv | k_r]. Each decoded token then reads
+    only (kv_lora_rank + qk_rope_head_dim) numbers per cached token and layer: the point of MLA.
+
+Masks: `mask` is a bool tensor broadcastable to [B, heads, T, S] (True = may attend), or None for causal
+attention over a sequence that is its own context (T == S).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import RMSNorm
+from .rope import RotaryEmbedding
+
+
+def _sdpa(q, k, v, mask, scale):
+    """q [B,T,H,D], k/v [B,S,Hkv,D] -> [B,T,H,Dv]."""
+    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+    gqa = k.shape[1] != q.shape[1]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    return out.transpose(1, 2)
+
+
+class MLAttention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads = c.num_attention_heads
+        self.nope_dim, self.rope_dim, self.v_dim = c.qk_nope_head_dim, c.qk_rope_head_dim, c.v_head_dim
+        self.kv_lora_rank = c.kv_lora_rank
+        self.q_lora_rank = c.q_lora_rank
+        qk_dim = self.nope_dim + self.rope_dim
+        if c.q_lora_rank:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.scale = c.softmax_scale()
+
+    # ---- shared first half: project and rotate ----
+    def compress(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: RotaryEmbedding):
+        """x [B,T,hidden] -> q_nope [B,T,H,nope], q_rope [B,T,H,rope], latent [B,T,kv_lora], k_rope [B,T,rope].
+
+        latent and k_rope are exactly what the latent KV cache stores for these tokens.
+        """
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = self.kv_a_layernorm(latent)
+        q_rope = rotary.rotate(q_rope, cos, sin)
+        k_rope = rotary.rotate(k_rope.unsqueeze(-2), cos, sin).squeeze(-2)
+        return q_nope, q_rope, latent, k_rope
+
+    def _kv_b_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv_b_proj's weight split per head into W_UK [H, nope, L] and W_UV [H, v, L] (views, never copies:
+        nothing derived from the weights can go stale when they change)."""
+        w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
+        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+
+    # ---- second half, two interchangeable ways ----
+    def attend_full(self, q_nope, q_rope, latent, k_rope, mask):
+        """Expand latents [B,S,L] into per-head K/V, then attention. Returns [B,T,hidden]."""
+        B, S, _ = latent.shape
+        kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
+        k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
+        k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
+        q = torch.cat((q_nope, q_rope), dim=-1)
+        out = _sdpa(q, k, v, mask, self.scale)
+        return self.o_proj(out.flatten(2))
+
+    def attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask):
+        """Attention straight against the latent cache (latent [B,S,L], k_rope [B,S,R]). Returns [B,T,hidden].
+
+        score(t, s) = (q_nope W_UK) . c_kv[s] + q_rope . k_r[s];  out = W_UV (sum_s p(t, s) c_kv[s]).
+        """
+        w_uk, w_uv = self._kv_b_heads()
+        q_latent = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)
+        scores = torch.einsum("bthl,bsl->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
+        scores = scores.float() * self.scale
+        if mask is None:
+            T, S = scores.shape[-2:]
+            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        scores = scores.masked_fill(~mask, float("-inf"))
+        probs = scores.softmax(dim=-1).to(latent.dtype)
+        out_latent = torch.einsum("bhts,bsl->bthl", probs, latent)
+        out = torch.einsum("bthl,hvl->bthv", out_latent, w_uv)
+        return self.o_proj(out.flatten(2))
+
+    def forward(self, x, cos, sin, rotary: RotaryEmbedding, mask=None, absorbed: bool = False):
+        q_nope, q_rope, latent, k_rope = self.compress(x, cos, sin, rotary)
+        attend = self.attend_absorbed if absorbed else self.attend_full
+        return attend(q_nope, q_rope, latent, k_rope, mask)
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention of Llama / Qwen2 (q/k/v bias for Qwen2)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.scale = c.softmax_scale()
+
+    def project(self, x, cos, sin, rotary: RotaryEmbedding):
+        """x [B,T,hidden] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D] (rotated): what a paged K/V cache stores."""
+        B, T, _ = x.shape
+        q = rotary.rotate(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
+        k = rotary.rotate(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
+        return q, k, v
+
+    def attend(self, q, k, v, mask):
+        return self.o_proj(_sdpa(q, k, v, mask, self.scale).flatten(2))
+
+    def forward(self, x, cos, sin, rotary: RotaryEmbedding, mask=None, absorbed: bool = False):
+        q, k, v = self.project(x, cos, sin, rotary)
+        return self.attend(q, k, v, mask)

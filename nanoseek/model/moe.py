@@ -1,0 +1,125 @@
+"""DeepSeekMoE: fine-grained routed experts plus always-on shared experts.
+
+Routers, as the checkpoints define them:
+  * V3 `noaux_tc`: sigmoid scores; selection on scores + e_score_correction_bias (the aux-loss-free balancing
+    bias, used for selection only), limited to the `topk_group` groups whose top-2 biased scores sum highest;
+    weights are the unbiased scores of the chosen experts, normalised when `norm_topk_prob`, times
+    `routed_scaling_factor`.
+  * V2 `greedy` / `group_limited_greedy` (group score = max): softmax scores, normalised only when
+    `norm_topk_prob` (transformers ignores that flag; DeepSeek's code honours it).
+Experts are computed grouped: token copies are sorted by expert and each expert runs one matmul over its
+contiguous slice, never token by token.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import MLP, activation
+
+
+class Router(nn.Module):
+    """Named `gate` in checkpoints: `mlp.gate.weight` [E, hidden] (+ `e_score_correction_bias` [E] for V3)."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_experts, self.top_k = c.n_routed_experts, c.num_experts_per_tok
+        self.n_group, self.topk_group = c.n_group or 1, c.topk_group or 1
+        self.method, self.scoring = c.topk_method, c.scoring_func
+        self.normalize, self.scaling = c.norm_topk_prob, c.routed_scaling_factor
+        # Routing runs in float32 whatever the model dtype (transformers keeps these weights fp32 too).
+        self.weight = nn.Parameter(torch.empty(c.n_routed_experts, c.hidden_size, dtype=torch.float32))
+        if self.method == "noaux_tc":
+            self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
+        else:
+            self.e_score_correction_bias = None
+
+    def _apply(self, fn, recurse=True):
+        # Keep routing parameters in float32 when the model is cast (model.to(bfloat16)).
+        super()._apply(fn, recurse)
+        self.weight.data = self.weight.data.float()
+        if self.e_score_correction_bias is not None:
+            self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k], scores [N, E] fp32)."""
+        logits = F.linear(x.float(), self.weight)
+        scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
+        choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
+        if self.method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
+            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+            if self.method == "noaux_tc":
+                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+            else:
+                group_scores = grouped.amax(dim=-1)
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            # -inf, not 0: biased sigmoid scores can be negative, and a masked expert must never win.
+            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
+        indices = choice.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(1, indices)
+        if self.normalize and self.top_k > 1:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, indices, scores
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked: gate_up_proj [E, 2I, hidden], down_proj [E, hidden, I].
+
+    Checkpoints hold them per expert (`experts.{i}.{gate,up,down}_proj.weight`); checkpoint.py maps between.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        E, H, I = config.n_routed_experts, config.hidden_size, config.moe_intermediate_size
+        self.n_experts, self.intermediate = E, I
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+        self.act = activation(config.hidden_act)
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        N, k = indices.shape
+        flat = indices.flatten()
+        order = flat.argsort(stable=True)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        token_of = order // k
+        xs = x[token_of]
+        outputs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            h = xs[start:start + n]
+            gate, up = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)
+            outputs.append(F.linear(self.act(gate) * up, self.down_proj[e]))
+            start += n
+        ys = torch.cat(outputs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, ys)
+
+
+class MoE(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.gate = Router(config)
+        self.experts = Experts(config)
+        self.shared_experts = (
+            MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.hidden_act)
+            if config.n_shared_experts else None
+        )
+        # Per-expert token counts of the last forward, for load-balancing statistics (aux-loss-free bias
+        # updates read this); None until a forward has run.
+        self.last_expert_load: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])
+        weights, indices, _ = self.gate(flat)
+        self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.experts.n_experts)
+        out = self.experts(flat, weights, indices).view(shape)
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(x)
+        return out

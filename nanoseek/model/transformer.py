@@ -1,0 +1,167 @@
+"""The decoder-only Transformer for every supported architecture, plus DeepSeek-V3's MTP modules.
+
+Module names mirror the Hugging Face checkpoints (`model.layers.N.self_attn.kv_b_proj`, ...), so loading and
+saving is a name-for-name copy except for two things checkpoint.py translates: routed experts (stored
+stacked here) and MTP modules (stored as extra layers `model.layers.{L+k}` in checkpoints).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import GQAttention, MLAttention
+from .layers import MLP, RMSNorm
+from .moe import MoE
+from .rope import RotaryEmbedding
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = MLAttention(config) if config.is_mla else GQAttention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        if config.is_moe_layer(layer_idx):
+            self.mlp = MoE(config)
+        else:
+            self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
+
+    def forward(self, x, cos, sin, rotary, mask=None, absorbed: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, mask, absorbed)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class MTPModule(nn.Module):
+    """One Multi-Token Prediction depth (DeepSeek-V3 report, eq. 21-23).
+
+    h' = eh_proj([enorm(embed(t_{i+k})) ; hnorm(h_i^{k-1})]) -- embedding half first, as vLLM and transformers'
+    MtpModel read the checkpoints, although eq. 21 writes the other order -- then one decoder block; logits come
+    from the shared head after `shared_head.norm`. Embedding and head are the main model's.
+    """
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.block = DecoderLayer(config, layer_idx)
+        self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, hidden, next_embeds, cos, sin, rotary, mask=None):
+        x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
+        return self.block(x, cos, sin, rotary, mask)
+
+
+class Backbone(nn.Module):
+    """Named `model` in checkpoints: embed_tokens, layers, norm."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 1/0 keep-mask -> bool [B, 1, T, T] causal mask that also hides padding keys.
+
+    A fully padded query row would softmax over nothing (NaN); such rows attend to themselves instead, their
+    outputs are padding anyway.
+    """
+    B, T = attention_mask.shape
+    keep = attention_mask.bool()
+    causal = torch.ones(T, T, dtype=torch.bool, device=attention_mask.device).tril()
+    mask = causal & keep[:, None, None, :]
+    eye = torch.eye(T, dtype=torch.bool, device=attention_mask.device)
+    return mask | (eye & ~mask.any(-1, keepdim=True))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
+        self.rotary = RotaryEmbedding(config)
+
+    # ---- helpers ----
+    def positions_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        if attention_mask is None:
+            return torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        # Left padding shifts positions so each sequence's first real token is position 0.
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    def hidden_states(self, input_ids, positions=None, attention_mask=None, absorbed: bool = False,
+                      pre_norm: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> final hidden states [B, T, hidden] (after the final norm unless pre_norm)."""
+        if positions is None:
+            positions = self.positions_for(input_ids, attention_mask)
+        mask = None if attention_mask is None else causal_padding_mask(attention_mask)
+        cos, sin = self.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, self.rotary, mask, absorbed)
+        return x if pre_norm else self.model.norm(x)
+
+    def forward(self, input_ids, positions=None, attention_mask=None, absorbed: bool = False) -> torch.Tensor:
+        """input_ids [B, T] -> logits [B, T, vocab]."""
+        return self.lm_head(self.hidden_states(input_ids, positions, attention_mask, absorbed))
+
+    def mtp_hidden_states(self, hidden, input_ids, positions=None) -> list[torch.Tensor]:
+        """Runs every MTP depth over a full sequence.
+
+        hidden [B, T, hidden] are the main model's final (normed) hidden states. Depth k combines h_i with the
+        embedding of token i+k and predicts token i+k+1, so its output is [B, T-k, hidden] aligned with
+        positions 0..T-k-1. Returns the pre-`shared_head.norm` states of every depth.
+        """
+        B, T = input_ids.shape
+        if positions is None:
+            positions = torch.arange(T, device=input_ids.device).expand(B, T)
+        outs = []
+        h = hidden
+        for k, module in enumerate(self.mtp, start=1):
+            h = h[:, : T - k]
+            embeds = self.model.embed_tokens(input_ids[:, k:])
+            cos, sin = self.rotary(positions[:, : T - k])
+            h = module(h, embeds, cos, sin, self.rotary)
+            outs.append(h)
+        return outs
+
+    def mtp_logits(self, hidden, input_ids, positions=None) -> list[torch.Tensor]:
+        """Logits of every MTP depth; depth k's row i predicts token i+k+1."""
+        states = self.mtp_hidden_states(hidden, input_ids, positions)
+        return [self.lm_head(m.shared_head_norm(h)) for m, h in zip(self.mtp, states)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.embed_tokens.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.embed_tokens.weight.dtype
+
+    def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
+        """Fresh random weights for training from scratch: normal(0, std) matrices, unit norms, zero biases."""
+        with torch.no_grad():
+            for p in self.parameters():
+                if p.dim() >= 2:
+                    p.normal_(0.0, std, generator=generator)
+                else:
+                    p.zero_()
+            for module in self.modules():
+                if isinstance(module, RMSNorm):
+                    module.weight.fill_(1.0)
+        for buf_name, buf in self.named_buffers():
+            if buf_name.endswith("e_score_correction_bias"):
+                buf.zero_()
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+    return F.cross_entropy(logits.float().flatten(0, -2), targets.flatten(), ignore_index=ignore_index)

@@ -1,0 +1,93 @@
+"""Tiny real checkpoints, written by transformers' own `save_pretrained`, for every supported architecture.
+
+Weights are re-randomised with a larger spread than transformers' 0.02 init so logits are O(1) and routing
+actually varies between tokens: a parity test on near-zero logits would prove nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+YARN = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+        "beta_fast": 32, "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0}
+
+MLA_COMMON = dict(vocab_size=160, hidden_size=64, intermediate_size=96, moe_intermediate_size=32,
+                  num_attention_heads=4, num_key_value_heads=4, kv_lora_rank=16, qk_rope_head_dim=8,
+                  qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=256, bos_token_id=0,
+                  eos_token_id=1)
+
+# name -> (transformers config class name, kwargs)
+ARCHITECTURES = {
+    # V3: q LoRA, YaRN, noaux_tc with group-limited routing over 4 groups.
+    "deepseek_v3": ("DeepseekV3Config", dict(MLA_COMMON, num_hidden_layers=3, n_routed_experts=8, n_group=4,
+                                             topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
+                                             n_shared_experts=1, q_lora_rank=32, rope_parameters=YARN)),
+    # V3 without q LoRA and without rope scaling.
+    "deepseek_v3_no_q_lora": ("DeepseekV3Config", dict(MLA_COMMON, num_hidden_layers=2, n_routed_experts=4,
+                                                       n_group=1, topk_group=1, num_experts_per_tok=2,
+                                                       first_k_dense_replace=0, q_lora_rank=None,
+                                                       rope_parameters={"rope_type": "default",
+                                                                        "rope_theta": 10000.0})),
+    # V2: softmax greedy routing, two shared experts, YaRN with mscale 0.707 like V2-Lite.
+    "deepseek_v2": ("DeepseekV2Config", dict(MLA_COMMON, num_hidden_layers=3, n_routed_experts=8,
+                                             num_experts_per_tok=3, first_k_dense_replace=1, n_shared_experts=2,
+                                             q_lora_rank=None, topk_method="greedy", norm_topk_prob=False,
+                                             routed_scaling_factor=1.0,
+                                             rope_parameters=dict(YARN, mscale=0.707, mscale_all_dim=0.707))),
+    # V2 with group-limited greedy routing and q LoRA.
+    "deepseek_v2_group_limited": ("DeepseekV2Config", dict(MLA_COMMON, num_hidden_layers=2, n_routed_experts=8,
+                                                           num_experts_per_tok=2, first_k_dense_replace=0,
+                                                           n_shared_experts=1, q_lora_rank=24,
+                                                           topk_method="group_limited_greedy", n_group=4,
+                                                           topk_group=2, norm_topk_prob=False,
+                                                           routed_scaling_factor=1.5,
+                                                           rope_parameters={"rope_type": "default",
+                                                                            "rope_theta": 10000.0})),
+    # Llama 3: GQA with Llama-3 rope scaling.
+    "llama": ("LlamaConfig", dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  bos_token_id=0, eos_token_id=1,
+                                  rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                                   "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                   "original_max_position_embeddings": 32})),
+    # Qwen2: GQA with q/k/v bias and tied embeddings.
+    "qwen2": ("Qwen2Config", dict(vocab_size=160, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                  tie_word_embeddings=True, rope_parameters={"rope_type": "default",
+                                                                             "rope_theta": 1000000.0},
+                                  bos_token_id=0, eos_token_id=1)),
+}
+
+
+def randomize_(model, seed: int = 0) -> None:
+    """O(1)-scale random weights: matrices ~ N(0, 1/sqrt(fan_in)), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.1)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5 * 1.5)
+            elif "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+
+
+def build_hf_model(arch: str, seed: int = 0, **overrides):
+    import transformers
+
+    cls_name, kwargs = ARCHITECTURES[arch]
+    config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_(model, seed)
+    return model.eval()
+
+
+def save_hf_checkpoint(arch: str, directory: Path, seed: int = 0, **overrides):
+    model = build_hf_model(arch, seed, **overrides)
+    model.save_pretrained(directory)
+    return model
