@@ -91,3 +91,44 @@ def save_hf_checkpoint(arch: str, directory: Path, seed: int = 0, **overrides):
     model = build_hf_model(arch, seed, **overrides)
     model.save_pretrained(directory)
     return model
+
+
+# A DeepSeek-R1 style template: system prompt first, assistant turns stripped of their reasoning, and a
+# generation prompt that opens <think>.
+R1_TEMPLATE = (
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
+                  "</think>"]
+CORPUS = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? Let me think step by step.",
+          "def add(a, b):\n    return a + b\n", "Ünïcödé text, emoji 🙂 and 数字 42."] * 20
+
+
+def build_tokenizer(directory: Path, vocab_size: int = 160):
+    """A byte-level BPE tokenizer saved by transformers, with DeepSeek's special tokens and the R1 template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    bos = SPECIAL_TOKENS[0]
+    tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                       special_tokens=[(bos, tok.token_to_id(bos))])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL_TOKENS[1])
+    fast.chat_template = R1_TEMPLATE
+    fast.save_pretrained(directory)
+    return fast

@@ -1,0 +1,119 @@
+"""Tokenizer: HF `tokenizers` plus tokenizer_config.json conventions and jinja2 chat templates.
+
+Chat templates render exactly as transformers' `apply_chat_template` does (sandboxed jinja2 with trim_blocks,
+lstrip_blocks, loop controls, `raise_exception`, `strftime_now`, a non-ASCII-escaping `tojson`), and the
+rendered text is tokenized without adding special tokens again, so prompt ids are identical.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from functools import cached_property
+from pathlib import Path
+
+from .errors import ConfigError
+
+
+def _token_text(value) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("content")
+    return str(value)
+
+
+class Tokenizer:
+    def __init__(self, backend, config: dict | None = None, chat_template: str | None = None):
+        self.backend = backend  # tokenizers.Tokenizer
+        self.config = config or {}
+        self.chat_template = chat_template
+        self.bos_token = _token_text(self.config.get("bos_token"))
+        self.eos_token = _token_text(self.config.get("eos_token"))
+        self.pad_token = _token_text(self.config.get("pad_token"))
+        self.unk_token = _token_text(self.config.get("unk_token"))
+
+    # ---- loading ----
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Tokenizer":
+        from tokenizers import Tokenizer as Backend
+
+        path = Path(path)
+        file = path / "tokenizer.json"
+        if not file.exists():
+            raise ConfigError(f"no tokenizer.json in {path}: nanoseek needs a fast (tokenizers) tokenizer file")
+        backend = Backend.from_file(str(file))
+        config = {}
+        if (path / "tokenizer_config.json").exists():
+            config = json.loads((path / "tokenizer_config.json").read_text())
+        template = config.get("chat_template")
+        if isinstance(template, list):  # named templates: use "default"
+            template = next((t["template"] for t in template if t.get("name") == "default"), template[0]["template"])
+        if (path / "chat_template.jinja").exists():  # transformers 5 writes the template here
+            template = (path / "chat_template.jinja").read_text()
+        return cls(backend, config, template)
+
+    # ---- ids ----
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str | None) -> int | None:
+        return None if token is None else self.backend.token_to_id(token)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.token_to_id(self.bos_token)
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.token_to_id(self.eos_token)
+
+    @cached_property
+    def special_ids(self) -> set[int]:
+        return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    # ---- chat ----
+    @cached_property
+    def _compiled_template(self):
+        from jinja2 import ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise ConfigError(f"chat template error: {message}")
+
+        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[ext.loopcontrols])
+        env.filters["tojson"] = tojson
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        return env.from_string(self.chat_template)
+
+    def render_chat(self, messages: list[dict], add_generation_prompt: bool = True, **kwargs) -> str:
+        if not self.chat_template:
+            raise ConfigError("this tokenizer has no chat template (tokenizer_config.json chat_template or "
+                              "chat_template.jinja): pass plain text prompts instead")
+        return self._compiled_template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt, bos_token=self.bos_token or "",
+            eos_token=self.eos_token or "", pad_token=self.pad_token or "", unk_token=self.unk_token or "",
+            **kwargs)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True, tokenize: bool = True,
+                            **kwargs):
+        text = self.render_chat(messages, add_generation_prompt, **kwargs)
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer:
+    return Tokenizer.from_pretrained(path)
