@@ -82,6 +82,35 @@ class Tokenizer:
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
 
+    @cached_property
+    def _byte_decoder(self) -> dict[str, int] | None:
+        """GPT-2's printable-character alphabet -> byte, when the tokenizer is byte-level BPE."""
+        from tokenizers import decoders
+
+        if not isinstance(self.backend.decoder, decoders.ByteLevel):
+            return None
+        printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+        chars, extra = list(printable), 0
+        for b in range(256):
+            if b not in printable:
+                printable.append(b)
+                chars.append(256 + extra)
+                extra += 1
+        return {chr(c): b for b, c in zip(printable, chars)}
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes one token stands for (a byte-level token may be part of a UTF-8 character)."""
+        cache = self.__dict__.setdefault("_token_bytes", {})
+        if token_id not in cache:
+            piece = self.backend.id_to_token(token_id)
+            table = self._byte_decoder
+            if piece is not None and table is not None and token_id not in self.special_ids and all(
+                    ch in table for ch in piece):
+                cache[token_id] = bytes(table[ch] for ch in piece)
+            else:
+                cache[token_id] = self.decode([token_id]).encode("utf-8")
+        return cache[token_id]
+
     # ---- chat ----
     @cached_property
     def _compiled_template(self):

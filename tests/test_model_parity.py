@@ -67,8 +67,9 @@ def test_absorbed_decode_against_latent_prefix_equals_full_attention(hf_checkpoi
     q_nope, q_rope, latent, k_rope = attn.compress(x, cos, sin, rotary)
     mask = torch.ones(1, 9, dtype=torch.bool)  # the last token sees all 9 cached tokens
     last = slice(8, 9)
-    full = attn.attend_full(q_nope[:, last], q_rope[:, last], latent, k_rope, mask)
-    absorbed = attn.attend_absorbed(q_nope[:, last], q_rope[:, last], latent, k_rope, mask)
+    cached = torch.cat((latent, k_rope), dim=-1)
+    full = attn.heads_full(q_nope[:, last], q_rope[:, last], cached, mask)
+    absorbed = attn.heads_absorbed(q_nope[:, last], q_rope[:, last], cached, mask)
     assert (full - absorbed).abs().max().item() < 1e-5
 
 

@@ -23,6 +23,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .layers import RMSNorm
+from .paged import PagedBatch
 from .rope import RotaryEmbedding
 
 
@@ -86,39 +87,56 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:]
 
-    # ---- second half, two interchangeable ways ----
-    def attend_full(self, q_nope, q_rope, latent, k_rope, mask):
-        """Expand latents [B,S,L] into per-head K/V, then attention. Returns [B,T,hidden]."""
-        B, S, _ = latent.shape
+    # ---- second half, two interchangeable ways; `cached` is [B, S, kv_lora + rope] = [c_kv | k_r] ----
+    def heads_full(self, q_nope, q_rope, cached, mask):
+        """Expand the latents into per-head K/V, then attention. Returns per-head outputs [B, T, H * v]."""
+        B, S, _ = cached.shape
+        latent, k_rope = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(latent).view(B, S, self.n_heads, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        out = _sdpa(q, k, v, mask, self.scale)
-        return self.o_proj(out.flatten(2))
+        return _sdpa(q, k, v, mask, self.scale).flatten(2)
 
-    def attend_absorbed(self, q_nope, q_rope, latent, k_rope, mask):
-        """Attention straight against the latent cache (latent [B,S,L], k_rope [B,S,R]). Returns [B,T,hidden].
+    def heads_absorbed(self, q_nope, q_rope, cached, mask):
+        """Attention straight against the latent cache. Returns per-head outputs [B, T, H * v].
 
-        score(t, s) = (q_nope W_UK) . c_kv[s] + q_rope . k_r[s];  out = W_UV (sum_s p(t, s) c_kv[s]).
+        score(t, s) = (q_nope W_UK) . c_kv[s] + q_rope . k_r[s] = [q_nope W_UK | q_rope] . cached[s], so this is
+        multi-query attention with a single (kv_lora + rope)-wide key head shared by all query heads. Using
+        `cached` itself as the value head makes the first kv_lora output columns sum_s p(t, s) c_kv[s]; W_UV
+        then maps them back to each head's value space.
         """
         w_uk, w_uv = self._kv_b_heads()
-        q_latent = torch.einsum("bthd,hdl->bthl", q_nope, w_uk)
-        scores = torch.einsum("bthl,bsl->bhts", q_latent, latent) + torch.einsum("bthr,bsr->bhts", q_rope, k_rope)
-        scores = scores.float() * self.scale
-        if mask is None:
-            T, S = scores.shape[-2:]
-            mask = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
-        scores = scores.masked_fill(~mask, float("-inf"))
-        probs = scores.softmax(dim=-1).to(latent.dtype)
-        out_latent = torch.einsum("bhts,bsl->bthl", probs, latent)
-        out = torch.einsum("bthl,hvl->bthv", out_latent, w_uv)
-        return self.o_proj(out.flatten(2))
+        q = torch.cat((torch.einsum("bthd,hdl->bthl", q_nope, w_uk), q_rope), dim=-1)
+        kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
+        out_latent = _sdpa(q, kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
+        return torch.einsum("bthl,hvl->bthv", out_latent, w_uv).flatten(2)
 
     def forward(self, x, cos, sin, rotary: RotaryEmbedding, mask=None, absorbed: bool = False):
         q_nope, q_rope, latent, k_rope = self.compress(x, cos, sin, rotary)
-        attend = self.attend_absorbed if absorbed else self.attend_full
-        return attend(q_nope, q_rope, latent, k_rope, mask)
+        cached = torch.cat((latent, k_rope), dim=-1)
+        heads = self.heads_absorbed if absorbed else self.heads_full
+        return self.o_proj(heads(q_nope, q_rope, cached, mask))
+
+    def forward_paged(self, x, cos, sin, rotary: RotaryEmbedding, cache: torch.Tensor, batch: PagedBatch):
+        """Engine path over N flattened tokens of many sequences. cache: [slots, kv_lora + rope] of this layer.
+
+        New tokens' [c_kv | k_r] are written to their slots first, then each prefill span runs the full path over
+        its gathered context and all single-token decodes run the absorbed path together.
+        """
+        q_nope, q_rope, latent, k_rope = (t[0] for t in self.compress(x[None], cos[None], sin[None], rotary))
+        cache.index_copy_(0, batch.slot_mapping, torch.cat((latent, k_rope), dim=-1).to(cache.dtype))
+        out = x.new_empty(x.shape[0], self.n_heads * self.v_dim)
+        for span in batch.prefills:
+            rows = slice(span.start, span.end)
+            cached = cache[span.context_slots].to(x.dtype)[None]
+            out[rows] = self.heads_full(q_nope[rows][None], q_rope[rows][None], cached, span.mask)[0]
+        if batch.decode_rows is not None:
+            rows = batch.decode_rows
+            cached = cache[batch.decode_slots].to(x.dtype)
+            heads = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], cached, batch.decode_mask)
+            out[rows] = heads[:, 0]
+        return self.o_proj(out)
 
 
 class GQAttention(nn.Module):
@@ -148,3 +166,19 @@ class GQAttention(nn.Module):
     def forward(self, x, cos, sin, rotary: RotaryEmbedding, mask=None, absorbed: bool = False):
         q, k, v = self.project(x, cos, sin, rotary)
         return self.attend(q, k, v, mask)
+
+    def forward_paged(self, x, cos, sin, rotary: RotaryEmbedding, cache: torch.Tensor, batch: PagedBatch):
+        """Engine path; cache: [slots, 2, kv_heads, head_dim] (K and V) of this layer."""
+        q, k, v = (t[0] for t in self.project(x[None], cos[None], sin[None], rotary))
+        cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), dim=1).to(cache.dtype))
+        out = x.new_empty(x.shape[0], self.n_heads * self.head_dim)
+        for span in batch.prefills:
+            rows = slice(span.start, span.end)
+            kv = cache[span.context_slots].to(x.dtype)
+            out[rows] = _sdpa(q[rows][None], kv[None, :, 0], kv[None, :, 1], span.mask, self.scale)[0].flatten(1)
+        if batch.decode_rows is not None:
+            rows = batch.decode_rows
+            kv = cache[batch.decode_slots].to(x.dtype)  # [B, S, 2, kv_heads, head_dim]
+            heads = _sdpa(q[rows][:, None], kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
+            out[rows] = heads[:, 0].flatten(1)
+        return self.o_proj(out)

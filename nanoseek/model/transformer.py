@@ -15,6 +15,7 @@ from ..config import ModelConfig
 from .attention import GQAttention, MLAttention
 from .layers import MLP, RMSNorm
 from .moe import MoE
+from .paged import PagedBatch
 from .rope import RotaryEmbedding
 
 
@@ -31,6 +32,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, rotary, mask=None, absorbed: bool = False):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, mask, absorbed)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def forward_paged(self, x, cos, sin, rotary, cache, batch: PagedBatch):
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, rotary, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -113,6 +118,23 @@ class Transformer(nn.Module):
     def forward(self, input_ids, positions=None, attention_mask=None, absorbed: bool = False) -> torch.Tensor:
         """input_ids [B, T] -> logits [B, T, vocab]."""
         return self.lm_head(self.hidden_states(input_ids, positions, attention_mask, absorbed))
+
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
+                      batch: PagedBatch) -> torch.Tensor:
+        """Engine forward over N flattened tokens ([N] ids and positions) with a paged cache per layer.
+        Returns logits [M, vocab] for `batch.logits_rows` only: a prefill needs just its last row's."""
+        cos, sin = self.rotary(positions)
+        x = self.model.embed_tokens(input_ids)
+        for layer, cache in zip(self.model.layers, caches):
+            x = layer.forward_paged(x, cos, sin, self.rotary, cache, batch)
+        return self.lm_head(self.model.norm(x[batch.logits_rows]))
+
+    def kv_cache_shape(self) -> tuple[int, ...]:
+        """Per-slot shape of one layer's cache: MLA holds [c_kv | k_r]; GQA holds K and V per KV head."""
+        c = self.config
+        if c.is_mla:
+            return (c.kv_lora_rank + c.qk_rope_head_dim,)
+        return (2, c.num_key_value_heads, c.head_dim)
 
     def mtp_hidden_states(self, hidden, input_ids, positions=None) -> list[torch.Tensor]:
         """Runs every MTP depth over a full sequence.

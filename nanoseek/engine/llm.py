@@ -1,0 +1,317 @@
+"""The engine core (LLMEngine) and its vLLM-style front (LLM).
+
+One step = schedule (scheduler.py) -> one model call over every scheduled token (runner.py) -> sample
+(sampler.py) -> update sequences, text and metrics (sequence.py). The engine is thread-safe: add, abort,
+update_weights and step take one lock, so the async front (async_llm.py) can step in a background thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import load_model
+from ..config import ModelConfig
+from ..device import resolve_device, resolve_dtype
+from ..errors import ConfigError
+from ..model.transformer import Transformer
+from ..tokenizer import Tokenizer, load_tokenizer
+from .cache import BlockManager, KVCache
+from .runner import ModelRunner
+from .sampler import Sampler
+from .sampling_params import InvalidRequestError, SamplingParams
+from .scheduler import Scheduler
+from .sequence import Request, RequestOutput, Sequence
+from .text import THINK_CLOSE, THINK_OPEN, starts_in_reasoning
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
+
+
+def parse_memory(value: int | str) -> int:
+    """Bytes from an int or a string like '512MiB', '2GiB', '1.5GB'."""
+    if isinstance(value, int):
+        return value
+    m = re.fullmatch(r"\s*([\d.]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"cannot read memory size {value!r}: write e.g. 512MiB or 2GiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+class LLMEngine:
+    def __init__(self, model: str | Path | Transformer, tokenizer: Tokenizer | str | Path | None = None, *,
+                 device: str | None = "cpu", dtype: str | torch.dtype = "auto", max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, block_size: int = 16, kv_cache_memory: int | str = "1GiB",
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int | None = None):
+        if isinstance(model, Transformer):
+            self.model = model.eval()
+            source = getattr(model, "checkpoint_dir", None)
+        else:
+            source = Path(model)
+            config = ModelConfig.from_pretrained(source)
+            dev = resolve_device(device)
+            self.model = load_model(source, dev, resolve_dtype(dtype, dev, config.torch_dtype))
+        if tokenizer is None and source is not None and (Path(source) / "tokenizer.json").exists():
+            tokenizer = source
+        self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
+        config = self.model.config
+        self.config = config
+
+        slot_shape = self.model.kv_cache_shape()
+        self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, slot_shape, self.model.dtype)
+        budget = parse_memory(kv_cache_memory)
+        num_blocks = budget // (self.kv_bytes_per_token * block_size)
+        if num_blocks < 2:
+            raise ConfigError(f"kv_cache_memory {budget:,} bytes holds fewer than 2 blocks of {block_size} tokens "
+                              f"({self.kv_bytes_per_token:,} bytes per token): raise kv_cache_memory")
+        self.cache = KVCache(config.num_hidden_layers, num_blocks, block_size, slot_shape, self.model.dtype,
+                             self.model.device)
+        self.max_cached_tokens = num_blocks * block_size
+        limit = min(config.max_position_embeddings, self.max_cached_tokens)
+        if max_model_len is not None and max_model_len > limit:
+            raise ConfigError(f"max_model_len {max_model_len} exceeds what fits: {limit} tokens (cache holds "
+                              f"{self.max_cached_tokens}, model {config.max_position_embeddings})")
+        self.max_model_len = max_model_len or limit
+        self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.cache)
+        self.sampler = Sampler(self.tokenizer, seed)
+        self.requests: dict[str, Request] = {}
+        self.lock = threading.RLock()
+        self._ids = itertools.count()
+        self._finished_outputs: list[RequestOutput] = []
+        self.eos_ids = set(config.eos_token_ids)
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(self.tokenizer.eos_token_id)
+        if source is not None and (Path(source) / "generation_config.json").exists():
+            import json
+
+            eos = json.loads((Path(source) / "generation_config.json").read_text()).get("eos_token_id")
+            self.eos_ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        self.reasoning = self.tokenizer is not None and self.tokenizer.token_to_id(THINK_CLOSE) is not None
+        self.totals = {"prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "generation_tokens": 0, "requests": 0}
+
+    # ---- requests ----
+    def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
+        """A string, a list of token ids, or a chat (list of {"role", "content"}) -> (text, ids)."""
+        if isinstance(prompt, str):
+            self._need_tokenizer()
+            return prompt, self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[0], dict):
+            self._need_tokenizer()
+            text = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+            return text, self.tokenizer.encode(text, add_special_tokens=False)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) for t in prompt):
+            return None, list(prompt)
+        raise InvalidRequestError("prompt must be a string, a list of token ids or a list of chat messages")
+
+    def _need_tokenizer(self):
+        if self.tokenizer is None:
+            raise InvalidRequestError("this model has no tokenizer.json: pass prompts as token ids")
+
+    def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                    arrival_time: float | None = None) -> Request:
+        params = params or SamplingParams()
+        text, ids = self.tokenize_prompt(prompt)
+        if not ids:
+            raise InvalidRequestError("prompt is empty: give at least one token")
+        vocab = self.config.vocab_size
+        if min(ids) < 0 or max(ids) >= vocab:
+            raise InvalidRequestError(f"prompt token ids must be in [0, {vocab})")
+        if len(ids) >= self.max_model_len:
+            raise InvalidRequestError(f"prompt has {len(ids)} tokens but this engine's context is "
+                                      f"{self.max_model_len} (KV cache and model limit): shorten the prompt")
+        tail = self.tokenizer.decode(ids[-8:]) if self.reasoning else ""
+        skip = set()
+        if self.tokenizer is not None and params.skip_special_tokens:
+            keep = {self.tokenizer.token_to_id(THINK_OPEN), self.tokenizer.token_to_id(THINK_CLOSE)}
+            skip = self.tokenizer.special_ids - keep
+        with self.lock:
+            request_id = request_id or f"req-{next(self._ids)}"
+            if request_id in self.requests:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use")
+            request = Request(request_id, text, ids, params, self.tokenizer, self.eos_ids, self.max_model_len, skip,
+                              self.reasoning, starts_in_reasoning(tail), arrival_time)
+            self.requests[request_id] = request
+            self.scheduler.add(request.seqs[0])
+            self.totals["requests"] += 1
+        return request
+
+    def abort(self, request_id: str) -> bool:
+        """Stops a request now and frees its cache blocks. Returns False if it is unknown or already done."""
+        with self.lock:
+            request = self.requests.pop(request_id, None)
+            if request is None:
+                return False
+            request.aborted = True
+            for seq in request.seqs:
+                if not seq.finished:
+                    self.scheduler.remove(seq)
+                    seq.finish("abort", None)
+            self._finished_outputs.append(request.output())
+            return True
+
+    def has_unfinished(self) -> bool:
+        return bool(self.requests) or bool(self._finished_outputs)
+
+    # ---- stepping ----
+    def step(self) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns outputs of every request that changed (finished ones included)."""
+        with self.lock:
+            outputs, self._finished_outputs = self._finished_outputs, []
+            plan = self.scheduler.schedule()
+            if not plan:
+                return outputs
+            logits = self.runner.run(plan)
+            sampling = [item.seq for item in plan if item.samples]
+            for item in plan:
+                item.seq.num_computed += item.num_new
+            seqs, rows = [], []
+            for row, seq in enumerate(sampling):
+                seqs.append(seq)
+                rows.append(row)
+                if not seq.request.forked:
+                    for child in self._fork(seq):
+                        seqs.append(child)
+                        rows.append(row)
+            tokens = self.sampler.sample(logits[rows], seqs)
+            now = time.monotonic()
+            touched: dict[str, Request] = {}
+            for seq, token in zip(seqs, tokens):
+                seq.append(token)
+                metrics = seq.request.metrics
+                metrics.first_token_time = metrics.first_token_time or now
+                metrics.token_times.append(now)
+                touched[seq.request.request_id] = seq.request
+                if seq.finished:
+                    self.scheduler.remove(seq)
+            self.totals["generation_tokens"] += len(tokens)
+            for item in plan:
+                if not item.seq.finished:
+                    self.blocks.register_computed(item.seq.token_ids, item.seq.block_table, item.seq.num_computed)
+            for request in touched.values():
+                outputs.append(request.output())
+                if request.finished:
+                    request.metrics.finished_time = now
+                    self.requests.pop(request.request_id, None)
+                    self.totals["prompt_tokens"] += len(request.prompt_token_ids)
+                    self.totals["prompt_cache_hit_tokens"] += request.metrics.prompt_cache_hit_tokens
+            return outputs
+
+    def _fork(self, parent: Sequence) -> list[Sequence]:
+        """n > 1: the first sequence finished the prompt; its siblings share the prompt's full blocks."""
+        request = parent.request
+        request.forked = True
+        children = []
+        for i in range(1, request.params.n):
+            child = Sequence(request, i, parent.token_ids, request.generator_for(i))
+            child.block_table = self.blocks.fork(parent.block_table, parent.num_computed)
+            child.num_computed = len(child.block_table) * self.blocks.block_size
+            request.seqs.append(child)
+            self.scheduler.add_running(child, after=children[-1] if children else parent)
+            children.append(child)
+        return children
+
+    # ---- weights ----
+    def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
+        """Loads new weights (a model or its state_dict, nanoseek names) without touching disk. Every cached
+        block is dropped, the prefix cache included, and running sequences are recomputed with the new weights;
+        derived tensors (the absorbed MLA projections) are views of the weights and follow automatically."""
+        state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+        own = self.model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise ConfigError(f"update_weights: {len(missing)} missing ({', '.join(missing[:5])}) and "
+                              f"{len(unexpected)} unexpected ({', '.join(unexpected[:5])}) tensors")
+        with self.lock, torch.no_grad():
+            for name, tensor in own.items():
+                src = state[name]
+                if src.shape != tensor.shape:
+                    raise ConfigError(f"update_weights: {name} has shape {list(src.shape)}, "
+                                      f"expected {list(tensor.shape)}")
+                tensor.copy_(src.detach().to(tensor.device, tensor.dtype))
+            self.scheduler.preempt_all()
+            self.blocks.reset_prefix_cache()
+
+    # ---- observability ----
+    def stats(self) -> dict:
+        with self.lock:
+            return {
+                "num_waiting": len(self.scheduler.waiting),
+                "num_running": len(self.scheduler.running),
+                "kv_cache_usage": self.blocks.usage(),
+                "num_free_blocks": self.blocks.num_free,
+                "num_blocks": self.blocks.num_blocks,
+                "block_size": self.blocks.block_size,
+                "kv_bytes_per_token": self.kv_bytes_per_token,
+                "max_cached_tokens": self.max_cached_tokens,
+                "num_preemptions": self.scheduler.num_preemptions,
+                **self.totals,
+            }
+
+
+def _as_prompt_list(prompts) -> list:
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, (list, tuple)) and prompts and (isinstance(prompts[0], int) or isinstance(prompts[0], dict)):
+        return [prompts]
+    return list(prompts)
+
+
+class LLM:
+    """vLLM-style offline interface: LLM(path, **engine options).generate(prompts, SamplingParams(...))."""
+
+    def __init__(self, model, tokenizer=None, **engine_options):
+        self.engine = LLMEngine(model, tokenizer, **engine_options)
+
+    @property
+    def tokenizer(self) -> Tokenizer | None:
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        """prompts: a string, token ids or chat messages, or a list of them. One RequestOutput per prompt."""
+        prompts = _as_prompt_list(prompts)
+        if isinstance(sampling_params, list):
+            if len(sampling_params) != len(prompts):
+                raise InvalidRequestError("give one SamplingParams, or one per prompt")
+            params = sampling_params
+        else:
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        requests = [self.engine.add_request(p, sp) for p, sp in zip(prompts, params)]
+        order = {r.request_id: i for i, r in enumerate(requests)}
+        results: list[RequestOutput | None] = [None] * len(requests)
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(requests), desc="generate", unit="req")
+        try:
+            while any(r is None for r in results):
+                for out in self.engine.step():
+                    if out.finished and out.request_id in order:
+                        results[order[out.request_id]] = out
+                        if bar is not None:
+                            bar.update(1)
+        except BaseException:
+            for r in requests:
+                self.engine.abort(r.request_id)
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+        return results
+
+    def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = False):
+        """messages: one conversation (list of {"role", "content"}) or a list of them."""
+        if messages and isinstance(messages[0], dict):
+            messages = [messages]
+        return self.generate(list(messages), sampling_params, use_tqdm)
+
+    def update_weights(self, weights) -> None:
+        self.engine.update_weights(weights)

@@ -1,0 +1,115 @@
+"""Continuous batching with chunked prefill and preemption by recomputation.
+
+Each step spends a token budget (`max_num_batched_tokens`): running sequences first, in arrival order (a
+decode costs one token, an unfinished prompt the rest of its chunk), then waiting sequences, first come first
+served, up to `max_num_seqs` running. A prompt longer than the remaining budget is split into chunks over
+several steps, so long prompts never stall the decodes batched with them. When a running sequence needs a
+block and none is free, the most recently arrived running sequence is preempted: its blocks are released and it
+goes back to the front of the queue, to be recomputed later (its full blocks usually come back from the prefix
+cache). Since the engine refuses any single request that could not fit the whole cache alone, the oldest
+sequence can always make progress: no deadlock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from .cache import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class ScheduledSeq:
+    seq: Sequence
+    num_new: int  # tokens computed this step
+
+    @property
+    def samples(self) -> bool:
+        """Whether this step reaches the sequence's last token, so a new token is sampled."""
+        return self.seq.num_computed + self.num_new == len(self.seq.token_ids)
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_num_batched_tokens: int):
+        self.blocks = blocks
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence, front: bool = False) -> None:
+        seq.status = Status.WAITING
+        (self.waiting.appendleft if front else self.waiting.append)(seq)
+
+    def add_running(self, seq: Sequence, after: Sequence) -> None:
+        """Places a forked child right after its parent, already holding its shared blocks."""
+        seq.status = Status.RUNNING
+        self.running.insert(self.running.index(after) + 1, seq)
+
+    def remove(self, seq: Sequence) -> None:
+        """Takes a finished or aborted sequence out and releases its blocks."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.release(seq.block_table)
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.release(seq.block_table)
+        seq.num_computed = 0
+        self.num_preemptions += 1
+        self.add(seq, front=True)
+
+    def preempt_all(self) -> None:
+        for seq in reversed(list(self.running)):
+            self.preempt(seq)
+
+    def schedule(self) -> list[ScheduledSeq]:
+        budget = self.max_num_batched_tokens
+        plan: list[ScheduledSeq] = []
+        preempted = False
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
+                victim = self.running[-1]
+                self.preempt(victim)
+                preempted = True
+                if victim is seq:
+                    break
+            if seq.status != Status.RUNNING:
+                break
+            self.blocks.grow(seq.block_table, seq.num_computed + n)
+            plan.append(ScheduledSeq(seq, n))
+            budget -= n
+            i += 1
+        # Admit waiting sequences only when nothing had to be preempted: room is scarce otherwise.
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            prefix = self.blocks.cached_prefix(seq.token_ids)
+            cached = len(prefix) * self.blocks.block_size
+            n = min(len(seq.token_ids) - cached, budget)
+            if self.blocks.admission_cost(prefix, cached + n) > self.blocks.num_free:
+                break
+            self.waiting.popleft()
+            self.blocks.admit_prefix(prefix, seq.block_table)
+            seq.num_computed = cached
+            self.blocks.grow(seq.block_table, cached + n)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            self._first_admission(seq, cached)
+            plan.append(ScheduledSeq(seq, n))
+            budget -= n
+        return plan
+
+    def _first_admission(self, seq: Sequence, cached: int) -> None:
+        metrics = seq.request.metrics
+        if seq.index == 0 and metrics.first_scheduled_time is None:
+            metrics.first_scheduled_time = time.monotonic()
+            metrics.prompt_cache_hit_tokens = cached
+            metrics.prompt_cache_miss_tokens = seq.num_prompt_tokens - cached
