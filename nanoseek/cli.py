@@ -67,6 +67,64 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="model directory (HF format)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, mps, xpu or auto")
+    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32 or bfloat16")
+    p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB")
+    p.add_argument("--max-model-len", type=int, default=None)
+
+
+def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
+    p.add_argument("--max-tokens", type=int, default=max_tokens)
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+
+
+def _sampling_params(args):
+    from .engine import SamplingParams
+
+    return SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, stop=args.stop,
+                          ignore_eos=args.ignore_eos)
+
+
+def _llm(args):
+    from .engine import LLM
+
+    return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
+               max_model_len=args.max_model_len)
+
+
+def cmd_generate(args) -> int:
+    llm = _llm(args)
+    prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+    out = llm.generate(prompt, _sampling_params(args))[0]
+    completion = out.outputs[0]
+    if args.json:
+        result = {"text": completion.text, "token_ids": completion.token_ids,
+                  "finish_reason": completion.finish_reason,
+                  "prompt_tokens": len(out.prompt_token_ids),
+                  "prompt_cache_hit_tokens": out.metrics.prompt_cache_hit_tokens}
+        if completion.reasoning_content is not None:
+            result["reasoning_content"] = completion.reasoning_content
+            result["content"] = completion.content
+        print(json.dumps(result, ensure_ascii=False))
+    else:
+        print(completion.text)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from .chat import run_chat
+
+    return run_chat(_llm(args), _sampling_params(args), system=args.system)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek system as one small package.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -77,6 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=4096, help="context length for the attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("generate", help="complete one prompt")
+    _engine_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--json", action="store_true", help="print one JSON object with token_ids and text")
+    _sampling_args(p, max_tokens=64)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive terminal chat (/reset, /exit)")
+    _engine_args(p)
+    p.add_argument("--system", default=None, help="system prompt")
+    _sampling_args(p, max_tokens=1024)
+    p.set_defaults(func=cmd_chat)
     return parser
 
 

@@ -307,6 +307,20 @@ class LLM:
                 bar.close()
         return results
 
+    def stream(self, prompt, sampling_params: SamplingParams | None = None):
+        """Yields cumulative RequestOutputs of one request as it decodes; closing the generator aborts it."""
+        request = self.engine.add_request(prompt, sampling_params)
+        done = False
+        try:
+            while not done:
+                for out in self.engine.step():
+                    if out.request_id == request.request_id:
+                        done = out.finished
+                        yield out
+        finally:
+            if not done:
+                self.engine.abort(request.request_id)
+
     def chat(self, messages, sampling_params: SamplingParams | None = None, use_tqdm: bool = False):
         """messages: one conversation (list of {"role", "content"}) or a list of them."""
         if messages and isinstance(messages[0], dict):

@@ -1,0 +1,306 @@
+"""The engine: greedy parity with transformers' generate under every scheduling regime, prefix caching,
+preemption, sampling reproducibility, stop strings, abort, n > 1, logprobs, weight updates."""
+
+import pytest
+import torch
+
+from nanoseek import LLM, SamplingParams
+from nanoseek.engine import InvalidRequestError
+from nanoseek.errors import ConfigError
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def _prompts(vocab=160, lengths=(5, 13, 22, 3)):
+    return [torch.randint(2, vocab, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in lengths]
+
+
+def _reference(hf, prompts, max_new_tokens=10):
+    """transformers' greedy generate, one prompt at a time (no padding in the reference)."""
+    out = []
+    for p in prompts:
+        ids = hf.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                          pad_token_id=0)
+        out.append(ids[0, len(p):].tolist())
+    return out
+
+
+ENGINE_REGIMES = {
+    "plain": dict(),
+    "chunked_prefill": dict(max_num_batched_tokens=6),
+    "preemption": dict(kv_cache_memory=None, block_size=4),  # cache sized below to force preemption
+}
+
+
+@pytest.mark.parametrize("regime", sorted(ENGINE_REGIMES))
+def test_greedy_matches_transformers_generate(arch, regime, hf_checkpoint):
+    directory, hf = hf_checkpoint(arch)
+    options = dict(ENGINE_REGIMES[regime])
+    if regime == "preemption":
+        llm = LLM(directory, block_size=4, kv_cache_memory=1 << 20)
+        per_token = llm.engine.kv_bytes_per_token
+        # Room for ~40 tokens: the four prompts (43 tokens) plus 4 x 10 outputs cannot all be resident.
+        options["kv_cache_memory"] = per_token * 40
+    llm = LLM(directory, **options)
+    prompts = _prompts()
+    outs = llm.generate(prompts, GREEDY)
+    assert [o.outputs[0].token_ids for o in outs] == _reference(hf, prompts)
+    if regime == "preemption":
+        assert llm.engine.scheduler.num_preemptions > 0
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+@pytest.mark.parametrize("arch_name", ["deepseek_v3", "llama"])
+def test_greedy_matches_transformers_with_prefix_cache_hits(arch_name, hf_checkpoint):
+    directory, hf = hf_checkpoint(arch_name)
+    llm = LLM(directory, block_size=4)
+    shared = _prompts(lengths=(17,))[0]
+    prompts = [shared + [7, 8, 9], shared + [11], shared[:9] + [3, 4, 5, 6, 7]]
+    first = llm.generate(prompts[:1], GREEDY)[0]
+    assert first.metrics.prompt_cache_hit_tokens == 0
+    outs = llm.generate(prompts[1:], GREEDY)
+    assert [o.metrics.prompt_cache_hit_tokens for o in outs] == [16, 8]
+    assert [o.outputs[0].token_ids for o in [first, *outs]] == _reference(hf, prompts)
+
+
+def test_cache_hit_and_miss_counts_for_a_shared_system_prompt(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    llm = LLM(directory, block_size=8)
+    system = {"role": "system", "content": "You are a careful assistant who always explains step by step."}
+    chats = [[system, {"role": "user", "content": q}] for q in ("What is 2+2?", "Name a color.", "Hi")]
+    first = llm.chat(chats[0], SamplingParams(temperature=0, max_tokens=2))[0]
+    m = first.metrics
+    assert m.prompt_cache_hit_tokens == 0 and m.prompt_cache_miss_tokens == len(first.prompt_token_ids)
+    prefix = llm.tokenizer.apply_chat_template([system], add_generation_prompt=False)
+    expected_hit = (len(prefix) // 8) * 8
+    for chat in chats[1:]:
+        out = llm.chat(chat, SamplingParams(temperature=0, max_tokens=2))[0]
+        hit, miss = out.metrics.prompt_cache_hit_tokens, out.metrics.prompt_cache_miss_tokens
+        assert hit + miss == len(out.prompt_token_ids)
+        assert hit >= expected_hit > 0 and hit % 8 == 0
+
+
+def test_fully_cached_prompt_still_computes_its_last_token(hf_checkpoint):
+    directory, hf = hf_checkpoint("deepseek_v3")
+    llm = LLM(directory, block_size=4)
+    prompt = _prompts(lengths=(16,))[0]
+    a = llm.generate([prompt], GREEDY)[0]
+    b = llm.generate([prompt], GREEDY)[0]
+    assert b.metrics.prompt_cache_hit_tokens == 12  # the last block is recomputed to get logits
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids == _reference(hf, [prompt])[0]
+
+
+def test_seeded_sampling_is_reproducible_across_batch_compositions(hf_checkpoint):
+    directory, _ = hf_checkpoint("deepseek_v3")
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=12, ignore_eos=True)
+    prompt = _prompts(lengths=(9,))[0]
+    alone = LLM(directory).generate([prompt], params)[0].outputs[0].token_ids
+    others = [SamplingParams(temperature=1.0, max_tokens=15, ignore_eos=True)] * 3
+    mixed = LLM(directory).generate(_prompts(lengths=(4, 9, 30)) + [prompt], others + [params])
+    assert mixed[-1].outputs[0].token_ids == alone
+    different = LLM(directory).generate([prompt], SamplingParams(temperature=1.0, seed=99, max_tokens=12,
+                                                                  ignore_eos=True))[0]
+    assert different.outputs[0].token_ids != alone
+
+
+def test_n_samples_share_the_prompt_blocks(hf_checkpoint):
+    directory, _ = hf_checkpoint("deepseek_v3")
+    llm = LLM(directory, block_size=4)
+    prompt = _prompts(lengths=(18,))[0]
+    stream = llm.stream(prompt, SamplingParams(n=4, temperature=1.0, seed=0, max_tokens=6, ignore_eos=True))
+    first = next(stream)
+    request = next(iter(llm.engine.requests.values()))
+    tables = [s.block_table for s in request.seqs]
+    assert len(tables) == 4
+    shared = tables[0][:4]  # 18 prompt tokens = 4 full blocks of 4
+    assert all(t[:4] == shared for t in tables)
+    assert all(llm.engine.blocks.blocks[b].ref_count == 4 for b in shared)
+    *_, last = [first, *stream]
+    outs = last.outputs
+    assert len(outs) == 4 and all(len(o.token_ids) == 6 for o in outs)
+    assert len({tuple(o.token_ids) for o in outs}) > 1
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_abort_returns_every_block(hf_checkpoint):
+    directory, _ = hf_checkpoint("deepseek_v3")
+    llm = LLM(directory, block_size=4)
+    engine = llm.engine
+    free_before = engine.blocks.num_free
+    reqs = [engine.add_request(p, SamplingParams(max_tokens=50, ignore_eos=True)) for p in _prompts()]
+    for _ in range(3):
+        engine.step()
+    assert engine.blocks.num_free < free_before
+    for r in reqs:
+        assert engine.abort(r.request_id)
+    assert engine.blocks.num_free == free_before
+    outs = engine.step()
+    assert len(outs) == 4 and all(o.finished and o.outputs[0].finish_reason == "abort" for o in outs)
+    assert not engine.has_unfinished()
+
+
+def test_closing_a_stream_aborts_the_request(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory, block_size=4)
+    free = llm.engine.blocks.num_free
+    stream = llm.stream(_prompts()[2], SamplingParams(max_tokens=100, ignore_eos=True))
+    next(stream)
+    next(stream)
+    stream.close()
+    assert llm.engine.blocks.num_free == free and not llm.engine.requests
+
+
+def test_stop_strings_never_leak_even_when_streaming(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    llm = LLM(directory)
+    prompt = "The quick brown fox"
+    free_run = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0]
+    text = free_run.text
+    assert len(text) > 10
+    stop = text[5:9]  # some text the model will produce
+    cut = text.find(stop)
+    seen = []
+    for out in llm.stream(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=[stop])):
+        seen.append(out.outputs[0].text)
+    assert seen[-1] == text[:cut] and out.outputs[0].finish_reason == "stop" and out.outputs[0].stop_reason == stop
+    assert all(stop not in s and text[:cut].startswith(s) for s in seen)  # never shown, never taken back
+    with_stop = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop,
+                                                    include_stop_str_in_output=True))[0].outputs[0]
+    assert with_stop.text == text[:cut] + stop
+
+
+def test_stop_token_ids_and_max_tokens(hf_checkpoint):
+    directory, hf = hf_checkpoint("qwen2")
+    llm = LLM(directory)
+    prompt = _prompts()[1]
+    ref = _reference(hf, [prompt], 10)[0]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                stop_token_ids=[ref[3]]))[0].outputs[0]
+    first = ref.index(ref[3])
+    assert out.token_ids == ref[: first + 1] and out.finish_reason == "stop" and out.stop_reason == ref[3]
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0].outputs[0]
+    assert out.token_ids == ref[:4] and out.finish_reason == "length"
+
+
+def test_logprobs_have_openai_shape_and_match_the_model(chat_checkpoint):
+    directory, hf = chat_checkpoint("deepseek_v3")
+    llm = LLM(directory)
+    prompt = llm.tokenizer.encode("What is 12 + 30?")
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=3, logprobs=5, ignore_eos=True))[0]
+    lp = out.outputs[0].logprobs
+    assert len(lp) == 3
+    first = lp[0]
+    assert set(first) >= {"token", "logprob", "bytes", "top_logprobs"} and len(first["top_logprobs"]) == 5
+    assert first["top_logprobs"][0]["logprob"] == pytest.approx(first["logprob"])  # greedy picked the top one
+    assert bytes(first["bytes"]) == llm.tokenizer.token_bytes(out.outputs[0].token_ids[0])
+    expected = hf(torch.tensor([prompt])).logits[0, -1].log_softmax(-1)
+    assert first["logprob"] == pytest.approx(expected.max().item(), abs=1e-4)
+
+
+def test_min_tokens_masks_eos_and_logits_processors_apply(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory)
+    eos = 1
+
+    def force_eos(_ids, logits):
+        logits[:] = float("-inf")
+        logits[eos] = 0.0
+        return logits
+
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, logits_processors=[force_eos]))
+    assert out[0].outputs[0].token_ids == [eos]
+
+    def prefer_eos(_ids, logits):
+        logits[eos] += 1000.0
+        return logits
+
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=10, min_tokens=4,
+                                                   logits_processors=[prefer_eos]))[0].outputs[0]
+    assert len(out.token_ids) == 5 and out.token_ids[-1] == eos and eos not in out.token_ids[:4]
+
+
+def test_penalties_change_greedy_choices(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory)
+    prompt = [5, 6, 7, 5, 6, 7]
+    base = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    pen = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                frequency_penalty=2.0, presence_penalty=2.0))[0]
+    ids = pen.outputs[0].token_ids
+    assert len(set(ids)) >= len(set(base.outputs[0].token_ids))
+    rep = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                repetition_penalty=100.0))[0].outputs[0].token_ids
+    assert not set(rep[:5]) & {5, 6, 7}
+
+
+def test_update_weights_drops_cached_state_and_matches_a_fresh_engine(hf_checkpoint, tmp_path):
+    import nanoseek
+    from tiny import randomize_
+
+    directory, _ = hf_checkpoint("deepseek_v3")
+    llm = LLM(directory, block_size=4)
+    prompt = _prompts(lengths=(20,))[0]
+    before = llm.generate([prompt], GREEDY)[0].outputs[0].token_ids
+    new = nanoseek.load_model(directory)
+    randomize_(new, seed=42)
+    running = llm.engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))
+    llm.engine.step()
+    llm.update_weights(new)
+    assert not llm.engine.blocks.hash_to_block  # prefix cache dropped
+    after = llm.generate([prompt], GREEDY)[0]
+    assert after.metrics.prompt_cache_hit_tokens == 0
+    nanoseek.save_model(new, tmp_path / "new")
+    fresh = LLM(tmp_path / "new").generate([prompt], GREEDY)[0].outputs[0].token_ids
+    assert after.outputs[0].token_ids == fresh != before
+    # The request that was running during the update: its first token came from the old weights; everything
+    # after was computed with the new ones (its cached K/V were recomputed, not reused).
+    while not running.finished:
+        llm.engine.step()
+    first = running.seqs[0].output_ids[0]
+    assert first == before[0]
+    continued = LLM(tmp_path / "new").generate([prompt + [first]], SamplingParams(
+        temperature=0, max_tokens=9, ignore_eos=True))[0].outputs[0].token_ids
+    assert running.seqs[0].output_ids[1:] == continued
+
+
+def test_requests_that_can_never_fit_are_rejected_clearly(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory, block_size=4, kv_cache_memory=512 * 32)  # 32 tokens of cache
+    assert llm.engine.max_model_len == 32
+    with pytest.raises(InvalidRequestError, match="prompt has 40 tokens"):
+        llm.generate([[5] * 40], GREEDY)
+    out = llm.generate([[5] * 30], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0].outputs[0]
+    assert len(out.token_ids) == 2 and out.finish_reason == "length"  # capped by the context
+    with pytest.raises(InvalidRequestError, match="empty"):
+        llm.generate([[]], GREEDY)
+    with pytest.raises(InvalidRequestError, match="temperature"):
+        SamplingParams(temperature=-1)
+    with pytest.raises(ConfigError, match="kv_cache_memory"):
+        LLM(directory, kv_cache_memory="1KiB")
+
+
+def test_no_deadlock_under_a_random_mix(hf_checkpoint):
+    directory, _ = hf_checkpoint("deepseek_v3")
+    llm = LLM(directory, block_size=4, kv_cache_memory=288 * 64, max_num_batched_tokens=16, max_num_seqs=5)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, 160, (int(torch.randint(1, 40, (1,), generator=g)),), generator=g).tolist()
+               for _ in range(12)]
+    params = [SamplingParams(temperature=1.0, seed=i, max_tokens=int(torch.randint(1, 20, (1,), generator=g)),
+                             ignore_eos=True, n=1 + i % 3) for i in range(12)]
+    outs = llm.generate(prompts, params)
+    assert all(o.finished for o in outs)
+    assert all(len(c.token_ids) == min(p.max_tokens, 64 - len(pr)) for o, p, pr in zip(outs, params, prompts)
+               for c in o.outputs)
+    assert llm.engine.blocks.num_free == llm.engine.blocks.num_blocks
+
+
+def test_metrics_on_every_output(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True))[0]
+    m = out.metrics
+    assert m.time_in_queue >= 0 and m.time_to_first_token >= m.time_in_queue
+    assert len(m.token_times) == 5 and m.token_times == sorted(m.token_times)
+    stats = llm.engine.stats()
+    assert stats["num_waiting"] == 0 and stats["num_running"] == 0 and stats["kv_bytes_per_token"] == 512
+    assert stats["max_cached_tokens"] == stats["num_blocks"] * stats["block_size"]
