@@ -87,6 +87,10 @@ def test_fully_cached_prompt_still_computes_its_last_token(hf_checkpoint):
     a = llm.generate([prompt], GREEDY)[0]
     b = llm.generate([prompt], GREEDY)[0]
     assert b.metrics.prompt_cache_hit_tokens == 12  # the last block is recomputed to get logits
+    # A request that finishes in its first step still leaves its prompt blocks in the cache.
+    other = _prompts(lengths=(9,))[0]
+    llm.generate([other], SamplingParams(temperature=0, max_tokens=1))
+    assert llm.generate([other], SamplingParams(temperature=0, max_tokens=1))[0].metrics.prompt_cache_hit_tokens == 8
     assert a.outputs[0].token_ids == b.outputs[0].token_ids == _reference(hf, [prompt])[0]
 
 

@@ -61,10 +61,9 @@ def test_absorbed_decode_against_latent_prefix_equals_full_attention(hf_checkpoi
     """The decode case: one new query attending to a cached latent prefix, both paths, one layer."""
     directory, _ = hf_checkpoint("deepseek_v3")
     model = nanoseek.load_model(directory)
-    attn, rotary = model.model.layers[0].self_attn, model.rotary
+    attn = model.model.layers[0].self_attn
     x = torch.randn(2, 9, model.config.hidden_size)
-    cos, sin = rotary(torch.arange(9).expand(2, 9))
-    q_nope, q_rope, latent, k_rope = attn.compress(x, cos, sin, rotary)
+    q_nope, q_rope, latent, k_rope = attn.compress(x, model.rotary(torch.arange(9).expand(2, 9)))
     mask = torch.ones(1, 9, dtype=torch.bool)  # the last token sees all 9 cached tokens
     last = slice(8, 9)
     cached = torch.cat((latent, k_rope), dim=-1)

@@ -88,8 +88,7 @@ def test_mtp_concat_puts_the_embedding_half_first():
     # And by hand: with the hidden half zeroed the block input is exactly enorm(embed(next token)).
     mtp = model.mtp[0]
     x = mtp.enorm(model.model.embed_tokens(ids[:, 1:]))
-    cos, sin = model.rotary(torch.arange(3).expand(1, 3))
-    expected = model.lm_head(mtp.shared_head_norm(mtp.block(x, cos, sin, model.rotary)))
+    expected = model.lm_head(mtp.shared_head_norm(mtp.block(x, model.rotary(torch.arange(3).expand(1, 3)))))
     assert torch.allclose(a, expected, atol=1e-6)
 
 

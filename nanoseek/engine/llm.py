@@ -19,6 +19,7 @@ from ..checkpoint import load_model
 from ..config import ModelConfig
 from ..device import resolve_device, resolve_dtype
 from ..errors import ConfigError
+from ..model.cpu_kernels import pack_model, packing_available
 from ..model.transformer import Transformer
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cache import BlockManager, KVCache
@@ -46,7 +47,8 @@ class LLMEngine:
     def __init__(self, model: str | Path | Transformer, tokenizer: Tokenizer | str | Path | None = None, *,
                  device: str | None = "cpu", dtype: str | torch.dtype = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, kv_cache_memory: int | str = "1GiB",
-                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int | None = None):
+                 enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int | None = None,
+                 pack_weights: bool = True):
         if isinstance(model, Transformer):
             self.model = model.eval()
             source = getattr(model, "checkpoint_dir", None)
@@ -60,6 +62,8 @@ class LLMEngine:
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         config = self.model.config
         self.config = config
+        self.pack_weights = pack_weights and packing_available(self.model)
+        self._derive_weights()
 
         slot_shape = self.model.kv_cache_shape()
         self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, slot_shape, self.model.dtype)
@@ -170,6 +174,8 @@ class LLMEngine:
             sampling = [item.seq for item in plan if item.samples]
             for item in plan:
                 item.seq.num_computed += item.num_new
+                # Hash newly completed blocks now, before a sequence that finishes this step releases them.
+                self.blocks.register_computed(item.seq.token_ids, item.seq.block_table, item.seq.num_computed)
             seqs, rows = [], []
             for row, seq in enumerate(sampling):
                 seqs.append(seq)
@@ -190,9 +196,6 @@ class LLMEngine:
                 if seq.finished:
                     self.scheduler.remove(seq)
             self.totals["generation_tokens"] += len(tokens)
-            for item in plan:
-                if not item.seq.finished:
-                    self.blocks.register_computed(item.seq.token_ids, item.seq.block_table, item.seq.num_computed)
             for request in touched.values():
                 outputs.append(request.output())
                 if request.finished:
@@ -235,8 +238,15 @@ class LLMEngine:
                     raise ConfigError(f"update_weights: {name} has shape {list(src.shape)}, "
                                       f"expected {list(tensor.shape)}")
                 tensor.copy_(src.detach().to(tensor.device, tensor.dtype))
+            self._derive_weights()
             self.scheduler.preempt_all()
             self.blocks.reset_prefix_cache()
+
+    def _derive_weights(self) -> None:
+        """(Re)builds every tensor computed from the weights: absorbed MLA projections, packed CPU kernels."""
+        self.model.cache_derived_weights()
+        if self.pack_weights:
+            pack_model(self.model)
 
     # ---- observability ----
     def stats(self) -> dict:

@@ -24,7 +24,7 @@ from torch import nn
 from ..config import ModelConfig
 from .layers import RMSNorm
 from .paged import PagedBatch
-from .rope import RotaryEmbedding
+from .rope import Rope
 
 
 def _sdpa(q, k, v, mask, scale):
@@ -42,6 +42,28 @@ def _sdpa(q, k, v, mask, scale):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[..., :dv].transpose(1, 2)
+
+
+def _decode_attention(q, k, v, mask, scale, latent_width: int = 0):
+    """One query per sequence: q [B, H, D]; GQA k/v [B, S, Hkv, D]; or MLA k [B, S, D] with v None, the value
+    being the first `latent_width` columns of k -> [B, H, Dv].
+
+    Three small float32 kernels; for a single query PyTorch's fused SDPA costs ~10x more in fixed overhead on
+    CPU, and float32 keeps the scores exact for bf16 caches.
+    """
+    B, H, _ = q.shape
+    if v is None:  # MLA: one key head shared by all query heads; the value is the key's latent prefix
+        kf = k.float()[:, None]
+        vf = kf[..., :latent_width]
+    else:  # GQA: [B, Hkv, S, D]
+        kf, vf = k.transpose(1, 2).float(), v.transpose(1, 2).float()
+    groups = H // kf.shape[1]
+    qf = q.float().view(B, kf.shape[1], groups, -1)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hkv, G, S]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
+    out = torch.matmul(scores.softmax(-1), vf)  # [B, Hkv, G, Dv]
+    return out.reshape(B, H, -1).to(q.dtype)
 
 
 class MLAttention(nn.Module):
@@ -64,9 +86,10 @@ class MLAttention(nn.Module):
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = c.softmax_scale()
+        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- shared first half: project and rotate ----
-    def compress(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotary: RotaryEmbedding):
+    def compress(self, x: torch.Tensor, rope: Rope):
         """x [B,T,hidden] -> q_nope [B,T,H,nope], q_rope [B,T,H,rope], latent [B,T,kv_lora], k_rope [B,T,rope].
 
         latent and k_rope are exactly what the latent KV cache stores for these tokens.
@@ -77,15 +100,27 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rope = rotary.rotate(q_rope, cos, sin)
-        k_rope = rotary.rotate(k_rope.unsqueeze(-2), cos, sin).squeeze(-2)
+        q_rope = rope.rotate(q_rope)
+        k_rope = rope.rotate(k_rope.unsqueeze(-2)).squeeze(-2)
         return q_nope, q_rope, latent, k_rope
 
-    def _kv_b_heads(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """kv_b_proj's weight split per head into W_UK [H, nope, L] and W_UV [H, v, L] (views, never copies:
-        nothing derived from the weights can go stale when they change)."""
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, nope, L] and W_UV^T [H, L, v], the two halves of kv_b_proj per head.
+
+        Views of the weight by default (training: nothing derived can go stale). An inference engine calls
+        `cache_absorbed_weights()` to keep contiguous copies, which spares a copy per decode step, and calls it
+        again whenever the weights change.
+        """
+        if self._absorbed is not None:
+            return self._absorbed
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
-        return w[:, : self.nope_dim], w[:, self.nope_dim:]
+        return w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
+
+    def cache_absorbed_weights(self, enabled: bool = True) -> None:
+        self._absorbed = None
+        if enabled:
+            w_uk, w_uv_t = self.absorbed_weights()
+            self._absorbed = (w_uk.detach().contiguous(), w_uv_t.detach().contiguous())
 
     # ---- second half, two interchangeable ways; `cached` is [B, S, kv_lora + rope] = [c_kv | k_r] ----
     def heads_full(self, q_nope, q_rope, cached, mask):
@@ -106,25 +141,32 @@ class MLAttention(nn.Module):
         `cached` itself as the value head makes the first kv_lora output columns sum_s p(t, s) c_kv[s]; W_UV
         then maps them back to each head's value space.
         """
-        w_uk, w_uv = self._kv_b_heads()
-        q = torch.cat((torch.einsum("bthd,hdl->bthl", q_nope, w_uk), q_rope), dim=-1)
-        kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
-        out_latent = _sdpa(q, kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
-        return torch.einsum("bthl,hvl->bthv", out_latent, w_uv).flatten(2)
+        w_uk, w_uv_t = self.absorbed_weights()
+        B, T, H, _ = q_nope.shape
+        # Per-head matmuls as one bmm over heads: [H, B*T, nope] @ [H, nope, L].
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk).transpose(0, 1)
+        q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope), dim=-1)
+        if T == 1:
+            out_latent = _decode_attention(q[:, 0], cached, None, mask, self.scale, self.kv_lora_rank)[:, None]
+        else:
+            kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
+            out_latent = _sdpa(q, kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
+        out = torch.bmm(out_latent.reshape(B * T, H, -1).transpose(0, 1), w_uv_t)  # [H, B*T, v]
+        return out.transpose(0, 1).reshape(B, T, H * self.v_dim)
 
-    def forward(self, x, cos, sin, rotary: RotaryEmbedding, mask=None, absorbed: bool = False):
-        q_nope, q_rope, latent, k_rope = self.compress(x, cos, sin, rotary)
+    def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
+        q_nope, q_rope, latent, k_rope = self.compress(x, rope)
         cached = torch.cat((latent, k_rope), dim=-1)
         heads = self.heads_absorbed if absorbed else self.heads_full
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
 
-    def forward_paged(self, x, cos, sin, rotary: RotaryEmbedding, cache: torch.Tensor, batch: PagedBatch):
+    def forward_paged(self, x, rope: Rope, cache: torch.Tensor, batch: PagedBatch):
         """Engine path over N flattened tokens of many sequences. cache: [slots, kv_lora + rope] of this layer.
 
         New tokens' [c_kv | k_r] are written to their slots first, then each prefill span runs the full path over
         its gathered context and all single-token decodes run the absorbed path together.
         """
-        q_nope, q_rope, latent, k_rope = (t[0] for t in self.compress(x[None], cos[None], sin[None], rotary))
+        q_nope, q_rope, latent, k_rope = (t[0] for t in self.compress(x[None], rope[None]))
         cache.index_copy_(0, batch.slot_mapping, torch.cat((latent, k_rope), dim=-1).to(cache.dtype))
         out = x.new_empty(x.shape[0], self.n_heads * self.v_dim)
         for span in batch.prefills:
@@ -152,24 +194,24 @@ class GQAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = c.softmax_scale()
 
-    def project(self, x, cos, sin, rotary: RotaryEmbedding):
+    def project(self, x, rope: Rope):
         """x [B,T,hidden] -> q [B,T,H,D], k [B,T,Hkv,D], v [B,T,Hkv,D] (rotated): what a paged K/V cache stores."""
         B, T, _ = x.shape
-        q = rotary.rotate(self.q_proj(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
-        k = rotary.rotate(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
+        q = rope.rotate(self.q_proj(x).view(B, T, self.n_heads, self.head_dim))
+        k = rope.rotate(self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim))
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim)
         return q, k, v
 
     def attend(self, q, k, v, mask):
         return self.o_proj(_sdpa(q, k, v, mask, self.scale).flatten(2))
 
-    def forward(self, x, cos, sin, rotary: RotaryEmbedding, mask=None, absorbed: bool = False):
-        q, k, v = self.project(x, cos, sin, rotary)
+    def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
+        q, k, v = self.project(x, rope)
         return self.attend(q, k, v, mask)
 
-    def forward_paged(self, x, cos, sin, rotary: RotaryEmbedding, cache: torch.Tensor, batch: PagedBatch):
+    def forward_paged(self, x, rope: Rope, cache: torch.Tensor, batch: PagedBatch):
         """Engine path; cache: [slots, 2, kv_heads, head_dim] (K and V) of this layer."""
-        q, k, v = (t[0] for t in self.project(x[None], cos[None], sin[None], rotary))
+        q, k, v = (t[0] for t in self.project(x[None], rope[None]))
         cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), dim=1).to(cache.dtype))
         out = x.new_empty(x.shape[0], self.n_heads * self.head_dim)
         for span in batch.prefills:
@@ -179,6 +221,6 @@ class GQAttention(nn.Module):
         if batch.decode_rows is not None:
             rows = batch.decode_rows
             kv = cache[batch.decode_slots].to(x.dtype)  # [B, S, 2, kv_heads, head_dim]
-            heads = _sdpa(q[rows][:, None], kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
-            out[rows] = heads[:, 0].flatten(1)
+            out[rows] = _decode_attention(q[rows], kv[:, :, 0], kv[:, :, 1], batch.decode_mask,
+                                          self.scale).flatten(1)
         return self.o_proj(out)

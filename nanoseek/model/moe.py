@@ -81,9 +81,28 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(config.hidden_act)
+        # Optional per-expert weights in a kernel-specific layout, set by an inference engine
+        # (model/cpu_kernels.py): (gate_up list, down list) used with `packed_linear`.
+        self.packed = None
+
+    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """One expert's SwiGLU on its tokens."""
+        if self.packed is not None and not torch.is_grad_enabled() and x.dtype == self.gate_up_proj.dtype:
+            from .cpu_kernels import packed_linear  # (imported late: cpu_kernels imports this module)
+
+            gate, up = packed_linear(x, self.packed[0][e]).chunk(2, dim=-1)
+            return packed_linear(self.act(gate) * up, self.packed[1][e])
+        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+        return F.linear(self.act(gate) * up, self.down_proj[e])
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         N, k = indices.shape
+        if N == 1:  # batch-1 decoding: no sorting to do, just the k chosen experts
+            out = None
+            for e, w in zip(indices[0].tolist(), weights[0].to(x.dtype)):
+                y = self.expert(x, e) * w
+                out = y if out is None else out + y
+            return out
         flat = indices.flatten()
         order = flat.argsort(stable=True)
         counts = torch.bincount(flat, minlength=self.n_experts).tolist()
@@ -93,9 +112,7 @@ class Experts(nn.Module):
         for e, n in enumerate(counts):
             if n == 0:
                 continue
-            h = xs[start:start + n]
-            gate, up = F.linear(h, self.gate_up_proj[e]).chunk(2, dim=-1)
-            outputs.append(F.linear(self.act(gate) * up, self.down_proj[e]))
+            outputs.append(self.expert(xs[start:start + n], e))
             start += n
         ys = torch.cat(outputs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)

@@ -66,8 +66,37 @@ def rope_frequencies(config: ModelConfig) -> tuple[torch.Tensor, float]:
     return inv_freq, float(amplitude)
 
 
+class Rope:
+    """cos/sin of one batch of positions, applied to any number of heads in the config's layout."""
+
+    def __init__(self, freqs: torch.Tensor, amplitude: float, interleaved: bool):
+        self.cos, self.sin = freqs.cos() * amplitude, freqs.sin() * amplitude  # [..., T, dim/2] float32
+        self.interleaved = interleaved
+        self._cis = None
+
+    def __getitem__(self, index) -> "Rope":
+        """The table for a subset of positions (leading dims)."""
+        sub = Rope.__new__(Rope)
+        sub.cos, sub.sin, sub.interleaved, sub._cis = self.cos[index], self.sin[index], self.interleaved, None
+        return sub
+
+    def rotate(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotates x [..., T, heads, dim] (positions broadcast over heads)."""
+        if self.interleaved:
+            # Interleaved pairs are complex numbers: one complex multiply in float32 (as DeepSeek's reference
+            # does), fewer kernels than the real-arithmetic form.
+            if self._cis is None:
+                self._cis = torch.complex(self.cos, self.sin).unsqueeze(-2)
+            pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))
+            return torch.view_as_real(pairs * self._cis).flatten(-2).to(x.dtype)
+        cos, sin = self.cos.unsqueeze(-2).to(x.dtype), self.sin.unsqueeze(-2).to(x.dtype)
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
 class RotaryEmbedding(nn.Module):
-    """Computes (cos, sin) [.., T, dim/2] for given positions and applies them in the config's layout."""
+    """Frequencies for the config; `rotary(positions)` gives the Rope table for those positions."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -76,17 +105,6 @@ class RotaryEmbedding(nn.Module):
         self.amplitude = amplitude
         self.interleaved = config.rope_interleave
 
-    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, positions: torch.Tensor) -> Rope:
         freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
-        return freqs.cos() * self.amplitude, freqs.sin() * self.amplitude
-
-    def rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Rotates x [..., T, heads, dim] by cos/sin [..., T, dim/2] (broadcast over heads)."""
-        cos, sin = cos.unsqueeze(-2).to(x.dtype), sin.unsqueeze(-2).to(x.dtype)
-        if self.interleaved:
-            pairs = x.unflatten(-1, (-1, 2))
-            x1, x2 = pairs[..., 0], pairs[..., 1]
-            return torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
-        half = x.shape[-1] // 2
-        x1, x2 = x[..., :half], x[..., half:]
-        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+        return Rope(freqs, self.amplitude, self.interleaved)

@@ -30,12 +30,12 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = MLP(config.hidden_size, config.intermediate_size, config.hidden_act, config.mlp_bias)
 
-    def forward(self, x, cos, sin, rotary, mask=None, absorbed: bool = False):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, rotary, mask, absorbed)
+    def forward(self, x, rope, mask=None, absorbed: bool = False):
+        x = x + self.self_attn(self.input_layernorm(x), rope, mask, absorbed)
         return x + self.mlp(self.post_attention_layernorm(x))
 
-    def forward_paged(self, x, cos, sin, rotary, cache, batch: PagedBatch):
-        x = x + self.self_attn.forward_paged(self.input_layernorm(x), cos, sin, rotary, cache, batch)
+    def forward_paged(self, x, rope, cache, batch: PagedBatch):
+        x = x + self.self_attn.forward_paged(self.input_layernorm(x), rope, cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -55,9 +55,9 @@ class MTPModule(nn.Module):
         self.block = DecoderLayer(config, layer_idx)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
-    def forward(self, hidden, next_embeds, cos, sin, rotary, mask=None):
+    def forward(self, hidden, next_embeds, rope, mask=None):
         x = self.eh_proj(torch.cat((self.enorm(next_embeds), self.hnorm(hidden)), dim=-1))
-        return self.block(x, cos, sin, rotary, mask)
+        return self.block(x, rope, mask)
 
 
 class Backbone(nn.Module):
@@ -109,10 +109,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = self.positions_for(input_ids, attention_mask)
         mask = None if attention_mask is None else causal_padding_mask(attention_mask)
-        cos, sin = self.rotary(positions)
+        rope = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, self.rotary, mask, absorbed)
+            x = layer(x, rope, mask, absorbed)
         return x if pre_norm else self.model.norm(x)
 
     def forward(self, input_ids, positions=None, attention_mask=None, absorbed: bool = False) -> torch.Tensor:
@@ -123,11 +123,18 @@ class Transformer(nn.Module):
                       batch: PagedBatch) -> torch.Tensor:
         """Engine forward over N flattened tokens ([N] ids and positions) with a paged cache per layer.
         Returns logits [M, vocab] for `batch.logits_rows` only: a prefill needs just its last row's."""
-        cos, sin = self.rotary(positions)
+        rope = self.rotary(positions)
         x = self.model.embed_tokens(input_ids)
         for layer, cache in zip(self.model.layers, caches):
-            x = layer.forward_paged(x, cos, sin, self.rotary, cache, batch)
+            x = layer.forward_paged(x, rope, cache, batch)
         return self.lm_head(self.model.norm(x[batch.logits_rows]))
+
+    def cache_derived_weights(self, enabled: bool = True) -> None:
+        """Precomputes (or drops) tensors derived from the weights for inference: MLA's absorbed projections.
+        Call again after changing weights."""
+        for layer in [*self.model.layers, *(m.block for m in self.mtp)]:
+            if isinstance(layer.self_attn, MLAttention):
+                layer.self_attn.cache_absorbed_weights(enabled)
 
     def kv_cache_shape(self) -> tuple[int, ...]:
         """Per-slot shape of one layer's cache: MLA holds [c_kv | k_r]; GQA holds K and V per KV head."""
@@ -151,8 +158,7 @@ class Transformer(nn.Module):
         for k, module in enumerate(self.mtp, start=1):
             h = h[:, : T - k]
             embeds = self.model.embed_tokens(input_ids[:, k:])
-            cos, sin = self.rotary(positions[:, : T - k])
-            h = module(h, embeds, cos, sin, self.rotary)
+            h = module(h, embeds, self.rotary(positions[:, : T - k]))
             outs.append(h)
         return outs
 

@@ -1,0 +1,141 @@
+"""Engine benchmark: nanoseek's engine vs transformers' generate on the same MLA + MoE model, one run.
+
+    python bench/engine.py [--quick]
+Measures (bf16, 2 threads):
+  1. aggregate decode throughput, 32 prompts x 128 output tokens: nanoseek continuous batching vs
+     transformers' batched `generate` (left-padded, default attention and experts implementation);
+  2. batch-1 decode tokens/s and memory-bandwidth utilization: bytes read per token (the weights a token
+     actually touches: attention, shared and its k routed experts per layer, norms, head, its embedding row,
+     plus the latent KV cache it attends to) / time per token, against the read bandwidth of a 1 GiB tensor
+     sum measured in the same run;
+  3. time to first token of a repeated 2,000-token prompt, prefix-cache miss vs hit.
+Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, hf_v3_model  # noqa: E402
+
+from nanoseek import LLM, SamplingParams  # noqa: E402
+from nanoseek.model.moe import MoE  # noqa: E402
+
+# >= 100M parameters (the batch-1 bandwidth target's size), MLA + DeepSeekMoE.
+ENGINE_MODEL = dict(vocab_size=16384, hidden_size=768, intermediate_size=2048, moe_intermediate_size=512,
+                    num_hidden_layers=8, num_attention_heads=12, num_key_value_heads=12, q_lora_rank=384,
+                    kv_lora_rank=256, qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64,
+                    n_routed_experts=16, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1,
+                    n_group=4, topk_group=2, max_position_embeddings=4096)
+
+
+def read_bandwidth() -> float:
+    """GB/s of summing a 1 GiB float32 tensor (the machine's practical read bandwidth)."""
+    x = torch.ones(2 ** 28, dtype=torch.float32)
+    x.sum()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return x.numel() * 4 / min(times) / 1e9
+
+
+def bytes_per_decoded_token(model, context: int, kv_bytes_per_token: int) -> int:
+    """Weight bytes one token reads at batch 1, plus the latent cache it attends to."""
+    total = 0
+    for name, p in model.named_parameters():
+        if "experts.gate_up_proj" in name or "experts.down_proj" in name or name == "model.embed_tokens.weight":
+            continue
+        total += p.numel() * p.element_size()
+    emb = model.model.embed_tokens.weight
+    total += emb.shape[1] * emb.element_size()
+    for module in model.modules():
+        if isinstance(module, MoE):
+            e = module.experts
+            per_expert = (e.gate_up_proj[0].numel() + e.down_proj[0].numel()) * e.gate_up_proj.element_size()
+            total += per_expert * module.gate.top_k
+    return total + context * kv_bytes_per_token
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="smaller run for smoke testing")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    n_prompts, out_tokens, long_prompt = (8, 16, 512) if args.quick else (32, 128, 2000)
+    dtype = torch.bfloat16
+    hf = hf_v3_model(ENGINE_MODEL, dtype=dtype)
+    tmp = tempfile.TemporaryDirectory()
+    hf.save_pretrained(tmp.name)
+    llm = LLM(tmp.name, dtype="bfloat16", kv_cache_memory="1GiB", max_num_seqs=64, max_num_batched_tokens=2048)
+    engine = llm.engine
+    params = sum(p.numel() for p in engine.model.parameters())
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(2, ENGINE_MODEL["vocab_size"], (int(n),), generator=g).tolist()
+               for n in torch.randint(16, 65, (n_prompts,), generator=g)]
+    greedy = SamplingParams(temperature=0, max_tokens=out_tokens, ignore_eos=True)
+
+    # 1. aggregate throughput
+    llm.generate(prompts[:2], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    t = time.perf_counter()
+    outs = llm.generate(prompts, greedy)
+    ours_s = time.perf_counter() - t
+    ours_tok_s = sum(len(o.outputs[0].token_ids) for o in outs) / ours_s
+
+    width = max(len(p) for p in prompts)
+    input_ids = torch.zeros(len(prompts), width, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, p in enumerate(prompts):  # left padding, as batched generation requires
+        input_ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    with torch.inference_mode():
+        hf.generate(input_ids[:2], attention_mask=mask[:2], max_new_tokens=4, do_sample=False, pad_token_id=0)
+        t = time.perf_counter()
+        ref = hf.generate(input_ids, attention_mask=mask, max_new_tokens=out_tokens, min_new_tokens=out_tokens,
+                          do_sample=False, pad_token_id=0)
+        hf_s = time.perf_counter() - t
+    hf_tok_s = (ref.shape[1] - width) * len(prompts) / hf_s
+    agree = statistics.mean(
+        float(o.outputs[0].token_ids[:8] == ref[i, width:width + 8].tolist()) for i, o in enumerate(outs))
+
+    # 2. batch-1 decode
+    out = llm.generate([prompts[0]], greedy)[0]
+    times = out.metrics.token_times
+    per_token = (times[-1] - times[1]) / (len(times) - 2)
+    context = len(prompts[0]) + out_tokens / 2
+    moved = bytes_per_decoded_token(engine.model, int(context), engine.kv_bytes_per_token)
+    bandwidth = read_bandwidth()
+    decode_gbs = moved / per_token / 1e9
+
+    # 3. TTFT miss vs hit for a long prompt
+    long = torch.randint(2, ENGINE_MODEL["vocab_size"], (long_prompt,), generator=g).tolist()
+    one = SamplingParams(temperature=0, max_tokens=1)
+    miss = llm.generate([long], one)[0].metrics
+    hit = llm.generate([long], one)[0].metrics
+    assert hit.prompt_cache_hit_tokens > 0
+
+    emit({"bench": "engine", "params": params, "dtype": "bfloat16", "threads": args.threads,
+          "prompts": n_prompts, "output_tokens": out_tokens,
+          "nanoseek_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
+          "throughput_ratio": round(ours_tok_s / hf_tok_s, 2), "greedy_prefix_agreement": round(agree, 3),
+          "batch1_tok_s": round(1 / per_token, 1), "batch1_bytes_per_token": moved,
+          "batch1_gb_s": round(decode_gbs, 2), "sum_read_gb_s": round(bandwidth, 2),
+          "batch1_bandwidth_utilization": round(decode_gbs / bandwidth, 3),
+          "long_prompt_tokens": long_prompt, "ttft_miss_s": round(miss.time_to_first_token, 4),
+          "ttft_hit_s": round(hit.time_to_first_token, 4),
+          "ttft_ratio": round(miss.time_to_first_token / hit.time_to_first_token, 1),
+          "hit_tokens": hit.prompt_cache_hit_tokens})
+
+
+if __name__ == "__main__":
+    main()
