@@ -9,13 +9,13 @@ Measures (bf16, 2 threads):
      plus the latent KV cache it attends to) / time per token, against the read bandwidth of a 1 GiB tensor
      sum measured in the same run;
   3. time to first token of a repeated 2,000-token prompt, prefix-cache miss vs hit.
-Prints one JSON line last.
+Prints one JSON line last. (Token-level agreement with transformers is tested in float32 in tests/; on this
+random-init model bf16 logits are nearly flat, so bf16 argmaxes of any two implementations differ often.)
 """
 
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -105,8 +105,6 @@ def main():
                           do_sample=False, pad_token_id=0)
         hf_s = time.perf_counter() - t
     hf_tok_s = (ref.shape[1] - width) * len(prompts) / hf_s
-    agree = statistics.mean(
-        float(o.outputs[0].token_ids[:8] == ref[i, width:width + 8].tolist()) for i, o in enumerate(outs))
 
     # 2. batch-1 decode
     out = llm.generate([prompts[0]], greedy)[0]
@@ -127,7 +125,7 @@ def main():
     emit({"bench": "engine", "params": params, "dtype": "bfloat16", "threads": args.threads,
           "prompts": n_prompts, "output_tokens": out_tokens,
           "nanoseek_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
-          "throughput_ratio": round(ours_tok_s / hf_tok_s, 2), "greedy_prefix_agreement": round(agree, 3),
+          "throughput_ratio": round(ours_tok_s / hf_tok_s, 2),
           "batch1_tok_s": round(1 / per_token, 1), "batch1_bytes_per_token": moved,
           "batch1_gb_s": round(decode_gbs, 2), "sum_read_gb_s": round(bandwidth, 2),
           "batch1_bandwidth_utilization": round(decode_gbs / bandwidth, 3),

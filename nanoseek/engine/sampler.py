@@ -41,19 +41,19 @@ class Sampler:
                 if out:
                     counts = torch.bincount(torch.tensor(out), minlength=logits.shape[1]).float()
                     logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        temps = torch.tensor([s.params.temperature if s.params.temperature > 0 else 1.0 for s in seqs])
-        logits = logits / temps[:, None]
-        processed = logits if any(s.params.logprobs is not None and s.params.logprobs_mode == "processed"
-                                  for s in seqs) else None
-        logits = self._truncate(logits, seqs)
-        probs = logits.softmax(dim=-1)
-        tokens = []
-        for i, seq in enumerate(seqs):
-            if seq.params.greedy:
-                tokens.append(int(logits[i].argmax()))
-                continue
-            noise = torch.empty_like(probs[i]).exponential_(generator=seq.generator or self.generator)
-            tokens.append(int((probs[i] / noise).argmax()))
+        tokens = logits.argmax(dim=-1).tolist()  # final for greedy rows
+        processed = None
+        if any(s.params.logprobs is not None and s.params.logprobs_mode == "processed" for s in seqs):
+            temps = torch.tensor([s.params.temperature if s.params.temperature > 0 else 1.0 for s in seqs])
+            processed = logits / temps[:, None]
+        sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled:
+            rows = [seqs[i] for i in sampled]
+            temps = torch.tensor([s.params.temperature for s in rows])
+            probs = self._truncate(logits[sampled] / temps[:, None], rows).softmax(dim=-1)
+            for j, i in enumerate(sampled):
+                noise = torch.empty_like(probs[j]).exponential_(generator=seqs[i].generator or self.generator)
+                tokens[i] = int((probs[j] / noise).argmax())
         for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None:
                 source = raw if seq.params.logprobs_mode == "raw" else processed

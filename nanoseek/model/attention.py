@@ -44,7 +44,7 @@ def _sdpa(q, k, v, mask, scale):
     return out[..., :dv].transpose(1, 2)
 
 
-def _decode_attention(q, k, v, mask, scale, latent_width: int = 0):
+def _decode_attention(q, k, v, mask, scale, latent_width: int = 0, out_dtype=None):
     """One query per sequence: q [B, H, D]; GQA k/v [B, S, Hkv, D]; or MLA k [B, S, D] with v None, the value
     being the first `latent_width` columns of k -> [B, H, Dv].
 
@@ -63,7 +63,7 @@ def _decode_attention(q, k, v, mask, scale, latent_width: int = 0):
     if mask is not None:
         scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
     out = torch.matmul(scores.softmax(-1), vf)  # [B, Hkv, G, Dv]
-    return out.reshape(B, H, -1).to(q.dtype)
+    return out.reshape(B, H, -1).to(out_dtype or q.dtype)
 
 
 class MLAttention(nn.Module):
@@ -108,8 +108,9 @@ class MLAttention(nn.Module):
         """W_UK [H, nope, L] and W_UV^T [H, L, v], the two halves of kv_b_proj per head.
 
         Views of the weight by default (training: nothing derived can go stale). An inference engine calls
-        `cache_absorbed_weights()` to keep contiguous copies, which spares a copy per decode step, and calls it
-        again whenever the weights change.
+        `cache_absorbed_weights()` to keep contiguous float32 copies (tiny per-head matmuls are several times
+        faster in float32 on CPU, and decode attention runs in float32 anyway), and calls it again whenever
+        the weights change.
         """
         if self._absorbed is not None:
             return self._absorbed
@@ -120,7 +121,7 @@ class MLAttention(nn.Module):
         self._absorbed = None
         if enabled:
             w_uk, w_uv_t = self.absorbed_weights()
-            self._absorbed = (w_uk.detach().contiguous(), w_uv_t.detach().contiguous())
+            self._absorbed = (w_uk.detach().float().contiguous(), w_uv_t.detach().float().contiguous())
 
     # ---- second half, two interchangeable ways; `cached` is [B, S, kv_lora + rope] = [c_kv | k_r] ----
     def heads_full(self, q_nope, q_rope, cached, mask):
@@ -144,15 +145,16 @@ class MLAttention(nn.Module):
         w_uk, w_uv_t = self.absorbed_weights()
         B, T, H, _ = q_nope.shape
         # Per-head matmuls as one bmm over heads: [H, B*T, nope] @ [H, nope, L].
-        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1), w_uk).transpose(0, 1)
-        q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope), dim=-1)
+        dtype = q_nope.dtype
+        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1).to(w_uk.dtype), w_uk).transpose(0, 1)
+        q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope.to(w_uk.dtype)), dim=-1)
         if T == 1:
             out_latent = _decode_attention(q[:, 0], cached, None, mask, self.scale, self.kv_lora_rank)[:, None]
         else:
             kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
-            out_latent = _sdpa(q, kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
-        out = torch.bmm(out_latent.reshape(B * T, H, -1).transpose(0, 1), w_uv_t)  # [H, B*T, v]
-        return out.transpose(0, 1).reshape(B, T, H * self.v_dim)
+            out_latent = _sdpa(q.to(dtype), kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
+        out = torch.bmm(out_latent.reshape(B * T, H, -1).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)  # [H, BT, v]
+        return out.transpose(0, 1).reshape(B, T, H * self.v_dim).to(dtype)
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
         q_nope, q_rope, latent, k_rope = self.compress(x, rope)
