@@ -133,7 +133,8 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
     # vLLM and DeepSeek's layout keep a copy of the shared embedding and head inside each MTP layer.
     for k in range(len(model.mtp)):
         prefix = f"model.layers.{L + k}."
-        emb, head = model.model.embed_tokens.weight, model.lm_head.weight
+        emb = named["model.embed_tokens.weight"]
+        head = named.get("lm_head.weight", emb)
         yield prefix + "embed_tokens.weight", (lambda t=emb: t), tuple(emb.shape), emb.dtype
         yield prefix + "shared_head.head.weight", (lambda t=head: t), tuple(head.shape), head.dtype
 
@@ -346,8 +347,9 @@ def _slot_key(slot: tuple, config: ModelConfig) -> str:
 # ---------------------------------------------------------------- saving
 def save_model(model: Transformer, directory: str | Path, *, tokenizer_from: str | Path | None = None,
                dtype: torch.dtype | None = None, max_shard_size: int = 4 * 1024 ** 3,
-               generation_config: dict | None = None) -> Path:
-    """Writes `model` as an HF directory, atomically: into a temporary sibling, then renamed into place."""
+               generation_config: dict | None = None, extra=None) -> Path:
+    """Writes `model` as an HF directory, atomically: into a temporary sibling, then renamed into place.
+    `extra(tmp_dir)` may add files (a trainer's state) before the rename, so they land atomically too."""
     directory = Path(directory)
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = directory.parent / f".{directory.name}.tmp-{os.getpid()}"
@@ -369,6 +371,8 @@ def save_model(model: Transformer, directory: str | Path, *, tokenizer_from: str
             for name in TOKENIZER_FILES:
                 if (Path(source) / name).exists():
                     shutil.copy2(Path(source) / name, tmp / name)
+        if extra is not None:
+            extra(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -125,6 +125,75 @@ def cmd_chat(args) -> int:
     return run_chat(_llm(args), _sampling_params(args), system=args.system)
 
 
+def cmd_train(args) -> int:
+    from .train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.stage == "tokenizer":
+        from .train.stages import prepare_tokenizer
+
+        path = prepare_tokenizer(recipe)
+        print(f"tokenizer: {path}")
+        print((path / "stats.json").read_text() if (path / "stats.json").exists() else "")
+        return 0
+    if args.stage in ("pretrain", "sft"):
+        from .train.stages import run_stage
+
+        path = run_stage(recipe, args.stage, resume=args.resume, show_progress=not args.no_progress)
+    elif args.stage == "grpo":
+        from .train.grpo import run_grpo
+
+        path = run_grpo(recipe, resume=args.resume, show_progress=not args.no_progress)
+    else:
+        raise NanoseekError(f"unknown stage {args.stage}")
+    print(f"{args.stage} model: {path}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from pathlib import Path
+
+    from .data.sources import task_problems
+    from .engine import LLM
+    from .eval import evaluate, format_table
+
+    levels = [int(x) for x in args.levels.split(",")] if args.levels else []
+    if not levels and not Path(args.task).exists():
+        levels = [1, 2, 3, 4, 5]
+    split = args.split or ("all" if Path(args.task).exists() else "test")
+    problems = task_problems(args.task, levels, args.problems, args.seed, split)
+    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory)
+    results = {}
+    if args.greedy or args.n == 1:
+        results["greedy"] = evaluate(llm, problems, n=1, temperature=0.0, max_tokens=args.max_tokens)
+    if args.n > 1:
+        results["sampled"] = evaluate(llm, problems, n=args.n, temperature=args.temperature, top_p=args.top_p,
+                                      max_tokens=args.max_tokens, seed=args.seed)
+    for name, result in results.items():
+        print(format_table(result, f"{name} ({'T=0' if name == 'greedy' else f'T={args.temperature}, n={args.n}'})"))
+        print()
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"model": str(args.model), "task": args.task, **results}, indent=2))
+    if args.json:
+        print(json.dumps({k: v["overall"] for k, v in results.items()}))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from .serve.server import serve
+
+    return serve(args)
+
+
+def cmd_report(args) -> int:
+    from .train.report import write_report
+
+    path = write_report(args.run)
+    print(f"report: {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek system as one small package.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -149,12 +218,60 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system prompt")
     _sampling_args(p, max_tokens=1024)
     p.set_defaults(func=cmd_chat)
+
+    p = sub.add_parser("train", help="train a tokenizer or a model stage from a TOML recipe")
+    p.add_argument("stage", choices=["tokenizer", "pretrain", "sft", "grpo"])
+    p.add_argument("--recipe", required=True, help="recipes/NAME.toml")
+    p.add_argument("--resume", action="store_true", help="continue from the stage's latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides, e.g. pretrain.steps=50")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="pass@1 / pass@k / maj@k on held-out verifiable problems")
+    _engine_args(p)
+    p.add_argument("--task", default="arithmetic", help="task family (arithmetic, linear, countdown) or a JSONL file")
+    p.add_argument("--levels", default="", help="comma-separated difficulty levels (default 1-5)")
+    p.add_argument("--problems", type=int, default=500)
+    p.add_argument("--split", choices=["test", "train", "all"], default=None,
+                   help="default: held-out problems (test); the whole file for JSONL tasks")
+    p.add_argument("--n", type=int, default=1, help="samples per problem for pass@k and maj@k")
+    p.add_argument("--greedy", action="store_true", help="also report greedy pass@1 when --n > 1")
+    p.add_argument("--temperature", type=float, default=0.6)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--max-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="", help="write the full result as JSON here")
+    p.add_argument("--json", action="store_true", help="print the overall figures as one JSON line")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible HTTP API and web chat page")
+    _engine_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require Bearer auth (or set NANOSEEK_API_KEY)")
+    p.add_argument("--served-model-name", default=None)
+    p.add_argument("--policy", default=None, help="policy TOML (moderation rules, system prompt, limits)")
+    p.add_argument("--cost-per-hour", type=float, default=None, help="machine price in USD/hour: enables pricing")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-queue", type=int, default=256, help="waiting requests before answering 429")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20)
+    p.add_argument("--cors", default="", help="comma-separated allowed origins (CORS is off by default)")
+    p.add_argument("--shutdown-grace", type=int, default=10, help="seconds in-flight requests get on SIGTERM")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="write runs/NAME/report.md from a finished run")
+    p.add_argument("--run", required=True, help="run directory, e.g. runs/speedrun")
+    p.set_defaults(func=cmd_report)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # recipe overrides may follow the options: `train sft --recipe R sft.steps=10`
+        if getattr(args, "command", None) != "train" or not all("=" in e and not e.startswith("-") for e in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return args.func(args)
     except NanoseekError as e:

@@ -146,3 +146,67 @@ class Tokenizer:
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
     return Tokenizer.from_pretrained(path)
+
+
+# ---------------------------------------------------------------- training a tokenizer
+BOS, EOS, PAD = "<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>"
+USER, ASSISTANT = "<｜User｜>", "<｜Assistant｜>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+# DeepSeek-R1's template, shortened: system prompt first; past assistant turns keep only their answer (the
+# reasoning is dropped, as R1 does); the generation prompt opens <think> so the model starts reasoning.
+CHAT_TEMPLATE = (
+    "{% set ns = namespace(system_prompt='') %}"
+    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
+    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
+    "{{ bos_token }}{{ ns.system_prompt }}"
+    "{%- for message in messages %}"
+    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
+    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
+    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
+    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
+    "{%- endfor %}"
+    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
+)
+
+
+def train_tokenizer(texts, vocab_size: int, directory: str | Path, model_max_length: int = 4096) -> Tokenizer:
+    """Byte-level BPE trained on `texts` (an iterable of strings), with DeepSeek's special tokens.
+
+    Digits are split one per token before BPE: small models learn arithmetic far better when every digit is
+    its own token (multi-digit tokens hide the place value). `<think>`/`</think>` are added tokens that are not
+    "special", so decoded text keeps them and the reasoning split can see them.
+    """
+    from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Tokenizer as Backend
+
+    specials = [BOS, EOS, PAD, USER, ASSISTANT]
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer)
+    backend.add_tokens([AddedToken(THINK_OPEN, special=False, normalized=False),
+                        AddedToken(THINK_CLOSE, special=False, normalized=False)])
+    bos_id = backend.token_to_id(BOS)
+    backend.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B",
+                                                           special_tokens=[(BOS, bos_id)])
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    backend.save(str(directory / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS, "eos_token": EOS, "pad_token": PAD,
+        "add_bos_token": True, "add_eos_token": False,
+        "model_max_length": model_max_length,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHAT_TEMPLATE,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (directory / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}, indent=2, ensure_ascii=False) + "\n")
+    return Tokenizer.from_pretrained(directory)

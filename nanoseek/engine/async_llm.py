@@ -62,31 +62,36 @@ class AsyncLLM:
                     loop, queue = target
                     loop.call_soon_threadsafe(queue.put_nowait, out)
 
-    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
-                       ) -> AsyncIterator[RequestOutput]:
+    def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> "RequestStream":
+        """Adds a request; its outputs arrive on the returned stream. Must be called from an event loop."""
         if self.error is not None or self._stopping:
             raise EngineDeadError("the engine is not running")
-        request_id = request_id or uuid.uuid4().hex
-        queue: asyncio.Queue = asyncio.Queue()
+        stream = RequestStream(self, request_id or uuid.uuid4().hex)
         with self._streams_lock:  # registered before the request exists, so no output can be missed
-            self._streams[request_id] = (asyncio.get_running_loop(), queue)
-        finished = False
+            self._streams[stream.request_id] = (asyncio.get_running_loop(), stream.queue)
         try:
-            self.engine.add_request(prompt, params, request_id)
-            self._wake.set()
+            self.engine.add_request(prompt, params, stream.request_id)
+        except BaseException:
+            stream.close()
+            raise
+        self._wake.set()
+        return stream
+
+    async def generate(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                       ) -> AsyncIterator[RequestOutput]:
+        stream = self.submit(prompt, params, request_id)
+        try:
             while True:
-                out = await queue.get()
-                if isinstance(out, BaseException):
-                    raise out
-                finished = out.finished
+                out = await stream.next()
                 yield out
-                if finished:
+                if out.finished:
                     return
         finally:
-            with self._streams_lock:
-                self._streams.pop(request_id, None)
-            if not finished:
-                self.engine.abort(request_id)
+            stream.close()
+
+    def _forget(self, request_id: str) -> None:
+        with self._streams_lock:
+            self._streams.pop(request_id, None)
 
     def abort(self, request_id: str) -> bool:
         return self.engine.abort(request_id)
@@ -104,3 +109,34 @@ class AsyncLLM:
         self._thread.join(timeout)
         for request_id in list(self.engine.requests):
             self.engine.abort(request_id)
+
+
+class RequestStream:
+    """One request's outputs. `await next(timeout)` returns the next cumulative output, or None when nothing
+    arrived within `timeout` (so callers can send keep-alives or check for disconnects without disturbing the
+    request). `close()` aborts the request unless it finished, freeing its cache blocks."""
+
+    def __init__(self, llm: AsyncLLM, request_id: str):
+        self.llm = llm
+        self.request_id = request_id
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+        self.closed = False
+
+    async def next(self, timeout: float | None = None) -> RequestOutput | None:
+        try:
+            out = await asyncio.wait_for(self.queue.get(), timeout) if timeout else await self.queue.get()
+        except asyncio.TimeoutError:
+            return None
+        if isinstance(out, BaseException):
+            raise out
+        self.finished = out.finished
+        return out
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.llm._forget(self.request_id)
+        if not self.finished:
+            self.llm.engine.abort(self.request_id)

@@ -16,8 +16,11 @@ from .sequence import Sequence
 class Sampler:
     def __init__(self, tokenizer=None, seed: int | None = None):
         self.tokenizer = tokenizer
-        self.generator = torch.Generator()  # for unseeded requests
-        self.generator.manual_seed(seed if seed is not None else torch.seed())
+        self.generator = torch.Generator()  # for unseeded requests; never the global generator
+        if seed is None:
+            self.generator.seed()
+        else:
+            self.generator.manual_seed(seed)
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
         """logits [M, vocab] (row i for seqs[i]) -> one token id per sequence; records logprobs if asked."""

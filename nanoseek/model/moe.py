@@ -130,12 +130,29 @@ class MoE(nn.Module):
         # Per-expert token counts of the last forward, for load-balancing statistics (aux-loss-free bias
         # updates read this); None until a forward has run.
         self.last_expert_load: torch.Tensor | None = None
+        # DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), computed in training when
+        # aux_alpha > 0; the trainer adds `aux_loss` of every MoE layer to its objective.
+        self.aux_alpha = 0.0
+        self.aux_loss: torch.Tensor | None = None
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, batch: int) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence, averaged: f_i = E/(K T) * tokens routed to i, P_i = mean over the
+        sequence of i's normalised affinity."""
+        E, K = self.experts.n_experts, indices.shape[-1]
+        probs = (scores / scores.sum(-1, keepdim=True)).view(batch, -1, E)
+        T = probs.shape[1]
+        counts = torch.zeros(batch, E, device=scores.device).scatter_add_(
+            1, indices.view(batch, -1), torch.ones(batch, T * K, device=scores.device))
+        f = counts * E / (K * T)
+        return self.aux_alpha * (f * probs.mean(1)).sum(-1).mean()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, indices, _ = self.gate(flat)
+        weights, indices, scores = self.gate(flat)
         self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.experts.n_experts)
+        if self.training and self.aux_alpha > 0 and x.dim() == 3:
+            self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
         out = self.experts(flat, weights, indices).view(shape)
         if self.shared_experts is not None:
             out = out + self.shared_experts(x)

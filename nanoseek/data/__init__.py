@@ -1,0 +1,1 @@
+"""Training data: synthetic verifiable tasks, user corpora, tokenized memory-mapped shards."""

@@ -1,0 +1,1 @@
+"""Training: one trainer loop for every stage (pretrain, SFT, GRPO), recipes, checkpoints, distribution."""

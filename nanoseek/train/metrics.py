@@ -1,0 +1,94 @@
+"""Training metrics: JSON lines on disk and PNG plots (loss, learning rate, expert load balance)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    def __init__(self, path: Path, enabled: bool = True):
+        self.path = Path(path)
+        self.enabled = enabled
+        if enabled:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def event(self, record: dict) -> None:
+        self.log({"event": True, **record})
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop lines from steps the resumed run will redo."""
+        if not (self.enabled and self.path.exists()):
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        self.path.write_text("".join(line + "\n" for line in keep))
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_metrics(metrics_path: Path, out_dir: Path, title: str = "") -> list[Path]:
+    """loss.png (train and validation), lr.png, expert_load.png; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [r for r in read_metrics(metrics_path) if not r.get("event")]
+    steps = [r for r in records if "loss" in r]
+    out_dir = Path(out_dir)
+    written = []
+    if steps:
+        fig, ax = plt.subplots(figsize=(6, 3.5))
+        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", lw=1)
+        if any("mtp_loss" in r for r in steps):
+            ax.plot([r["step"] for r in steps if "mtp_loss" in r], [r["mtp_loss"] for r in steps if "mtp_loss" in r],
+                    label="MTP (depth 1)", lw=1, alpha=0.7)
+        val = [r for r in records if "val_loss" in r]
+        if val:
+            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss (nats/token)")
+        ax.set_yscale("log")
+        ax.set_title(f"{title} loss")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(out_dir / "loss.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "loss.png")
+
+        fig, ax = plt.subplots(figsize=(6, 2.5))
+        ax.plot([r["step"] for r in steps], [r["lr"] for r in steps])
+        ax.set_xlabel("step")
+        ax.set_ylabel("learning rate")
+        fig.tight_layout()
+        fig.savefig(out_dir / "lr.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "lr.png")
+
+    loads = [r for r in steps if "expert_load_max_over_mean" in r]
+    if loads:
+        fig, ax = plt.subplots(figsize=(6, 3))
+        per_layer = list(zip(*[r["expert_load_max_over_mean"] for r in loads]))
+        for i, series in enumerate(per_layer):
+            ax.plot([r["step"] for r in loads], series, lw=1, label=f"MoE layer {i}")
+        ax.axhline(1.0, color="k", lw=0.5)
+        ax.set_xlabel("step")
+        ax.set_ylabel("max / mean expert load")
+        ax.set_title("expert load balance (1 = perfect)")
+        ax.legend(fontsize=6, ncol=2)
+        fig.tight_layout()
+        fig.savefig(out_dir / "expert_load.png", dpi=110)
+        plt.close(fig)
+        written.append(out_dir / "expert_load.png")
+    return written

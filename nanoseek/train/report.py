@@ -1,0 +1,70 @@
+"""runs/<name>/report.md: what was trained, how long it took, how well it does."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def write_report(run: str | Path) -> Path:
+    from ..config import ModelConfig
+    from ..eval import format_table
+    from ..model.accounting import model_cost
+
+    run = Path(run)
+    lines = [f"# nanoseek run: {run.name}", ""]
+    stages = [s for s in ("pretrain", "sft", "grpo", "distill") if (run / s / "summary.json").exists()]
+    final = next((run / s / "model" for s in reversed(stages) if (run / s / "model" / "config.json").exists()), None)
+    if final is not None:
+        config = ModelConfig.from_pretrained(final)
+        cost = model_cost(config)
+        lines += ["## Model", "", f"- architecture: {config.model_type}, {config.num_hidden_layers} layers, hidden "
+                  f"{config.hidden_size}, {config.n_routed_experts or 0} routed experts "
+                  f"(top-{config.num_experts_per_tok or 0}), MTP depth {config.num_nextn_predict_layers}",
+                  f"- parameters: {cost.total_params:,} total, {cost.active_params:,} active per token "
+                  f"(+{cost.mtp_params:,} MTP)", f"- KV cache: {cost.kv_cache_bytes_per_token} bytes per token (bf16)",
+                  ""]
+    tok_stats = run / "tokenizer" / "stats.json"
+    if tok_stats.exists():
+        s = json.loads(tok_stats.read_text())
+        lines += [f"Tokenizer: byte-level BPE, {s['vocab_size']} tokens, {s['bytes_per_token']:.2f} bytes per token.", ""]
+    if stages:
+        lines += ["## Stages", "", "| stage | steps | tokens | wall time | final val loss | val bits/byte |",
+                  "|---|---|---|---|---|---|"]
+        total = 0.0
+        for s in stages:
+            sm = json.loads((run / s / "summary.json").read_text())
+            total += sm.get("wall_seconds", 0)
+            lines.append(f"| {s} | {sm.get('steps', '')} | {sm.get('tokens', 0):,} | {sm.get('wall_seconds', 0) / 60:.1f} min "
+                         f"| {sm.get('val_loss', float('nan')):.4f} | {sm.get('val_bpb', float('nan')):.4f} |")
+        lines += ["", f"Training wall time: {total / 60:.1f} min.", ""]
+        timing = run / "timing.json"
+        if timing.exists():
+            t = json.loads(timing.read_text())
+            lines += [f"Whole job wall time: {t.get('total_seconds', 0) / 60:.1f} min "
+                      f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in t.items() if k != 'total_seconds')}).", ""]
+        for s in stages:
+            for plot in ("loss.png", "lr.png", "expert_load.png"):
+                if (run / s / plot).exists():
+                    lines.append(f"![{s} {plot}]({s}/{plot})")
+            lines.append("")
+    evals = sorted(run.glob("eval_*.json"))
+    if evals:
+        lines += ["## Held-out accuracy", ""]
+        for e in evals:
+            data = json.loads(e.read_text())
+            for mode, result in data.items():
+                if isinstance(result, dict) and "overall" in result:
+                    lines += [format_table(result, f"**{e.stem.removeprefix('eval_')}** ({mode}, task "
+                                                   f"{data.get('task')})"), ""]
+        first = json.loads(evals[-1].read_text())
+        samples = next((r["samples"] for r in first.values() if isinstance(r, dict) and "samples" in r), [])
+        if samples:
+            lines += ["## Sample conversations", ""]
+            for sm in samples[:3]:
+                mark = "correct" if sm["correct"] else "wrong"
+                lines += [f"**User:** {sm['question']}", "", "**Assistant** "
+                          f"({mark}, reference {sm['answer']}):", "", "```", sm["completion"].strip(), "```", ""]
+    path = run / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

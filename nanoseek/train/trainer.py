@@ -1,0 +1,349 @@
+"""The one trainer loop every stage shares: stages differ only in their data (masks) and extra loss terms.
+
+Per optimizer step: `batch_size` windows split into micro-batches (and across data-parallel ranks), bf16
+autocast over float32 master weights, next-token loss normalised by the global number of target tokens (so
+accumulation and data parallelism give the same gradient as one big batch), MTP loss (lambda), DeepSeek-V3's
+sequence-wise balance loss (alpha), gradient clipping, AdamW with warmup + cosine / warmup-stable-decay, then the
+auxiliary-loss-free balancing update: every MoE layer's correction bias moves by gamma towards balance, from
+expert loads summed over micro-batches and ranks.
+
+A non-finite loss or gradient skips the step (logged); `max_bad_steps` in a row stop the run with a clear error,
+leaving the last good checkpoint untouched. Checkpoints are written atomically with everything needed to resume
+exactly (see checkpointing.py).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NanoseekError
+from ..model.accounting import model_cost
+from ..model.moe import MoE
+from ..model.transformer import Transformer
+from . import checkpointing
+from .distributed import Distributed
+from .metrics import MetricsLog
+
+log_ln2 = math.log(2)
+
+
+class TrainingError(NanoseekError):
+    """Training cannot continue (repeated non-finite losses, ...)."""
+
+
+class LossModule(nn.Module):
+    """Wraps the model so data-parallel wrappers see one forward that returns every loss term."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, y, mask, mtp_lambda: float):
+        model = self.model
+        hidden = model.hidden_states(x)
+        logits = model.lm_head(hidden)
+        ce = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+        main = (ce * mask).sum() if mask is not None else ce.sum()
+        mtp = hidden.new_zeros((), dtype=torch.float32)
+        if mtp_lambda > 0 and len(model.mtp):
+            for k, mtp_logits in enumerate(model.mtp_logits(hidden, x), start=1):
+                target = y[:, k:]
+                mce = F.cross_entropy(mtp_logits.float().flatten(0, 1), target.flatten(), reduction="none")
+                mce = mce.view_as(target)
+                mtp = mtp + ((mce * mask[:, k:]).sum() if mask is not None else mce.sum())
+        aux = hidden.new_zeros((), dtype=torch.float32)
+        for m in model.modules():
+            if isinstance(m, MoE) and m.aux_loss is not None:
+                aux = aux + m.aux_loss
+                m.aux_loss = None  # do not keep the graph alive past this step
+        return main, mtp, aux
+
+
+def lr_factor(step: int, cfg: dict) -> float:
+    warmup, total = cfg["warmup_steps"], cfg["steps"]
+    if step < warmup:
+        return (step + 1) / warmup
+    floor = cfg["min_lr_ratio"]
+    if cfg["schedule"] == "constant":
+        return 1.0
+    if cfg["schedule"] == "wsd":
+        decay_start = total - int(cfg["decay_fraction"] * total)
+        if step < decay_start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (step - decay_start) / max(total - decay_start, 1)
+    progress = (step - warmup) / max(total - warmup, 1)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"])
+
+
+_PEAK_CACHE: dict[str, float] = {}
+
+
+def measured_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
+    """Matmul FLOP/s this machine reaches in `dtype` (a square 2048 product, best of 5), the MFU denominator."""
+    key = f"{device}/{dtype}"
+    if key not in _PEAK_CACHE:
+        n = 2048
+        a = torch.randn(n, n, device=device).to(dtype)
+        b = torch.randn(n, n, device=device).to(dtype)
+        a @ b
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, time.perf_counter() - t)
+        _PEAK_CACHE[key] = 2 * n ** 3 / best
+    return _PEAK_CACHE[key]
+
+
+def training_flops_per_token(model: Transformer, seq_len: int, with_mtp: bool) -> float:
+    """6 x active non-embedding parameters (MTP's too when trained) + causal attention at the mean context."""
+    config = model.config
+    cost = model_cost(config, context=seq_len // 2)
+    params = cost.active_params + (cost.mtp_params if with_mtp else 0)
+    attn_forward = cost.flops_per_token - 2 * cost.active_params
+    return 6 * params + 3 * attn_forward
+
+
+class Trainer:
+    def __init__(self, model: Transformer, cfg: dict, train_loader, out_dir: Path, *, stage: str,
+                 val_loader=None, evaluator=None, tokenizer_dir: Path | None = None, dist: Distributed | None = None,
+                 seed: int = 0, show_progress: bool = True):
+        self.model = model
+        self.cfg = cfg
+        self.stage = stage
+        self.loader = train_loader
+        self.val_loader = val_loader
+        self.evaluator = evaluator  # callable(model) -> dict of task metrics, rank 0 only
+        self.out_dir = Path(out_dir)
+        self.tokenizer_dir = tokenizer_dir
+        self.dist = dist or Distributed.single()
+        self.seed = seed
+        self.show_progress = show_progress and self.dist.is_main
+        self.device = model.device
+        self.autocast_dtype = torch.bfloat16 if cfg["dtype"] in ("bfloat16", "bf16") else None
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
+        for m in self.moe_layers:
+            m.aux_alpha = cfg["seq_aux_alpha"]
+        self.module = self.dist.wrap(LossModule(model), cfg["parallel"])
+        self.optimizer = build_optimizer(self.module, cfg)
+        self.step = 0
+        self.bad_streak = 0
+        self.tokens_seen = 0
+        self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
+        self.with_mtp = cfg["mtp_lambda"] > 0 and len(model.mtp) > 0
+        self.flops_per_token = training_flops_per_token(model, cfg["seq_len"], self.with_mtp)
+        peak_dtype = self.autocast_dtype or torch.float32
+        self.peak_flops = measured_peak_flops(peak_dtype, self.device)
+
+    # ---- checkpoints ----
+    def checkpoint_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def save(self, final: bool = False) -> Path | None:
+        target = self.out_dir / "model" if final else self.checkpoint_dir() / f"step_{self.step:06d}"
+        state = {"step": self.step, "stage": self.stage, "bad_streak": self.bad_streak,
+                 "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict()}
+        path = checkpointing.save_checkpoint(self, target, state)
+        if not final and self.dist.is_main:
+            checkpointing.prune(self.checkpoint_dir(), keep=self.cfg["keep_checkpoints"])
+        return path
+
+    def resume(self) -> bool:
+        latest = checkpointing.latest(self.checkpoint_dir())
+        if latest is None:
+            return False
+        state = checkpointing.load_checkpoint(self, latest)
+        self.step, self.bad_streak = state["step"], state["bad_streak"]
+        self.tokens_seen = state["tokens_seen"]
+        self.loader.load_state_dict(state["loader"])
+        self.metrics.truncate_after(self.step)
+        return True
+
+    # ---- one optimizer step ----
+    def _global_counts(self, indices: list[int]) -> tuple[int, list[int]]:
+        """Target tokens of the whole global batch, for the main loss and each MTP depth (every rank computes
+        the same numbers from the same window indices: no communication)."""
+        T = self.cfg["seq_len"]
+        depths = len(self.model.mtp) if self.with_mtp else 0
+        if not self.loader.has_mask:
+            return len(indices) * T, [len(indices) * (T - k) for k in range(1, depths + 1)]
+        _, _, mask = self.loader.batch(indices)
+        return int(mask.sum()), [int(mask[:, k:].sum()) for k in range(1, depths + 1)]
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        world, rank = self.dist.world_size, self.dist.rank
+        global_indices = self.loader.next_indices(cfg["batch_size"])
+        n_main, n_mtp = self._global_counts(global_indices)
+        per_rank = cfg["batch_size"] // world
+        mine = global_indices[rank * per_rank:(rank + 1) * per_rank]
+        micro = cfg["micro_batch_size"]
+        chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
+        lr = cfg["lr"] * lr_factor(self.step, cfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        loads = torch.zeros(len(self.moe_layers), self.moe_layers[0].experts.n_experts) if self.moe_layers else None
+        main_sum = mtp_sum = aux_sum = 0.0
+        for i, chunk in enumerate(chunks):
+            x, y, mask = self.loader.batch(chunk)
+            x, y = x.to(self.device), y.to(self.device)
+            mask = mask.to(self.device) if mask is not None else None
+            with self.dist.no_sync(self.module, last=i == len(chunks) - 1), \
+                    torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                   enabled=self.autocast_dtype is not None):
+                main, mtp, aux = self.module(x, y, mask, cfg["mtp_lambda"] if self.with_mtp else 0.0)
+                # Sums over this micro-batch divided by global counts: accumulated over micro-batches and
+                # averaged by data parallelism (hence * world) this is exactly the global-batch mean.
+                loss = main / max(n_main, 1)
+                if self.with_mtp:
+                    loss = loss + cfg["mtp_lambda"] * mtp / max(sum(n_mtp), 1)
+                loss = (loss + aux * len(chunk) / cfg["batch_size"]) * world
+            loss.backward()
+            main_sum += float(main.detach())
+            mtp_sum += float(mtp.detach())
+            aux_sum += float(aux.detach()) * len(chunk) / cfg["batch_size"]
+            if loads is not None:
+                loads += torch.stack([m.last_expert_load.float().cpu() for m in self.moe_layers])
+        sums = self.dist.all_reduce_sum(torch.tensor([main_sum, mtp_sum, aux_sum]))
+        if loads is not None:
+            loads = self.dist.all_reduce_sum(loads)
+        main_loss = float(sums[0]) / max(n_main, 1)
+        mtp_loss = float(sums[1]) / max(sum(n_mtp), 1) if n_mtp else 0.0
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg["grad_clip"]))
+        finite = math.isfinite(main_loss) and math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.bad_streak = 0
+            if loads is not None:
+                self._update_expert_bias(loads)
+        else:
+            self.bad_streak += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += cfg["batch_size"] * cfg["seq_len"]
+        record = {"step": self.step, "loss": main_loss, "lr": lr, "grad_norm": grad_norm,
+                  "tokens": self.tokens_seen, "skipped": not finite}
+        if self.with_mtp:
+            record["mtp_loss"] = mtp_loss
+        if cfg["seq_aux_alpha"] > 0 and loads is not None:
+            record["aux_loss"] = float(sums[2])
+        if loads is not None:
+            per_layer = loads / loads.sum(-1, keepdim=True).clamp(min=1)
+            record["expert_load_max_over_mean"] = (per_layer.max(-1).values * per_layer.shape[-1]).tolist()
+        return record
+
+    @torch.no_grad()
+    def _update_expert_bias(self, loads: torch.Tensor) -> None:
+        """Aux-loss-free balancing (DeepSeek-V3 report, section 2.1.2): b_i += gamma * sign(mean load - load_i)."""
+        gamma = self.cfg["bias_update_gamma"]
+        if gamma <= 0:
+            return
+        for layer, load in zip(self.moe_layers, loads):
+            bias = layer.gate.e_score_correction_bias
+            if bias is not None:
+                bias += gamma * torch.sign(load.mean() - load).to(bias.device)
+
+    # ---- evaluation ----
+    @torch.no_grad()
+    def validation_loss(self, max_windows: int = 256) -> dict:
+        if self.val_loader is None:
+            return {}
+        from ..data.shards import iter_eval_batches
+
+        self.model.eval()
+        total, count = 0.0, 0
+        for x, y, mask in iter_eval_batches(self.val_loader, self.cfg["micro_batch_size"], max_windows):
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                enabled=self.autocast_dtype is not None):
+                logits = self.model(x.to(self.device))
+            ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(), reduction="none")
+            if mask is not None:
+                ce = ce * mask.flatten().to(self.device)
+                count += int(mask.sum())
+            else:
+                count += ce.numel()
+            total += float(ce.sum())
+        self.model.train()
+        loss = total / max(count, 1)
+        bytes_per_token = self.val_loader.meta.get("bytes_per_token") or 1.0
+        return {"val_loss": loss, "val_bpb": loss / log_ln2 / bytes_per_token}
+
+    def evaluate(self) -> dict:
+        out = self.validation_loss() if self.dist.is_main else {}
+        if self.evaluator is not None and self.dist.is_main:
+            self.model.eval()
+            out.update(self.evaluator(self.model))
+            self.model.train()
+        self.dist.barrier()
+        return out
+
+    # ---- the loop ----
+    def fit(self, resume: bool = False) -> Path:
+        cfg = self.cfg
+        if resume and self.resume() and self.dist.is_main:
+            print(f"resumed {self.stage} from step {self.step}")
+        self.model.train()
+        bar = None
+        if self.show_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
+        last_time, last_tokens = time.perf_counter(), self.tokens_seen
+        try:
+            while self.step < cfg["steps"]:
+                record = self.train_step()
+                if record["skipped"]:
+                    self.metrics.event({"step": self.step, "event": "non-finite loss or gradient: step skipped",
+                                        "loss": record["loss"], "grad_norm": record["grad_norm"]})
+                    if self.bad_streak >= cfg["max_bad_steps"]:
+                        raise TrainingError(
+                            f"{self.stage}: loss or gradient was NaN/Inf for {self.bad_streak} steps in a row (step "
+                            f"{self.step}); stopped. The last good checkpoint is in {self.checkpoint_dir()}; "
+                            "lower the learning rate or check the data, then resume with --resume")
+                now = time.perf_counter()
+                elapsed = now - last_time
+                if self.step % cfg["log_every"] == 0 or self.step == cfg["steps"]:
+                    tok_s = (self.tokens_seen - last_tokens) / max(elapsed, 1e-9)
+                    record["tok_s"] = tok_s
+                    record["mfu"] = tok_s * self.flops_per_token / self.peak_flops
+                    last_time, last_tokens = now, self.tokens_seen
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}",
+                                        mfu=f"{100 * record['mfu']:.1f}%")
+                if cfg["eval_every"] and self.step % cfg["eval_every"] == 0 and self.step < cfg["steps"]:
+                    record.update(self.evaluate())
+                    last_time = time.perf_counter()
+                self.metrics.log(record)
+                if bar is not None:
+                    bar.update(1)
+                if cfg["save_every"] and self.step % cfg["save_every"] == 0 and self.step < cfg["steps"]:
+                    self.save()
+                    last_time = time.perf_counter()
+        finally:
+            if bar is not None:
+                bar.close()
+        final_eval = self.evaluate()
+        if final_eval:
+            self.metrics.log({"step": self.step, "final": True, **final_eval})
+        path = self.save(final=True)
+        if self.dist.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(
+                {"stage": self.stage, "steps": self.step, "tokens": self.tokens_seen, **final_eval}, indent=2) + "\n")
+        return path

@@ -1,0 +1,288 @@
+"""The HTTP server with the official openai client against a live server on a tiny checkpoint."""
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from nanoseek.serve.app import ServeConfig
+from nanoseek.serve.policy import Policy
+from nanoseek.serve.pricing import Prices
+from serving import free_port, live_server, wait_until
+
+MSG = [{"role": "user", "content": "What is 2 + 2?"}]
+
+
+@pytest.fixture(scope="module")
+def server(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    prices = Prices(cost_per_hour=2.0, cache_miss_tokens_per_s=1000, cache_hit_tokens_per_s=50000,
+                    output_tokens_per_s=200)
+    with live_server(directory, ServeConfig(model_name="tiny", prices=prices, keepalive_seconds=0.2),
+                     max_num_seqs=4) as s:
+        yield s
+
+
+def client(base):
+    return openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+
+
+def test_chat_completion_fields_and_usage(server):
+    base, llm, _ = server
+    r = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=8, temperature=0)
+    assert r.object == "chat.completion" and r.model == "tiny" and r.system_fingerprint.startswith("fp_")
+    choice = r.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
+    extra = choice.message.model_extra
+    assert "reasoning_content" in extra  # R1 template opened <think>: output is reasoning until </think>
+    u = r.usage.model_dump()
+    assert u["prompt_cache_hit_tokens"] + u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
+    assert u["completion_tokens"] == 8 or choice.finish_reason == "stop"
+    assert "reasoning_tokens" in u["completion_tokens_details"] and u["cost"] > 0
+    # A repeated long prompt hits the prefix cache (whole 16-token blocks).
+    long = [{"role": "system", "content": "You are a careful assistant who explains every step. " * 3}] + MSG
+    first = client(base).chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
+    again = client(base).chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
+    assert first.usage.model_dump()["prompt_cache_hit_tokens"] == 0
+    assert again.usage.model_dump()["prompt_cache_hit_tokens"] >= 16
+
+
+def test_streaming_with_usage_and_the_async_client(server):
+    base, _, _ = server
+    stream = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=10, temperature=0,
+                                                  stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    text = "".join((c.choices[0].delta.model_extra.get("reasoning_content") or "") + (c.choices[0].delta.content or "")
+                   for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish and finish[-1] in ("stop", "length")
+    full = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=10, temperature=0)
+    m = full.choices[0].message
+    assert text == (m.model_extra.get("reasoning_content") or "") + (m.content or "")
+
+    async def run():
+        ac = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0)
+        r = await ac.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0)
+        s = await ac.chat.completions.create(model="tiny", messages=MSG, max_tokens=5, temperature=0, stream=True)
+        n = 0
+        async for _ in s:
+            n += 1
+        return r, n
+
+    r, n = asyncio.run(run())
+    assert r.choices[0].finish_reason in ("stop", "length") and n >= 2
+
+
+def test_completions_endpoint_and_fim_refusal(server):
+    base, _, _ = server
+    r = client(base).completions.create(model="tiny", prompt="The quick brown", max_tokens=6, temperature=0)
+    assert r.object == "text_completion" and r.usage.prompt_tokens > 0
+    with pytest.raises(openai.UnprocessableEntityError, match="fill-in-the-middle"):
+        client(base).completions.create(model="tiny", prompt="def f(", suffix="return x", max_tokens=4)
+    ids = client(base).completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert ids.choices[0].finish_reason in ("stop", "length")
+
+
+def test_errors_the_deepseek_way(server):
+    base, _, _ = server
+    h = {"Content-Type": "application/json"}
+    r = httpx.post(base + "/v1/chat/completions", content=b"{not json", headers=h)
+    assert r.status_code == 400 and r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "temperature": 3})
+    assert r.status_code == 422 and "temperature" in r.json()["error"]["message"] and "2" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "stream_options": {"include_usage": True}})
+    assert r.status_code == 400 and "stream_options" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "tools": [{"type": "function"}]})
+    assert r.status_code == 422 and "tool" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 10 ** 6})
+    assert r.status_code == 422 and "max_tokens" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "top_logprobs": 21, "logprobs": True})
+    assert r.status_code == 422 and "top_logprobs" in r.json()["error"]["message"]
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "model": "gpt-5"})
+    assert r.status_code == 404
+    r = httpx.post(base + "/v1/chat/completions", content=b"x" * (2 << 20), headers=h)
+    assert r.status_code == 413
+    assert set(r.json()["error"]) == {"message", "type", "code"}
+
+
+def test_logprobs_and_json_mode(server):
+    base, _, _ = server
+    r = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0, logprobs=True,
+                                             top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens and len(content[0].top_logprobs) == 3
+    assert isinstance(content[0].bytes, list)
+    r = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=60, temperature=1.0, seed=1,
+                                             response_format={"type": "json_object"})
+    m = r.choices[0].message
+    text = (m.model_extra.get("reasoning_content") or "") + (m.content or "")
+    if r.choices[0].finish_reason == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        from nanoseek.serve.json_mode import JsonPrefix
+
+        assert JsonPrefix().feed_text(text)  # cut by length: still a valid prefix
+
+
+def test_models_metrics_pricing_health(server):
+    base, _, _ = server
+    assert [m.id for m in client(base).models.list()] == ["tiny"]
+    text = httpx.get(base + "/metrics").text
+    for name in ("nanoseek_requests_total", "nanoseek_queue_depth", "nanoseek_running_sequences",
+                 "nanoseek_prompt_cache_hit_rate", "nanoseek_time_to_first_token_seconds_bucket",
+                 "nanoseek_inter_token_latency_seconds_bucket", "nanoseek_prompt_tokens_total"):
+        assert name in text, name
+    p = httpx.get(base + "/v1/pricing").json()
+    assert p["input_cache_hit_per_1m"] < p["input_cache_miss_per_1m"] < p["output_per_1m"]
+    assert p["output_per_1m"] == pytest.approx(2.0 / 3600 / 200 * 1e6)
+    assert httpx.get(base + "/health").json()["status"] == "ok"
+    assert "nanoseek" in httpx.get(base + "/").text
+
+
+def test_disconnects_free_every_block(server):
+    base, llm, _ = server
+    free = llm.engine.blocks.num_free
+    body = {"model": "tiny", "messages": MSG, "max_tokens": 1000, "temperature": 1.0, "ignore_eos": True}
+
+    async def disconnect_midway(stream: bool):
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            if stream:
+                async with c.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as r:
+                    n = 0
+                    async for _ in r.aiter_lines():
+                        n += 1
+                        if n > 5:
+                            break  # closes the connection mid-stream
+            else:
+                task = asyncio.create_task(c.post("/v1/chat/completions", json=body))
+                await asyncio.sleep(0.5)
+                task.cancel()  # drops the connection mid-request
+                await asyncio.gather(task, return_exceptions=True)
+
+    async def run():
+        await asyncio.gather(*(disconnect_midway(i % 2 == 0) for i in range(6)))
+
+    asyncio.run(run())
+    assert wait_until(lambda: llm.engine.blocks.num_free == free and not llm.engine.requests), \
+        (llm.engine.blocks.num_free, free, list(llm.engine.requests))
+
+
+def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    with live_server(directory, ServeConfig(keepalive_seconds=0.1, max_queue=1), max_num_seqs=1) as (base, llm, _):
+        long = {"messages": MSG, "max_tokens": 8000, "temperature": 1.0, "ignore_eos": True}
+
+        async def run():
+            async with httpx.AsyncClient(base_url=base, timeout=60) as c:
+                first = asyncio.create_task(c.post("/v1/chat/completions", json=long))
+                await asyncio.sleep(0.3)
+                lines = []
+                async with c.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
+                    async for line in r.aiter_lines():
+                        lines.append(line)
+                        if line.startswith(": keep-alive") and len(lines) > 3:
+                            break
+                        if len(lines) > 200:
+                            break
+                    # queue is full now (this one waits): a third request is refused
+                    full = await c.post("/v1/chat/completions", json=long)
+                first.cancel()
+                return lines, full
+
+        lines, full = asyncio.run(run())
+        assert any(line.startswith(": keep-alive") for line in lines)
+        assert full.status_code == 429 and full.headers["retry-after"] == "1"
+
+
+def test_api_key_protects_every_api_route(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    with live_server(directory, ServeConfig(api_key="s3cret")) as (base, _, _):
+        for method, path in [("POST", "/v1/chat/completions"), ("POST", "/chat/completions"), ("GET", "/v1/models"),
+                             ("GET", "/models"), ("POST", "/v1/completions"), ("GET", "/metrics"),
+                             ("GET", "/v1/pricing"), ("GET", "/v1/nope")]:
+            r = httpx.request(method, base + path, json={"messages": MSG})
+            assert r.status_code == 401, path
+            assert r.json()["error"]["type"] == "authentication_error"
+        assert httpx.get(base + "/health").status_code == 200
+        assert httpx.get(base + "/").status_code == 200
+        ok = openai.OpenAI(base_url=base + "/v1", api_key="s3cret", max_retries=0)
+        assert ok.chat.completions.create(messages=MSG, model="nanoseek", max_tokens=2).choices
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base + "/v1", api_key="wrong", max_retries=0).models.list()
+
+
+def test_policy_filters_input_and_output_and_audits(chat_checkpoint, tmp_path):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    # Find text the model will produce, to write an output rule that must fire.
+    with live_server(directory) as (base, _, _):
+        probe = client(base).chat.completions.create(model="nanoseek", messages=MSG, max_tokens=30, temperature=0)
+        m = probe.choices[0].message
+        produced = (m.model_extra.get("reasoning_content") or "") + (m.content or "")
+    assert len(produced) > 12
+    secret = produced[6:10]
+    (tmp_path / "policy.toml").write_text(f'''
+name = "house"
+audit_log = "audit.jsonl"
+holdback_chars = 8
+[[input]]
+name = "no-passwords"
+pattern = "(?i)password"
+[[output]]
+name = "no-secret"
+pattern = {json.dumps(__import__("re").escape(secret))}
+''')
+    policy = Policy.from_file(tmp_path / "policy.toml")
+    with live_server(directory, ServeConfig(policy=policy)) as (base, _, _):
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "my password is x"}]})
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+        assert r.headers["x-nanoseek-policy"] == "house/no-passwords"
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 30, "temperature": 0})
+        choice = r.json()["choices"][0]
+        text = (choice["message"]["reasoning_content"] or "") + (choice["message"]["content"] or "")
+        assert choice["finish_reason"] == "content_filter" and secret not in text and produced.startswith(text)
+        assert r.headers["x-nanoseek-policy"] == "house/no-secret"
+        streamed = ""
+        with httpx.stream("POST", base + "/v1/chat/completions",
+                          json={"messages": MSG, "max_tokens": 30, "temperature": 0, "stream": True}) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    for c in json.loads(line[6:])["choices"]:
+                        d = c["delta"]
+                        streamed += (d.get("reasoning_content") or "") + (d.get("content") or "")
+                        last_finish = c["finish_reason"] or None
+        assert secret not in streamed and last_finish == "content_filter"
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert {a["rule"] for a in audit} == {"no-passwords", "no-secret"}
+    assert all("text" not in a for a in audit) and all(a["request_id"] for a in audit)
+
+
+def test_sigterm_shuts_down_cleanly(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port",
+                             str(port), "--kv-cache-memory", "64MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    base = f"http://127.0.0.1:{port}"
+    assert wait_until(lambda: _up(base), timeout=60)
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+    assert r.status_code == 200
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+
+
+def _up(base):
+    try:
+        return httpx.get(base + "/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,155 @@
+"""Synthetic tasks, verifiers, sources, tokenizer training and token shards."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from nanoseek.data import shards
+from nanoseek.data.sources import completion_text, load_task_file, sft_example, task_problems
+from nanoseek.data.tasks import FAMILIES, addition_steps, generate, is_held_out, subtraction_steps
+from nanoseek.data.verify import verify
+from nanoseek.errors import ConfigError
+from nanoseek.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+
+
+@pytest.mark.parametrize("task", sorted(FAMILIES))
+def test_generation_is_deterministic_and_held_out_never_overlaps_training(task):
+    train = generate(task, [1, 2, 3, 4], 3000, seed=0, split="train", distinct=False)
+    test = generate(task, [1, 2, 3, 4], 300, seed=0, split="test")
+    assert train[:50] == generate(task, [1, 2, 3, 4], 50, seed=0, split="train", distinct=False)
+    assert train[:50] != generate(task, [1, 2, 3, 4], 50, seed=1, split="train", distinct=False)
+    train_keys, test_keys = {p.key for p in train}, {p.key for p in test}
+    assert not train_keys & test_keys
+    assert len(test_keys) == 300  # the held-out set has no duplicates
+    assert all(is_held_out(k) for k in test_keys) and not any(is_held_out(k) for k in train_keys)
+    # Other seeds draw from the same split: still no overlap.
+    other = generate(task, [1, 2, 3, 4], 3000, seed=7, split="train", distinct=False)
+    assert not {p.key for p in other} & test_keys
+
+
+@pytest.mark.parametrize("task", sorted(FAMILIES))
+def test_reference_answers_verify_and_wrong_ones_do_not(task):
+    for p in generate(task, [1, 2, 3], 50, seed=3):
+        good = "<think>\n" + p.solution + "\n</think>\n\n" + f"The answer is {p.answer}."
+        assert verify(good, p.answer, p.verifier, p.question), p
+        assert not verify("<think>hmm</think>The answer is 123456789.", p.answer, p.verifier, p.question)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10 ** 9), st.integers(0, 10 ** 9))
+def test_worked_column_solutions_compute_the_right_result(a, b):
+    lines = addition_steps(a, b)
+    assert int(lines[-1].rsplit("so far ", 1)[1]) == a + b
+    # each line's running result is the previous one with one more digit in front
+    partial = [line.rsplit("so far ", 1)[1] for line in lines]
+    assert all(p.endswith(q) and len(p) == len(q) + 1 for q, p in zip(partial, partial[1:]))
+    hi, lo = max(a, b), min(a, b)
+    assert int(subtraction_steps(hi, lo)[-1].rsplit("so far ", 1)[1]) == hi - lo
+
+
+def test_unparseable_reference_never_earns_credit():
+    for verifier in ("numeric", "math", "exact"):
+        assert not verify("The answer is 42.", "", verifier)
+        assert not verify("The answer is 42.", "no number here" if verifier != "exact" else "", verifier)
+    assert verify("blah </think> so it is 1,234", "1234", "numeric")
+    assert verify("</think> x = \\frac{1}{2}", "0.5", "math")
+    assert not verify("</think> 7", "no-number", "math")
+
+
+def test_task_file_loading_and_errors(tmp_path):
+    f = tmp_path / "tasks.jsonl"
+    rows = [{"question": f"What is {i} times 3?", "answer": str(3 * i), "verifier": "numeric"} for i in range(200)]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    problems = load_task_file(f)
+    assert len(problems) == 200 and problems[0].answer == "0"
+    train, test = task_problems(str(f), [], 0, 0, "train"), task_problems(str(f), [], 0, 0, "test")
+    assert len(train) + len(test) == 200 and not {p.question for p in train} & {p.question for p in test}
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question": "q"}\n')
+    with pytest.raises(ConfigError, match="answer"):
+        load_task_file(bad)
+    bad.write_text('{"question": "q", "answer": "1", "verifier": "vibes"}\n')
+    with pytest.raises(ConfigError, match="verifier"):
+        load_task_file(bad)
+    bad.write_text("not json\n")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_task_file(bad)
+
+
+@pytest.fixture(scope="module")
+def trained_tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("trained_tok")
+    problems = generate("arithmetic", [1, 2, 3], 500, 0, distinct=False)
+    texts = [p.question + "\n" + p.solution for p in problems]
+    return train_tokenizer(texts, 320, d), d
+
+
+def test_trained_tokenizer_loads_in_transformers_with_identical_chat_ids(trained_tokenizer):
+    from transformers import AutoTokenizer
+
+    tok, d = trained_tokenizer
+    hf = AutoTokenizer.from_pretrained(d)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is 12 + 30?"},
+                    {"role": "assistant", "content": "<think>\n2+0=2\n</think>\n\n42"},
+                    {"role": "user", "content": "And 7 - 5?"}]
+    for gen in (True, False):
+        ours = tok.apply_chat_template(conversation, add_generation_prompt=gen)
+        theirs = hf.apply_chat_template(conversation, add_generation_prompt=gen, tokenize=True, return_dict=False)
+        assert ours == list(theirs)
+    assert json.loads((d / "tokenizer_config.json").read_text())["chat_template"] == CHAT_TEMPLATE
+    ids = tok.encode("12345", add_special_tokens=False)
+    assert [tok.decode([i]) for i in ids] == list("12345")  # one token per digit
+    text = "<think>\nplan\n</think>\n\nok"
+    assert tok.decode(tok.encode(text), skip_special_tokens=True) == text  # think tags survive decoding
+    assert tok.encode("x")[0] == tok.bos_token_id
+
+
+def test_shards_pack_windows_across_shard_boundaries_and_resume(trained_tokenizer, tmp_path):
+    tok, _ = trained_tokenizer
+    docs = [p.question + "\n" + p.solution for p in generate("arithmetic", [2, 3], 300, 1, distinct=False)]
+    meta = shards.write_documents(tmp_path / "s", tok, docs, shard_tokens=500)  # many small shards
+    assert len(meta["shards"]) > 5 and meta["total_bytes"] == sum(len(d.encode()) for d in docs)
+    stream = np.concatenate([np.fromfile(tmp_path / "s" / s["tokens"], dtype=np.uint16) for s in meta["shards"]])
+    loader = shards.PackedLoader(tmp_path / "s", seq_len=64, seed=3)
+    for i in (0, 7, loader.num_windows - 1):  # every window is the stream slice, even across files
+        assert np.array_equal(loader.window(i)[0], stream[i * 64:i * 64 + 65])
+    first = loader.next_indices(10)
+    state = loader.state_dict()
+    after = loader.next_indices(25)
+    again = shards.PackedLoader(tmp_path / "s", seq_len=64, seed=3)
+    again.load_state_dict(state)
+    assert again.next_indices(25) == after
+    # An epoch visits every window exactly once.
+    fresh = shards.PackedLoader(tmp_path / "s", seq_len=64, seed=3)
+    assert sorted(fresh.next_indices(fresh.num_windows)) == list(range(fresh.num_windows))
+    assert first == fresh._order_for(0)[:10].tolist()
+
+
+def test_chat_shards_mask_only_the_assistant_completion(trained_tokenizer, tmp_path):
+    tok, _ = trained_tokenizer
+    problems = generate("arithmetic", [2], 20, 2)
+    shards.write_chats(tmp_path / "c", tok, [sft_example(p) for p in problems])
+    tokens = np.fromfile(tmp_path / "c" / "tokens_00000.bin", dtype=np.uint16)
+    mask = np.fromfile(tmp_path / "c" / "mask_00000.bin", dtype=np.uint8)
+    first_prompt = tok.apply_chat_template([{"role": "user", "content": problems[0].question}])
+    completion = tok.encode(completion_text(problems[0]), add_special_tokens=False) + [tok.eos_token_id]
+    n = len(first_prompt) + len(completion)
+    assert tokens[:n].tolist() == first_prompt + completion
+    assert mask[:n].tolist() == [0] * len(first_prompt) + [1] * len(completion)
+    assert tok.decode(tokens[len(first_prompt):n].tolist()).startswith(problems[0].solution.split("\n")[0])
+
+
+def test_loader_batch_targets_are_shifted_inputs(trained_tokenizer, tmp_path):
+    tok, _ = trained_tokenizer
+    problems = generate("arithmetic", [2], 50, 2)
+    shards.write_chats(tmp_path / "c", tok, [sft_example(p) for p in problems])
+    loader = shards.PackedLoader(tmp_path / "c", seq_len=32, seed=0)
+    x, y, mask = loader.batch([0, 1])
+    assert x.shape == y.shape == mask.shape == (2, 32) and x.dtype == torch.int64
+    assert torch.equal(x[0, 1:], y[0, :-1])
+    raw_mask = np.fromfile(tmp_path / "c" / "mask_00000.bin", dtype=np.uint8)
+    assert mask[0].tolist() == raw_mask[1:33].astype(bool).tolist()
