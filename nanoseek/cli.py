@@ -180,6 +180,17 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from .train.distill import run_distill
+    from .train.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    summary = run_distill(recipe, teacher=args.teacher, student=args.student, task=args.task,
+                          show_progress=not args.no_progress)
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_serve(args) -> int:
     from .serve.server import serve
 
@@ -244,6 +255,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the overall figures as one JSON line")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("distill", help="rejection-sample a teacher's reasoning traces and train a student on them")
+    p.add_argument("--recipe", required=True, help="recipe with a [distill] section (and [student] for a fresh one)")
+    p.add_argument("--teacher", default=None, help="teacher model directory or OpenAI-compatible base URL")
+    p.add_argument("--student", default=None, help="student checkpoint directory or config.json (default: [student])")
+    p.add_argument("--task", default=None, help="task family or JSONL task file (default: the recipe's)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("overrides", nargs="*", help="key=value recipe overrides")
+    p.set_defaults(func=cmd_distill)
+
     p = sub.add_parser("serve", help="OpenAI/DeepSeek-compatible HTTP API and web chat page")
     _engine_args(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
@@ -269,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra:  # recipe overrides may follow the options: `train sft --recipe R sft.steps=10`
-        if getattr(args, "command", None) != "train" or not all("=" in e and not e.startswith("-") for e in extra):
+        if getattr(args, "command", None) not in ("train", "distill") or not all(
+                "=" in e and not e.startswith("-") for e in extra):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides = list(args.overrides) + extra
     try:

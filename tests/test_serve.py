@@ -193,7 +193,12 @@ def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
                             break
                         if len(lines) > 200:
                             break
-                    # queue is full now (this one waits): a third request is refused
+                    # one request runs, this one waits: the queue is full and a third request is refused
+                    for _ in range(200):
+                        stats = llm.engine.stats()
+                        if stats["num_running"] == 1 and stats["num_waiting"] == 1:
+                            break
+                        await asyncio.sleep(0.05)
                     full = await c.post("/v1/chat/completions", json=long)
                 first.cancel()
                 return lines, full

@@ -93,21 +93,9 @@ def save_hf_checkpoint(arch: str, directory: Path, seed: int = 0, **overrides):
     return model
 
 
-# A DeepSeek-R1 style template: system prompt first, assistant turns stripped of their reasoning, and a
-# generation prompt that opens <think>.
-R1_TEMPLATE = (
-    "{% set ns = namespace(system_prompt='') %}"
-    "{%- for message in messages %}{%- if message['role'] == 'system' %}"
-    "{% set ns.system_prompt = message['content'] %}{%- endif %}{%- endfor %}"
-    "{{ bos_token }}{{ ns.system_prompt }}"
-    "{%- for message in messages %}"
-    "{%- if message['role'] == 'user' %}{{ '<｜User｜>' + message['content'] }}{%- endif %}"
-    "{%- if message['role'] == 'assistant' %}{% set content = message['content'] %}"
-    "{% if '</think>' in content %}{% set content = content.split('</think>')[-1] %}{% endif %}"
-    "{{ '<｜Assistant｜>' + content + '<｜end▁of▁sentence｜>' }}{%- endif %}"
-    "{%- endfor %}"
-    "{% if add_generation_prompt %}{{ '<｜Assistant｜><think>\\n' }}{% endif %}"
-)
+# The package's own R1-style template (system first, reasoning dropped from past turns, <think> opened).
+from nanoseek.tokenizer import CHAT_TEMPLATE as R1_TEMPLATE  # noqa: E402
+
 SPECIAL_TOKENS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>", "<think>",
                   "</think>"]
 CORPUS = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? Let me think step by step.",

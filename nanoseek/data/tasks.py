@@ -47,8 +47,10 @@ def is_held_out(key: str) -> bool:
 
 
 # ------------------------------------------------------------------ arithmetic
-ADD_TEMPLATES = ["What is {a} + {b}?", "Compute {a} + {b}.", "Add {a} and {b}.", "{a} + {b} = ?"]
-SUB_TEMPLATES = ["What is {a} - {b}?", "Compute {a} - {b}.", "Subtract {b} from {a}.", "{a} - {b} = ?"]
+# The expression appears exactly as the scratchpad writes it ("347+589"): starting the reasoning is then a
+# verbatim copy, which small models do reliably, instead of a reformatting ("347 + 589" -> "347+589",
+# "subtract b from a" -> "a-b"), which measurably was their most frequent error (docs/LOG.md).
+TEMPLATES = ["What is {e}?", "Compute {e}.", "Calculate {e}.", "{e} = ?"]
 
 
 def _digits(rng: random.Random, n: int) -> int:
@@ -106,14 +108,13 @@ def arithmetic(rng: random.Random, level: int) -> tuple[str, Problem]:
     a = _digits(rng, level)
     b = _digits(rng, rng.randint(max(1, level - 1), level))
     if rng.random() < 0.5:
-        q = rng.choice(ADD_TEMPLATES).format(a=a, b=b)
         result, core = a + b, f"{a}+{b}"
-        steps = [f"{core}, column by column from the right:", *addition_steps(a, b), f"so {core}={result}"]
+        steps = [*addition_steps(a, b), f"so {core}={result}"]
     else:
         a, b = max(a, b), min(a, b)
-        q = rng.choice(SUB_TEMPLATES).format(a=a, b=b)
         result, core = a - b, f"{a}-{b}"
-        steps = [f"{core}, column by column from the right:", *subtraction_steps(a, b), f"so {core}={result}"]
+        steps = [*subtraction_steps(a, b), f"so {core}={result}"]
+    q = rng.choice(TEMPLATES).format(e=core)
     return core, Problem("arithmetic", level, q, str(result), "\n".join(steps), "numeric",
                          problem_key("arithmetic", core))
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import queue
 import threading
 import uuid
 from typing import AsyncIterator
@@ -27,6 +28,9 @@ class EngineDeadError(RuntimeError):
 class AsyncLLM:
     def __init__(self, model=None, tokenizer=None, *, engine: LLMEngine | None = None, **engine_options):
         self.engine = engine or LLMEngine(model, tokenizer, **engine_options)
+        # Other threads never take the engine's lock (a busy engine re-takes it between steps faster than a
+        # waiter can, starving an event loop); they post commands, which the engine thread runs between steps.
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._streams_lock = threading.Lock()
         self._wake = threading.Event()
@@ -39,8 +43,47 @@ class AsyncLLM:
     def tokenizer(self):
         return self.engine.tokenizer
 
+    def _run_commands(self) -> None:
+        while True:
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                try:
+                    self.engine.add(payload)
+                except Exception as e:  # e.g. a duplicate request id: that request's stream fails
+                    self._deliver(payload.request_id, e)
+            elif kind == "abort":
+                self.engine.abort(payload)
+            elif kind == "call":
+                fn, done = payload
+                try:
+                    fn()
+                except BaseException as e:
+                    done.error = e
+                done.set()
+
+    def _deliver(self, request_id: str, item) -> None:
+        with self._streams_lock:
+            target = self._streams.get(request_id)
+        if target is not None:
+            loop, q = target
+            loop.call_soon_threadsafe(q.put_nowait, item)
+
+    def call_in_engine_thread(self, fn, timeout: float | None = None) -> None:
+        """Runs fn() between two engine steps and waits for it (weight updates)."""
+        done = threading.Event()
+        done.error = None
+        self._commands.put(("call", (fn, done)))
+        self._wake.set()
+        done.wait(timeout)
+        if done.error is not None:
+            raise done.error
+
     def _run(self) -> None:
         while not self._stopping:
+            self._run_commands()
             if not self.engine.has_unfinished():
                 self._wake.wait(0.05)
                 self._wake.clear()
@@ -56,11 +99,7 @@ class AsyncLLM:
                     loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine failed: {e}"))
                 return
             for out in outputs:
-                with self._streams_lock:
-                    target = self._streams.get(out.request_id)
-                if target is not None:
-                    loop, queue = target
-                    loop.call_soon_threadsafe(queue.put_nowait, out)
+                self._deliver(out.request_id, out)
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> "RequestStream":
         """Adds a request; its outputs arrive on the returned stream. Must be called from an event loop."""
@@ -70,10 +109,12 @@ class AsyncLLM:
         with self._streams_lock:  # registered before the request exists, so no output can be missed
             self._streams[stream.request_id] = (asyncio.get_running_loop(), stream.queue)
         try:
-            self.engine.add_request(prompt, params, stream.request_id)
+            request = self.engine.make_request(prompt, params, stream.request_id)
         except BaseException:
-            stream.close()
+            stream.closed = True
+            self._forget(stream.request_id)
             raise
+        self._commands.put(("add", request))
         self._wake.set()
         return stream
 
@@ -93,11 +134,13 @@ class AsyncLLM:
         with self._streams_lock:
             self._streams.pop(request_id, None)
 
-    def abort(self, request_id: str) -> bool:
-        return self.engine.abort(request_id)
+    def abort(self, request_id: str) -> None:
+        """Aborts between the next two steps (its blocks are then freed)."""
+        self._commands.put(("abort", request_id))
+        self._wake.set()
 
     def update_weights(self, weights) -> None:
-        self.engine.update_weights(weights)
+        self.call_in_engine_thread(lambda: self.engine.update_weights(weights))
 
     def stats(self) -> dict:
         return self.engine.stats()
@@ -139,4 +182,4 @@ class RequestStream:
         self.closed = True
         self.llm._forget(self.request_id)
         if not self.finished:
-            self.llm.engine.abort(self.request_id)
+            self.llm.abort(self.request_id)

@@ -119,6 +119,13 @@ class LLMEngine:
 
     def add_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
                     arrival_time: float | None = None) -> Request:
+        """Validates, tokenizes and queues a request; raises InvalidRequestError with a clear message."""
+        return self.add(self.make_request(prompt, params, request_id, arrival_time))
+
+    def make_request(self, prompt, params: SamplingParams | None = None, request_id: str | None = None,
+                     arrival_time: float | None = None) -> Request:
+        """Everything about adding a request that needs no lock (so callers on other threads never wait for a
+        running step): validation, tokenization, the Request object."""
         params = params or SamplingParams()
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
@@ -134,13 +141,15 @@ class LLMEngine:
         if self.tokenizer is not None and params.skip_special_tokens:
             keep = {self.tokenizer.token_to_id(THINK_OPEN), self.tokenizer.token_to_id(THINK_CLOSE)}
             skip = self.tokenizer.special_ids - keep
+        request_id = request_id or f"req-{next(self._ids)}"
+        return Request(request_id, text, ids, params, self.tokenizer, self.eos_ids, self.max_model_len, skip,
+                       self.reasoning, starts_in_reasoning(tail), arrival_time)
+
+    def add(self, request: Request) -> Request:
         with self.lock:
-            request_id = request_id or f"req-{next(self._ids)}"
-            if request_id in self.requests:
-                raise InvalidRequestError(f"request id {request_id!r} is already in use")
-            request = Request(request_id, text, ids, params, self.tokenizer, self.eos_ids, self.max_model_len, skip,
-                              self.reasoning, starts_in_reasoning(tail), arrival_time)
-            self.requests[request_id] = request
+            if request.request_id in self.requests:
+                raise InvalidRequestError(f"request id {request.request_id!r} is already in use")
+            self.requests[request.request_id] = request
             self.scheduler.add(request.seqs[0])
             self.totals["requests"] += 1
         return request
@@ -250,7 +259,8 @@ class LLMEngine:
 
     # ---- observability ----
     def stats(self) -> dict:
-        with self.lock:
+        """A lock-free snapshot (read from other threads while a step runs: values may be one step apart)."""
+        if True:
             return {
                 "num_waiting": len(self.scheduler.waiting),
                 "num_running": len(self.scheduler.running),

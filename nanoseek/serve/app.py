@@ -233,6 +233,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
             self.rule = None
             self.text = ""
             self.logprobs_sent = 0
+            self.reported = False  # its finish_reason was sent (streaming)
 
         def update(self, o, final_engine: bool) -> tuple[str, str]:
             text = o.text
@@ -274,6 +275,24 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                     return
         finally:
             stream.close()
+
+    async def collect(request: Request, prompt_ids, params, request_id: str, choices: list, headers: dict):
+        """Non-streaming: runs the request to the end (or to a policy cut); None if the client went away.
+        Sets the policy header and audits an output cut."""
+        last = None
+        async for out in run_request(request, prompt_ids, params, request_id):
+            if out is None:
+                continue
+            last = out
+            for c, o in zip(choices, out.outputs):
+                c.update(o, out.finished)
+            if all(c.finish for c in choices):
+                break
+        rule = next((c.rule for c in choices if c.rule), None)
+        if last is not None and rule is not None:
+            headers["X-Nanoseek-Policy"] = policy.header(rule)
+            policy.audit(request_id, rule, "cut", "output", None)
+        return last
 
     def input_filter(text: str, request_id: str):
         if policy is None:
@@ -347,22 +366,10 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                                            "completion_tokens_details": {"reasoning_tokens": 0}}},
                                 headers=headers)
         choices = [Choice(i, reasoning_start) for i in range(req.n)]
-        last = None
         start = time.monotonic()
-        async for out in run_request(request, prompt_ids, params, request_id):
-            if out is None:
-                continue
-            last = out
-            for c, o in zip(choices, out.outputs):
-                c.update(o, out.finished)
-            if all(c.finish for c in choices):
-                break
+        last = await collect(request, prompt_ids, params, request_id, choices, headers)
         if last is None:  # client went away
             return Response(status_code=499)
-        rule = next((c.rule for c in choices if c.rule), None)
-        if rule is not None:
-            headers["X-Nanoseek-Policy"] = policy.header(rule)
-            policy.audit(request_id, rule, "cut", "output", None)
         results = []
         texts = []
         for c, o in zip(choices, last.outputs):
@@ -413,10 +420,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
             last = out
             deltas = []
             for c, o in zip(choices, out.outputs):
-                if c.finish is not None and c.sent_content + c.sent_reasoning and c.finish != "pending":
-                    pass
-                was_finished = c.finish is not None and getattr(c, "reported", False)
-                if was_finished:
+                if c.reported:
                     continue
                 reasoning, content = c.update(o, out.finished)
                 delta = {}
@@ -439,7 +443,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
             if deltas:
                 got_token = True
                 yield chunk(deltas)
-            if all(getattr(c, "reported", False) for c in choices):
+            if all(c.reported for c in choices):
                 break
         if last is None:
             return
@@ -532,17 +536,16 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                         continue
                     last = out
                     for c, o in zip(choices, out.outputs):
-                        if getattr(c, "reported", False):
+                        if c.reported:
                             continue
-                        _, text = c.update(o, out.finished)
-                        text = c.text
-                        if len(text) > sent[c.index] or c.finish:
-                            piece = text[sent[c.index]:]
-                            sent[c.index] = len(text)
-                            if c.finish:
-                                c.reported = True
-                            yield f"data: {json.dumps({**body_for([piece], [c.finish], None, [None]), 'choices': [{'index': c.index, 'text': piece, 'logprobs': None, 'finish_reason': c.finish}]})}\n\n"
-                    if all(getattr(c, "reported", False) for c in choices):
+                        c.update(o, out.finished)  # completions stream raw text: c.text (policy-cut)
+                        if len(c.text) > sent[c.index] or c.finish:
+                            piece = c.text[sent[c.index]:]
+                            sent[c.index] = len(c.text)
+                            c.reported = c.finish is not None
+                            choice = {"index": c.index, "text": piece, "logprobs": None, "finish_reason": c.finish}
+                            yield f"data: {json.dumps({**body_for([], [], None, []), 'choices': [choice]})}\n\n"
+                    if all(c.reported for c in choices):
                         break
                 if last is not None and include_usage:
                     u = usage(last, len(prompt_ids), [])
@@ -551,22 +554,10 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
 
             return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
 
-        last = None
         start = time.monotonic()
-        async for out in run_request(request, prompt_ids, params, request_id):
-            if out is None:
-                continue
-            last = out
-            for c, o in zip(choices, out.outputs):
-                c.update(o, out.finished)
-            if all(c.finish for c in choices):
-                break
-        if last is None:
+        last = await collect(request, prompt_ids, params, request_id, choices, headers)
+        if last is None:  # client went away
             return Response(status_code=499)
-        rule = next((c.rule for c in choices if c.rule), None)
-        if rule is not None:
-            headers["X-Nanoseek-Policy"] = policy.header(rule)
-            policy.audit(request_id, rule, "cut", "output", None)
         texts = [c.text for c in choices]
         finishes = [c.finish or "stop" for c in choices]
         u = usage(last, len(prompt_ids), [])

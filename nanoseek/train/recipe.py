@@ -22,7 +22,7 @@ TRAIN_DEFAULTS = {
     "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
     "dtype": "bfloat16", "bias_update_gamma": 0.001, "seq_aux_alpha": 0.0001, "mtp_lambda": 0.3,
     "log_every": 10, "save_every": 0, "eval_every": 0, "max_bad_steps": 5, "parallel": "ddp",
-    "init_from": "", "compile": False, "keep_checkpoints": 2,
+    "init_from": "", "keep_checkpoints": 2, "max_seconds": 0,
 }
 
 

@@ -306,8 +306,13 @@ class Trainer:
 
             bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
         last_time, last_tokens = time.perf_counter(), self.tokens_seen
+        deadline = time.perf_counter() + cfg["max_seconds"] if cfg["max_seconds"] else None
         try:
             while self.step < cfg["steps"]:
+                if deadline is not None and time.perf_counter() > deadline:
+                    self.metrics.event({"step": self.step, "event": f"wall-time budget of {cfg['max_seconds']} s "
+                                                                    "reached: stopping"})
+                    break
                 record = self.train_step()
                 if record["skipped"]:
                     self.metrics.event({"step": self.step, "event": "non-finite loss or gradient: step skipped",

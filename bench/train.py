@@ -1,0 +1,96 @@
+"""Training throughput: nanoseek's trainer step vs a plain training loop over transformers'
+DeepseekV3ForCausalLM, same config, batch, dtype (bf16 autocast over fp32 weights), AdamW, 2 threads.
+
+    python bench/train.py
+MFU = tokens/s x (6 x active non-embedding parameters + attention FLOPs per token) / peak matmul FLOP/s of the
+dtype the matmuls run in (bf16), the peak measured in the same run. Prints one JSON line last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, hf_v3_model  # noqa: E402
+
+import nanoseek  # noqa: E402
+from nanoseek.train.trainer import LossModule, measured_peak_flops, training_flops_per_token  # noqa: E402
+
+# >= 20M parameters, MLA + DeepSeekMoE (no MTP: transformers' model has none to compare against).
+TRAIN_MODEL = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, moe_intermediate_size=256,
+                   num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, q_lora_rank=192,
+                   kv_lora_rank=96, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=8,
+                   num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,
+                   max_position_embeddings=1024, num_nextn_predict_layers=0)
+
+
+def time_steps(step, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    hf = hf_v3_model(TRAIN_MODEL, dtype=torch.float32).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = nanoseek.load_model(tmp).train()
+    x = torch.randint(0, TRAIN_MODEL["vocab_size"], (args.batch, args.seq + 1),
+                      generator=torch.Generator().manual_seed(0))
+    inputs, targets = x[:, :-1], x[:, 1:]
+    tokens = inputs.numel()
+
+    module = LossModule(ours)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+
+    def ours_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            main, _, _ = module(inputs, targets, None, 0.0)
+            loss = main / tokens
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+
+    def hf_step():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits = hf(inputs).logits
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        opt_hf.step()
+        opt_hf.zero_grad(set_to_none=True)
+
+    t_ours = time_steps(ours_step, 2, args.steps)
+    t_hf = time_steps(hf_step, 2, args.steps)
+    t_ours = min(t_ours, time_steps(ours_step, 0, args.steps))  # interleaved: even out machine noise
+    t_hf = min(t_hf, time_steps(hf_step, 0, args.steps))
+    peak = measured_peak_flops(torch.bfloat16, torch.device("cpu"))
+    flops = training_flops_per_token(ours, args.seq, with_mtp=False)
+    ours_tok_s, hf_tok_s = tokens / t_ours, tokens / t_hf
+    emit({"bench": "train", "params": sum(p.numel() for p in ours.parameters()), "dtype": "bf16 autocast",
+          "batch": args.batch, "seq": args.seq, "threads": args.threads,
+          "nanoseek_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
+          "ratio": round(ours_tok_s / hf_tok_s, 2), "flops_per_token": flops, "peak_bf16_flops": round(peak / 1e9, 1),
+          "nanoseek_mfu": round(ours_tok_s * flops / peak, 3), "transformers_mfu": round(hf_tok_s * flops / peak, 3)})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""Rejection sampling and distillation (the R1 recipe's last step).
+
+The teacher (a local nanoseek model directory, or any OpenAI-compatible endpoint URL) writes K reasoning traces per
+training problem; the task's verifier keeps the correct ones (rejection sampling); a student (an existing
+checkpoint, or a fresh model from a config: possibly dense and much smaller) is trained on them by SFT with the
+shared trainer. Teacher and student are then evaluated side by side on held-out problems.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from ..data import shards
+from ..data.sources import chat_prompt, task_problems
+from ..data.tasks import Problem
+from ..data.verify import verify
+from ..engine.text import THINK_CLOSE
+from ..errors import ConfigError
+from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
+
+DISTILL_DEFAULTS = {"k": 4, "temperature": 0.8, "problems": 2000, "max_tokens": 256, "levels": None,
+                    "student": "", "teacher": "", "eval_problems": 500, "with_reasoning": True}
+STAGE_EXTRA_KEYS["distill"] = set(DISTILL_DEFAULTS)
+
+
+def teacher_traces(teacher: str, problems: list[Problem], k: int, temperature: float, max_tokens: int,
+                   tokenizer=None) -> list[tuple[list[dict], str, bool]]:
+    """(messages, completion after the opened <think>, correct) for K samples of every problem."""
+    out = []
+    if teacher.startswith(("http://", "https://")):
+        import openai
+
+        client = openai.OpenAI(base_url=teacher.rstrip("/") + ("" if teacher.rstrip("/").endswith("/v1") else "/v1"),
+                               api_key="none", max_retries=2)
+        model = client.models.list().data[0].id
+        for p in problems:
+            r = client.chat.completions.create(model=model, messages=chat_prompt(p), n=k, temperature=temperature,
+                                               max_tokens=max_tokens)
+            for c in r.choices:
+                reasoning = (c.message.model_extra or {}).get("reasoning_content") or ""
+                text = f"{reasoning}{THINK_CLOSE}{c.message.content or ''}"
+                out.append((chat_prompt(p), text, verify(text, p.answer, p.verifier, p.question)))
+        return out
+    from ..engine import LLM, SamplingParams
+
+    llm = LLM(teacher, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
+    results = llm.generate([chat_prompt(p) for p in problems],
+                           SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=0))
+    for p, r in zip(problems, results):
+        for o in r.outputs:
+            ok = o.finish_reason == "stop" and verify(o.text, p.answer, p.verifier, p.question)
+            out.append((chat_prompt(p), o.text, ok))
+    return out
+
+
+def build_student(student: str, tokenizer, recipe: dict, device):
+    """A checkpoint directory, a config.json, or "recipe": a fresh model from the recipe's [student] section."""
+    from ..checkpoint import load_model
+    from ..config import ModelConfig
+    from ..model.transformer import Transformer
+
+    path = Path(student) if student else None
+    if path is not None and path.is_dir() and (path / "config.json").exists():
+        return load_model(path, device=device)
+    if path is not None and path.suffix == ".json" and path.exists():
+        hf = json.loads(path.read_text())
+    elif "student" in recipe:
+        hf = dict(recipe["student"])
+    else:
+        raise ConfigError(f"student {student!r}: give a checkpoint directory, a config.json, or a [student] recipe "
+                          "section")
+    hf.pop("init_std", None)
+    hf["vocab_size"] = max(hf.get("vocab_size", 0), -(-tokenizer.vocab_size // 32) * 32)
+    hf["bos_token_id"], hf["eos_token_id"] = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config = ModelConfig.from_hf_dict(hf)
+    model = Transformer(config)
+    model.init_weights(std=recipe.get("student", {}).get("init_std", 0.02),
+                       generator=torch.Generator().manual_seed(recipe["run"]["seed"]))
+    return model.to(device)
+
+
+def run_distill(recipe: dict, teacher: str | None = None, student: str | None = None, task: str | None = None,
+                show_progress: bool = True) -> dict:
+    from ..engine import LLM
+    from ..eval import evaluate
+    from ..model.accounting import model_cost
+    from ..tokenizer import load_tokenizer
+    from .metrics import plot_metrics
+    from .stages import resolve_init, tokenizer_dir
+    from .trainer import Trainer
+
+    cfg = {**DISTILL_DEFAULTS, **stage_config(recipe, "distill")}
+    teacher = teacher or cfg["teacher"] or str(resolve_init(recipe, "grpo") or resolve_init(recipe, "sft"))
+    student = student if student is not None else cfg["student"]
+    data = recipe.get("data", {})
+    task = task or data.get("task", "arithmetic")
+    levels = cfg["levels"] or data.get("levels", [1, 2, 3])
+    device = torch.device("cpu")
+    out_dir = run_dir(recipe) / "distill"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tok_dir = Path(teacher) if not teacher.startswith("http") else tokenizer_dir(recipe)
+    tokenizer = load_tokenizer(tok_dir)
+    start = time.time()
+    problems = task_problems(task, levels, cfg["problems"], recipe["run"]["seed"], "train")
+    traces = teacher_traces(teacher, problems, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer)
+    kept, seen = [], set()
+    for messages, text, ok in traces:
+        key = (messages[-1]["content"], text)
+        if ok and key not in seen:
+            seen.add(key)
+            kept.append((messages, text))
+    if not kept:
+        raise ConfigError("rejection sampling kept no trace: the teacher solved none of the training problems")
+    with (out_dir / "traces.jsonl").open("w") as f:
+        for messages, text in kept:
+            f.write(json.dumps({"messages": messages + [{"role": "assistant", "content": text}]}) + "\n")
+    held_out = task_problems(task, levels, min(cfg["eval_problems"], 200), recipe["run"]["seed"], "test")
+    shards.write_chats(out_dir / "data" / "train", tokenizer, kept)
+    shards.write_chats(out_dir / "data" / "val", tokenizer,
+                       [(chat_prompt(p), f"{p.solution}\n{THINK_CLOSE}\n\nThe answer is {p.answer}.") for p in held_out])
+    model = build_student(student, tokenizer, recipe, device)
+    loader = shards.PackedLoader(out_dir / "data" / "train", cfg["seq_len"], seed=recipe["run"]["seed"])
+    val = shards.PackedLoader(out_dir / "data" / "val", cfg["seq_len"], seed=recipe["run"]["seed"])
+    trainer = Trainer(model, cfg, loader, out_dir / "student", stage="distill", val_loader=val,
+                      tokenizer_dir=tok_dir, seed=recipe["run"]["seed"], show_progress=show_progress)
+    student_path = trainer.fit()
+    plot_metrics(out_dir / "student" / "metrics.jsonl", out_dir / "student", title="distill")
+    eval_set = task_problems(task, levels, cfg["eval_problems"], recipe["run"]["seed"], "test")
+    results = {}
+    for name, source in (("teacher", teacher), ("student", str(student_path))):
+        if source.startswith("http"):
+            continue
+        llm = LLM(source, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
+        results[name] = evaluate(llm, eval_set, max_tokens=cfg["max_tokens"])
+        results[name]["active_params"] = model_cost(llm.engine.config).active_params
+    summary = {"traces": len(traces), "kept": len(kept), "acceptance": len(kept) / max(len(traces), 1),
+               "wall_seconds": time.time() - start, "task": task, "levels": levels,
+               **{f"{k}_pass@1": v["overall"]["pass@1"] for k, v in results.items()},
+               **{f"{k}_active_params": v["active_params"] for k, v in results.items()}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (run_dir(recipe) / "eval_distill.json").write_text(json.dumps({"task": task, **results}, indent=2))
+    return summary

@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# The main job: from nothing to a DeepSeek-V3-architecture model (MLA + DeepSeekMoE + MTP) that reasons in the
+# R1 chat format, on a 2-core CPU in under 30 minutes.
+#   bash scripts/speedrun.sh            # the full run (recipes/speedrun_cpu.toml)
+#   bash scripts/speedrun.sh --smoke    # a few-minute smoke run of the same pipeline (what CI runs)
+#   bash scripts/speedrun.sh key=value  # recipe overrides, e.g. run.name=mine pretrain.steps=800
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RECIPE=${RECIPE:-recipes/speedrun_cpu.toml}
+OVERRIDES=()
+EVAL_PROBLEMS=500
+for arg in "$@"; do
+    if [ "$arg" = "--smoke" ]; then
+        OVERRIDES+=(run.name=speedrun_smoke pretrain.steps=12 sft.steps=6 data.train_problems=600
+                    data.val_problems=20 train.save_every=0 eval.problems=0 tokenizer.train_docs=800)
+        EVAL_PROBLEMS=20
+    else
+        OVERRIDES+=("$arg")
+    fi
+done
+start=$(date +%s)
+stamp() { date +%s; }
+bash scripts/setup.sh
+NS=.venv/bin/nanoseek
+RUN=$(.venv/bin/python -c "import sys; from nanoseek.train.recipe import load_recipe, run_dir; print(run_dir(load_recipe(sys.argv[1], sys.argv[2:])))" "$RECIPE" "${OVERRIDES[@]}")
+LEVELS=$(.venv/bin/python -c "import sys; from nanoseek.train.recipe import load_recipe; r = load_recipe(sys.argv[1], sys.argv[2:]); print(','.join(map(str, r['data']['levels'])))" "$RECIPE" "${OVERRIDES[@]}")
+mkdir -p "$RUN"
+t_setup=$(stamp)
+$NS train tokenizer --recipe "$RECIPE" "${OVERRIDES[@]}"
+t_tok=$(stamp)
+$NS train pretrain --recipe "$RECIPE" "${OVERRIDES[@]}"
+t_pre=$(stamp)
+$NS train sft --recipe "$RECIPE" "${OVERRIDES[@]}"
+t_sft=$(stamp)
+$NS eval --model "$RUN/sft/model" --task arithmetic --levels "$LEVELS" --problems "$EVAL_PROBLEMS" \
+    --max-tokens 256 --out "$RUN/eval_sft.json"
+t_eval=$(stamp)
+cat > "$RUN/timing.json" <<JSON
+{"setup": $((t_setup - start)), "tokenizer": $((t_tok - t_setup)), "pretrain": $((t_pre - t_tok)),
+ "sft": $((t_sft - t_pre)), "eval": $((t_eval - t_sft)), "total_seconds": $((t_eval - start))}
+JSON
+$NS report --run "$RUN"
+echo
+echo "Done in $(( (t_eval - start) / 60 )) min $(( (t_eval - start) % 60 )) s. Report: $RUN/report.md"
+echo "Chat with the model:   .venv/bin/nanoseek chat --model $RUN/sft/model"
+echo "Or serve it:           .venv/bin/nanoseek serve --model $RUN/sft/model   (then open http://127.0.0.1:8000)"

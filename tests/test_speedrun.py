@@ -1,0 +1,27 @@
+"""The main job in its smoke configuration: the whole pipeline, end to end, exactly as the README runs it."""
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_speedrun_smoke_runs_every_stage_and_writes_the_report(tmp_path):
+    run = ROOT / "runs" / "speedrun_smoke"
+    shutil.rmtree(run, ignore_errors=True)
+    r = subprocess.run(["bash", "scripts/speedrun.sh", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "nanoseek chat --model" in r.stdout
+    for path in ("tokenizer/tokenizer.json", "pretrain/model/config.json", "sft/model/config.json",
+                 "pretrain/loss.png", "sft/expert_load.png", "eval_sft.json", "timing.json", "report.md"):
+        assert (run / path).exists(), path
+    report = (run / "report.md").read_text()
+    for section in ("## Model", "## Stages", "## Held-out accuracy", "## Sample conversations", "active per token"):
+        assert section in report, section
+    result = json.loads((run / "eval_sft.json").read_text())["greedy"]
+    assert result["overall"]["problems"] == 20 and set(result["levels"]) == {"1", "2", "3", "4", "5"}
+    shutil.rmtree(run, ignore_errors=True)
