@@ -52,7 +52,7 @@ def main():
     ap.add_argument("--arm-seconds", type=int, default=480)
     ap.add_argument("--eval-problems", type=int, default=500)
     ap.add_argument("--task", default=None, help="JSONL task file (answers only)")
-    ap.add_argument("--candidates", default="4,5,6")
+    ap.add_argument("--candidates", default="3,4,5")
     args = ap.parse_args()
     t0 = time.time()
     rows, hard = [], None

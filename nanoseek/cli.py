@@ -159,7 +159,7 @@ def cmd_eval(args) -> int:
 
     levels = [int(x) for x in args.levels.split(",")] if args.levels else []
     if not levels and not Path(args.task).exists():
-        levels = [1, 2, 3, 4, 5]
+        levels = [1, 2, 3]
     split = args.split or ("all" if Path(args.task).exists() else "test")
     problems = task_problems(args.task, levels, args.problems, args.seed, split)
     llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory)
@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="pass@1 / pass@k / maj@k on held-out verifiable problems")
     _engine_args(p)
     p.add_argument("--task", default="arithmetic", help="task family (arithmetic, linear, countdown) or a JSONL file")
-    p.add_argument("--levels", default="", help="comma-separated difficulty levels (default 1-5)")
+    p.add_argument("--levels", default="", help="comma-separated difficulty levels (default 1-3, the default task)")
     p.add_argument("--problems", type=int, default=500)
     p.add_argument("--split", choices=["test", "train", "all"], default=None,
                    help="default: held-out problems (test); the whole file for JSONL tasks")

@@ -10,6 +10,7 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.train.metrics import read_metrics
 from recipes import write_tiny_recipe
+from serving import free_port
 
 CLI = ["-m", "nanoseek.cli", "train", "pretrain", "--no-progress"]
 
@@ -18,7 +19,7 @@ def _run(recipe, nproc, *overrides):
     if nproc == 1:
         cmd = [sys.executable, *CLI, "--recipe", str(recipe), *overrides]
     else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--master_port=0",
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                *CLI, "--recipe", str(recipe), *overrides]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -21,6 +21,14 @@ from ..config import ModelConfig
 from .layers import MLP, activation
 
 
+@torch.no_grad()
+def update_balance_bias(bias: torch.Tensor, load: torch.Tensor, gamma: float) -> None:
+    """DeepSeek-V3's auxiliary-loss-free balancing (report, section 2.1.2): after a step, each expert's
+    selection bias moves by gamma towards balance, b_i += gamma * sign(mean load - load_i). Overloaded experts
+    become less likely to be chosen; the bias never enters the gating weights."""
+    bias += gamma * torch.sign(load.float().mean() - load.float()).to(bias.device)
+
+
 class Router(nn.Module):
     """Named `gate` in checkpoints: `mlp.gate.weight` [E, hidden] (+ `e_score_correction_bias` [E] for V3)."""
 

@@ -48,16 +48,21 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], groups: list) -> dict
     return {"state": state, "param_groups": groups}
 
 
+def full_model_state(module) -> dict[str, torch.Tensor]:
+    """The Transformer's full tensors from the (possibly sharded) training module, on CPU, under the
+    Transformer's own names."""
+    state = get_model_state_dict(module, options=_full())
+    return {k.removeprefix("model."): v for k, v in state.items()}
+
+
 def save_checkpoint(trainer, target: Path, state: dict) -> Path:
     """Every rank calls this (FSDP gathers collectively); rank 0 writes."""
     module, optimizer = trainer.module, trainer.optimizer
-    model_state = get_model_state_dict(module, options=_full())
+    own = full_model_state(module)
     with_optimizer = target.parent.name == "checkpoints"
     optim_state = get_optimizer_state_dict(module, optimizer, options=_full()) if with_optimizer else None
     if trainer.dist.is_main:
         model = trainer.model
-        # The state dict is keyed by the LossModule's names ("model." + the Transformer's).
-        own = {k.removeprefix("model."): v for k, v in model_state.items()}
 
         def write_state(tmp: Path) -> None:
             if optim_state is None:

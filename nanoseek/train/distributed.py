@@ -53,7 +53,12 @@ class Distributed:
             return module
         from torch.nn.parallel import DistributedDataParallel
 
+        import inspect
+
         self.mode = "ddp"
+        # Buffers (the balancing biases) are updated identically on every rank: no need to sync them.
+        if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+            return DistributedDataParallel(module, forward_sync_buffers=False)
         return DistributedDataParallel(module, broadcast_buffers=False)
 
     @contextlib.contextmanager

@@ -156,12 +156,12 @@ def make_evaluator(recipe: dict, tok_dir: Path):
         return None
     problems = task_problems(task, levels, count, recipe["run"]["seed"], "test")
 
-    def evaluator(model: Transformer) -> dict:
+    def evaluator(config, state: dict) -> dict:
         from ..engine import LLM
         from ..eval import evaluate
 
-        copy_ = Transformer(model.config)
-        copy_.load_state_dict(model.state_dict())
+        copy_ = Transformer(config)
+        copy_.load_state_dict(state)
         copy_ = copy_.to(torch.bfloat16 if ev.get("dtype", "bfloat16") == "bfloat16" else torch.float32).eval()
         llm = LLM(copy_, tokenizer=load_tokenizer(tok_dir), kv_cache_memory=ev.get("kv_cache_memory", "256MiB"),
                   max_num_seqs=ev.get("max_num_seqs", 128))

@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import NanoseekError
 from ..model.accounting import model_cost
-from ..model.moe import MoE
+from ..model.moe import MoE, update_balance_bias
 from ..model.transformer import Transformer
 from . import checkpointing
 from .distributed import Distributed
@@ -256,43 +256,41 @@ class Trainer:
         if gamma <= 0:
             return
         for layer, load in zip(self.moe_layers, loads):
-            bias = layer.gate.e_score_correction_bias
-            if bias is not None:
-                bias += gamma * torch.sign(load.mean() - load).to(bias.device)
+            if layer.gate.e_score_correction_bias is not None:
+                update_balance_bias(layer.gate.e_score_correction_bias, load, gamma)
 
     # ---- evaluation ----
     @torch.no_grad()
     def validation_loss(self, max_windows: int = 256) -> dict:
+        """Every rank runs the same validation batches through the (possibly sharded) training module."""
         if self.val_loader is None:
             return {}
         from ..data.shards import iter_eval_batches
 
-        self.model.eval()
+        self.module.eval()
         total, count = 0.0, 0
         for x, y, mask in iter_eval_batches(self.val_loader, self.cfg["micro_batch_size"], max_windows):
+            mask = mask.to(self.device) if mask is not None else None
             with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                                 enabled=self.autocast_dtype is not None):
-                logits = self.model(x.to(self.device))
-            ce = F.cross_entropy(logits.float().flatten(0, 1), y.to(self.device).flatten(), reduction="none")
-            if mask is not None:
-                ce = ce * mask.flatten().to(self.device)
-                count += int(mask.sum())
-            else:
-                count += ce.numel()
-            total += float(ce.sum())
-        self.model.train()
+                main, _, _ = self.module(x.to(self.device), y.to(self.device), mask, 0.0)
+            total += float(main)
+            count += int(mask.sum()) if mask is not None else y.numel()
+        self.module.train()
         loss = total / max(count, 1)
         bytes_per_token = self.val_loader.meta.get("bytes_per_token") or 1.0
         return {"val_loss": loss, "val_bpb": loss / log_ln2 / bytes_per_token}
 
     def evaluate(self) -> dict:
-        out = self.validation_loss() if self.dist.is_main else {}
-        if self.evaluator is not None and self.dist.is_main:
-            self.model.eval()
-            out.update(self.evaluator(self.model))
-            self.model.train()
+        out = self.validation_loss()
+        if self.evaluator is not None:
+            from .checkpointing import full_model_state
+
+            state = full_model_state(self.module)  # collective under FSDP: every rank takes part
+            if self.dist.is_main:
+                out.update(self.evaluator(self.model.config, state))
         self.dist.barrier()
-        return out
+        return out if self.dist.is_main else {}
 
     # ---- the loop ----
     def fit(self, resume: bool = False) -> Path:
