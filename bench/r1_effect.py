@@ -53,6 +53,10 @@ def main():
     ap.add_argument("--eval-problems", type=int, default=500)
     ap.add_argument("--task", default=None, help="JSONL task file (answers only)")
     ap.add_argument("--candidates", default="3,4,5")
+    ap.add_argument("--cold-start", default=None,
+                    help="reuse this SFT checkpoint (trained on worked solutions of the recipe's levels only) as the "
+                         "cold start of every seed instead of training one per seed, e.g. runs/speedrun/sft/model "
+                         "with --recipe recipes/speedrun_cpu.toml --candidates 4,5,6")
     args = ap.parse_args()
     t0 = time.time()
     rows, hard = [], None
@@ -61,13 +65,17 @@ def main():
         recipe = load_recipe(args.recipe, base)
         out = run_dir(recipe)
         if args.task:
-            cold = ROOT / "runs" / "speedrun" / "sft" / "model"
+            cold = Path(args.cold_start or ROOT / "runs" / "speedrun" / "sft" / "model")
             task = args.task
             hard_levels = []
         else:
-            run_stage(recipe, "pretrain", show_progress=False)
-            run_stage(recipe, "sft", show_progress=False)
-            cold = out / "sft" / "model"
+            if args.cold_start:  # an existing SFT checkpoint trained on the recipe's (easy) levels only
+                cold = Path(args.cold_start)
+                out.mkdir(parents=True, exist_ok=True)
+            else:
+                run_stage(recipe, "pretrain", show_progress=False)
+                run_stage(recipe, "sft", show_progress=False)
+                cold = out / "sft" / "model"
             task = recipe["data"].get("task", "arithmetic")
             if hard is None:  # decided once, from the first seed's cold start
                 candidates = [int(x) for x in args.candidates.split(",")]
@@ -87,7 +95,7 @@ def main():
         result = {"seed": seed, "hard_levels": hard_levels, "before": score(cold, eval_set, seed)}
         arms = {
             "grpo": [f"grpo.init_from={cold}", f"grpo.max_seconds={args.arm_seconds}", "grpo.steps=100000",
-                     f"data.grpo_levels={hard_levels}", f"data.task=\"{task}\""],
+                     f"grpo.levels={hard_levels or []}", f"data.grpo_levels={hard_levels}", f"data.task=\"{task}\""],
             "sft_easy": [f"sft.init_from={cold}", f"sft.max_seconds={args.arm_seconds}", "sft.steps=100000",
                          "sft.warmup_steps=0", "run.name=" + f"r1_effect_s{seed}_sft_easy"],
             "sft_qa": [f"sft.init_from={cold}", f"sft.max_seconds={args.arm_seconds}", "sft.steps=100000",

@@ -24,7 +24,7 @@ import nanoseek  # noqa: E402
 from nanoseek.train.trainer import LossModule, measured_peak_flops, training_flops_per_token  # noqa: E402
 
 # >= 20M parameters, MLA + DeepSeekMoE (no MTP: transformers' model has none to compare against).
-TRAIN_MODEL = dict(vocab_size=4096, hidden_size=384, intermediate_size=1024, moe_intermediate_size=256,
+TRAIN_MODEL = dict(vocab_size=4096, hidden_size=400, intermediate_size=1024, moe_intermediate_size=256,
                    num_hidden_layers=6, num_attention_heads=6, num_key_value_heads=6, q_lora_rank=192,
                    kv_lora_rank=96, qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=48, n_routed_experts=8,
                    num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1,

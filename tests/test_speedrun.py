@@ -17,11 +17,18 @@ def test_speedrun_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "nanoseek chat --model" in r.stdout
     for path in ("tokenizer/tokenizer.json", "pretrain/model/config.json", "sft/model/config.json",
-                 "pretrain/loss.png", "sft/expert_load.png", "eval_sft.json", "timing.json", "report.md"):
+                 "pretrain/loss.png", "sft/expert_load.png", "eval_sft.json", "timing.json", "report.md",
+                 "grpo/model/config.json", "grpo/grpo.png", "eval_grpo.json", "distill/student/model/config.json",
+                 "eval_distill.json"):
         assert (run / path).exists(), path
     report = (run / "report.md").read_text()
-    for section in ("## Model", "## Stages", "## Held-out accuracy", "## Sample conversations", "active per token"):
+    for section in ("## Model", "## Stages", "## Held-out accuracy", "## Sample conversations", "active per token",
+                    "## SFT vs GRPO vs distilled student", "| distilled student |"):
         assert section in report, section
+    timing = json.loads((run / "timing.json").read_text())
+    assert timing["total_seconds"] >= timing["through_sft_eval"] and timing["grpo"] >= 0
+    student = json.loads((run / "distill" / "student" / "model" / "config.json").read_text())
+    assert student["model_type"] == "qwen2"  # a dense student, from the recipe's [student] section
     result = json.loads((run / "eval_sft.json").read_text())["greedy"]
     assert result["overall"]["problems"] == 20 and set(result["levels"]) == {"1", "2", "3"}
     shutil.rmtree(run, ignore_errors=True)

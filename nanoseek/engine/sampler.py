@@ -36,26 +36,30 @@ class Sampler:
                 if banned:
                     logits[i, banned] = float("-inf")
             if p.repetition_penalty != 1.0:
-                seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+                seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long, device=logits.device)
                 vals = logits[i, seen]
                 logits[i, seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
             if p.frequency_penalty or p.presence_penalty:
                 out = seq.output_ids
                 if out:
-                    counts = torch.bincount(torch.tensor(out), minlength=logits.shape[1]).float()
+                    counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.shape[1]).float()
                     logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
         tokens = logits.argmax(dim=-1).tolist()  # final for greedy rows
         processed = None
         if any(s.params.logprobs is not None and s.params.logprobs_mode == "processed" for s in seqs):
-            temps = torch.tensor([s.params.temperature if s.params.temperature > 0 else 1.0 for s in seqs])
+            temps = torch.tensor([s.params.temperature if s.params.temperature > 0 else 1.0 for s in seqs],
+                                 device=logits.device)
             processed = logits / temps[:, None]
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             rows = [seqs[i] for i in sampled]
-            temps = torch.tensor([s.params.temperature for s in rows])
+            temps = torch.tensor([s.params.temperature for s in rows], device=logits.device)
             probs = self._truncate(logits[sampled] / temps[:, None], rows).softmax(dim=-1)
             for j, i in enumerate(sampled):
-                noise = torch.empty_like(probs[j]).exponential_(generator=seqs[i].generator or self.generator)
+                # The noise comes from the request's CPU generator on every device: a seeded request draws
+                # the same tokens on CPU and GPU.
+                noise = torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator or self.generator)
+                noise = noise.to(probs.device)
                 tokens[i] = int((probs[j] / noise).argmax())
         for i, seq in enumerate(seqs):
             if seq.params.logprobs is not None:
@@ -71,7 +75,7 @@ class Sampler:
                 if 0 < k < logits.shape[1]:
                     kth = logits[i].topk(k).values[-1]
                     logits[i] = logits[i].masked_fill(logits[i] < kth, float("-inf"))
-        top_p = torch.tensor([s.params.top_p for s in seqs])
+        top_p = torch.tensor([s.params.top_p for s in seqs], device=logits.device)
         if (top_p < 1).any():
             sorted_logits, order = logits.sort(dim=-1, descending=True)
             cumulative = sorted_logits.softmax(-1).cumsum(-1)
@@ -79,7 +83,7 @@ class Sampler:
             drop = (cumulative - sorted_logits.softmax(-1)) >= top_p[:, None]
             drop[:, 0] = False
             logits = logits.scatter(1, order, sorted_logits.masked_fill(drop, float("-inf")))
-        min_p = torch.tensor([s.params.min_p for s in seqs])
+        min_p = torch.tensor([s.params.min_p for s in seqs], device=logits.device)
         if (min_p > 0).any():
             probs = logits.softmax(-1)
             floor = probs.max(-1, keepdim=True).values * min_p[:, None]

@@ -22,8 +22,10 @@ from ..engine.text import THINK_CLOSE
 from ..errors import ConfigError
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 
+# keep: "correct" is rejection sampling (the verifier keeps correct traces only); "all" is plain sequence-level
+# distillation of every non-empty trace (tasks without a usable verifier, or a smoke run's untrained teacher).
 DISTILL_DEFAULTS = {"k": 4, "temperature": 0.8, "problems": 2000, "max_tokens": 256, "levels": None,
-                    "student": "", "teacher": "", "eval_problems": 500, "with_reasoning": True}
+                    "student": "", "teacher": "", "eval_problems": 500, "with_reasoning": True, "keep": "correct"}
 STAGE_EXTRA_KEYS["distill"] = set(DISTILL_DEFAULTS)
 
 
@@ -107,10 +109,12 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     start = time.time()
     problems = task_problems(task, levels, cfg["problems"], recipe["run"]["seed"], "train")
     traces = teacher_traces(teacher, problems, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer)
+    if cfg["keep"] not in ("correct", "all"):
+        raise ConfigError(f"distill.keep {cfg['keep']!r}: use correct (rejection sampling) or all")
     kept, seen = [], set()
     for messages, text, ok in traces:
         key = (messages[-1]["content"], text)
-        if ok and key not in seen:
+        if (ok or cfg["keep"] == "all") and text.strip() and key not in seen:
             seen.add(key)
             kept.append((messages, text))
     if not kept:
@@ -137,7 +141,10 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
         llm = LLM(source, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
         results[name] = evaluate(llm, eval_set, max_tokens=cfg["max_tokens"])
         results[name]["active_params"] = model_cost(llm.engine.config).active_params
-    summary = {"traces": len(traces), "kept": len(kept), "acceptance": len(kept) / max(len(traces), 1),
+    # acceptance: the verifier's pass rate over all traces; kept: distinct accepted traces (a confident teacher
+    # repeats itself, and 1-digit problems recur in the training stream).
+    summary = {"traces": len(traces), "kept": len(kept),
+               "acceptance": sum(ok for _, _, ok in traces) / max(len(traces), 1),
                "wall_seconds": time.time() - start, "task": task, "levels": levels,
                **{f"{k}_pass@1": v["overall"]["pass@1"] for k, v in results.items()},
                **{f"{k}_active_params": v["active_params"] for k, v in results.items()}}

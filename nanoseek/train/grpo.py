@@ -43,6 +43,7 @@ GRPO_DEFAULTS = {
     "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0, "mu": 1, "loss_type": "dapo", "scale_rewards": "auto",
     "dynamic_sampling": True, "max_refills": 2, "mask_truncated": True, "tis_cap": 2.0, "rewards": None,
     "levels": None, "problems": 20000, "rollout_dtype": "bfloat16", "overlong_buffer": 0, "samples_to_log": 2,
+    "ignore_eos": False,  # every completion runs to max_completion_tokens (benchmarks: equal work per step)
 }
 STAGE_EXTRA_KEYS["grpo"] = set(GRPO_DEFAULTS)
 
@@ -184,7 +185,8 @@ class GRPOTrainer(Trainer):
     def rollout(self, problems: list[Problem]) -> list[dict]:
         cfg = self.cfg
         params = [SamplingParams(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
-                                 max_tokens=cfg["max_completion_tokens"], logprobs=0, logprobs_mode="processed",
+                                 max_tokens=cfg["max_completion_tokens"], ignore_eos=cfg["ignore_eos"], logprobs=0,
+                                 logprobs_mode="processed",
                                  seed=zlib.crc32(f"{self.seed}/{self.step}/{i}/{p.key}".encode()))
                   for i, p in enumerate(problems)]
         outs = self.llm.generate([chat_prompt(p) for p in problems], params)
@@ -294,39 +296,46 @@ class GRPOTrainer(Trainer):
         micro = cfg["micro_batch_size"]
         chunks = [list(range(i, min(i + micro, len(seqs)))) for i in range(0, len(seqs), micro)]
         T = max(lengths)
-        # Old-policy log-probs (and the reference's), once, without gradients.
-        old, ref, masks = torch.zeros(len(seqs), T), torch.zeros(len(seqs), T), torch.zeros(len(seqs), T, dtype=torch.bool)
-        with torch.no_grad(), self._autocast():
-            for idx in chunks:
-                lp, _, m = sequence_logprobs(self.model, [seqs[i] for i in idx], [starts[i] for i in idx],
-                                             [lengths[i] for i in idx], cfg["temperature"], self.device)
-                old[idx, : lp.shape[1]], masks[idx, : lp.shape[1]] = lp.float().cpu(), m.cpu()
-                if self.ref is not None:
-                    rlp, _, _ = sequence_logprobs(self.ref, [seqs[i] for i in idx], [starts[i] for i in idx],
-                                                  [lengths[i] for i in idx], cfg["temperature"], self.device)
-                    ref[idx, : rlp.shape[1]] = rlp.float().cpu()
+        masks = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
         eng = torch.zeros(len(seqs), T)
         for i, lp in enumerate(engine_lp):
             eng[i, : len(lp)] = torch.tensor(lp)
-        tis = torch.exp(old - eng).clamp(max=cfg["tis_cap"])
         loss_mask = masks.clone()
         if cfg["mask_truncated"]:
             loss_mask[torch.tensor(trunc)] = False
-        gap = (old - eng).abs()[masks]
-        record["engine_logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
+        # With mu = 1 the policy being updated is the one that sampled: pi_old is the first pass's own log-probs,
+        # detached (the same numbers a separate no-grad pass would give), so that pass is skipped, as TRL does.
+        # With mu > 1 the old log-probs must be frozen before the first update.
+        old_pass = cfg["mu"] > 1
+        old, ref = torch.zeros(len(seqs), T), torch.zeros(len(seqs), T)
+        if old_pass or self.ref is not None:
+            with torch.no_grad(), self._autocast():
+                for idx in chunks:
+                    args = ([seqs[i] for i in idx], [starts[i] for i in idx], [lengths[i] for i in idx],
+                            cfg["temperature"], self.device)
+                    if old_pass:
+                        lp, _, _ = sequence_logprobs(self.model, *args)
+                        old[idx, : lp.shape[1]] = lp.float().cpu()
+                    if self.ref is not None:
+                        rlp, _, _ = sequence_logprobs(self.ref, *args)
+                        ref[idx, : rlp.shape[1]] = rlp.float().cpu()
         entropies, stats_acc, loss_total = [], {"clip_fraction": 0.0, "kl": 0.0}, 0.0
-        for _ in range(cfg["mu"]):
+        for it in range(cfg["mu"]):
             for idx in chunks:
                 with self._autocast():
                     lp, ent, m = sequence_logprobs(self.model, [seqs[i] for i in idx], [starts[i] for i in idx],
                                                    [lengths[i] for i in idx], cfg["temperature"], self.device)
                     t = lp.shape[1]
+                    if not old_pass and it == 0:
+                        old[idx, :t] = lp.detach().float().cpu()
+                    old_chunk = old[idx, :t].to(self.device)
+                    # Truncated importance sampling: the engine sampled, the trainer's numerics define pi_old.
+                    tis = torch.exp(old_chunk - eng[idx, :t].to(self.device)).clamp(max=cfg["tis_cap"])
                     loss, stats = policy_loss(
-                        lp.float(), old[idx, :t].to(self.device), adv[idx].to(self.device),
+                        lp.float(), old_chunk, adv[idx].to(self.device),
                         loss_mask[idx, :t].to(self.device), eps_low=cfg["epsilon"], eps_high=cfg["epsilon_high"],
                         loss_type=cfg["loss_type"], max_tokens=cfg["max_completion_tokens"],
-                        tis=tis[idx, :t].to(self.device), beta=cfg["beta"],
-                        ref=ref[idx, :t].to(self.device) if self.ref is not None else None)
+                        tis=tis, beta=cfg["beta"], ref=ref[idx, :t].to(self.device) if self.ref is not None else None)
                     # Each micro-batch's aggregate is rescaled so the sum over micro-batches is the batch aggregate.
                     weight = self._chunk_weight(loss_mask, idx, cfg["loss_type"])
                 (loss * weight).backward()
@@ -341,6 +350,8 @@ class GRPOTrainer(Trainer):
             else:
                 self.bad_streak += 1
             self.optimizer.zero_grad(set_to_none=True)
+        gap = (old - eng).abs()[masks]
+        record["engine_logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
         record.update({"loss": loss_total / cfg["mu"], "grad_norm": grad_norm, "entropy": sum(entropies) / len(entropies),
                        "skipped": not math.isfinite(grad_norm), **stats_acc})
         return int(sum(len(s) for s in seqs) * cfg["mu"])

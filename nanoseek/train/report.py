@@ -13,8 +13,10 @@ def write_report(run: str | Path) -> Path:
 
     run = Path(run)
     lines = [f"# nanoseek run: {run.name}", ""]
-    stages = [s for s in ("pretrain", "sft", "grpo", "distill") if (run / s / "summary.json").exists()]
-    final = next((run / s / "model" for s in reversed(stages) if (run / s / "model" / "config.json").exists()), None)
+    # The distillation's student is trained by the same trainer, into distill/student.
+    stages = [s for s in ("pretrain", "sft", "grpo", "distill/student") if (run / s / "summary.json").exists()]
+    final = next((run / s / "model" for s in ("grpo", "sft", "pretrain") if (run / s / "model" / "config.json").exists()),
+                 None)
     if final is not None:
         config = ModelConfig.from_pretrained(final)
         cost = model_cost(config)
@@ -44,10 +46,11 @@ def write_report(run: str | Path) -> Path:
             lines += [f"Whole job wall time: {t.get('total_seconds', 0) / 60:.1f} min "
                       f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in t.items() if k != 'total_seconds')}).", ""]
         for s in stages:
-            for plot in ("loss.png", "lr.png", "expert_load.png"):
+            for plot in ("loss.png", "lr.png", "expert_load.png", "grpo.png"):
                 if (run / s / plot).exists():
                     lines.append(f"![{s} {plot}]({s}/{plot})")
             lines.append("")
+    lines += _comparison(run)
     evals = sorted(run.glob("eval_*.json"))
     if evals:
         lines += ["## Held-out accuracy", ""]
@@ -68,3 +71,39 @@ def write_report(run: str | Path) -> Path:
     path = run / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _comparison(run: Path) -> list[str]:
+    """SFT vs GRPO vs the distilled student on the same held-out problems (greedy pass@1), with the active
+    parameters each one spends per token."""
+    from ..config import ModelConfig
+    from ..model.accounting import model_cost
+
+    entries = []
+    for label, file, key, model_dir in (("SFT", "eval_sft.json", "greedy", run / "sft" / "model"),
+                                          ("GRPO", "eval_grpo.json", "greedy", run / "grpo" / "model"),
+                                          ("distilled student", "eval_distill.json", "student",
+                                           run / "distill" / "student" / "model")):
+        path = run / file
+        if not path.exists():
+            continue
+        result = json.loads(path.read_text()).get(key)
+        if not isinstance(result, dict) or "overall" not in result:
+            continue
+        active = None
+        if (model_dir / "config.json").exists():
+            active = model_cost(ModelConfig.from_pretrained(model_dir)).active_params
+        entries.append((label, result, active))
+    if len(entries) < 2:
+        return []
+    levels = sorted({lv for _, r, _ in entries for lv in r["levels"]}, key=str)
+    lines = ["## SFT vs GRPO vs distilled student", "", "Greedy pass@1 on the same held-out problems.", "",
+             "| model | active params | all (95% CI) |" + "".join(f" level {lv} |" for lv in levels),
+             "|---|---|---|" + "---|" * len(levels)]
+    for label, r, active in entries:
+        o = r["overall"]
+        lo, hi = o.get("pass@1_ci95", (0, 0))
+        cells = "".join(f" {100 * r['levels'][lv]['pass@1']:.1f}% |" if lv in r["levels"] else " - |" for lv in levels)
+        lines.append(f"| {label} | {f'{active:,}' if active else '?'} | {100 * o['pass@1']:.1f}% "
+                     f"({100 * lo:.1f}-{100 * hi:.1f}%) |{cells}")
+    return lines + [""]
