@@ -46,15 +46,22 @@ def test_chat_ctrl_c_interrupts_the_answer_without_a_traceback(chat_checkpoint):
     directory, _ = chat_checkpoint("deepseek_v3")
     proc = subprocess.Popen(CLI + ["chat", "--model", str(directory), "--max-tokens", "100000",
                                    "--temperature", "1", "--ignore-eos"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    proc.stdin.write("Tell me a long story\n")
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    # Bytes, not text: the reads below may stop inside a multi-byte character of a random model's output.
+    proc.stdin.write(b"Tell me a long story\n")
     proc.stdin.flush()
     seen = b""
     deadline = time.monotonic() + 60
-    while b"[thinking]" not in seen and time.monotonic() < deadline:  # wait until it is mid-answer
+    while b"> " not in seen and time.monotonic() < deadline:  # the input prompt
         seen += os.read(proc.stdout.fileno(), 1)
+    answer_starts = len(seen)
+    # Mid-answer: some of the streamed reply (reasoning or not: a random model may close </think> at once) is out.
+    while len(seen) < answer_starts + 40 and time.monotonic() < deadline:
+        seen += os.read(proc.stdout.fileno(), 1)
+    assert len(seen) >= answer_starts + 40, seen
     proc.send_signal(signal.SIGINT)
     time.sleep(0.5)
-    out, err = proc.communicate("/exit\n", timeout=60)
+    out, err = proc.communicate(b"/exit\n", timeout=60)
+    out, err = (seen + out).decode(errors="replace"), err.decode(errors="replace")
     assert proc.returncode == 0, err
     assert "(interrupted)" in out and "Traceback" not in err

@@ -1,6 +1,7 @@
 """GRPO pieces (advantages, loss variants, rewards, sampler) and a tiny end-to-end run; eval metrics."""
 
 import math
+import zlib
 
 import pytest
 import torch
@@ -134,3 +135,48 @@ log_every = 1
         assert key in rows[-1], key
     assert rows[-1]["engine_logprob_gap"] < 0.5  # engine and trainer agree closely (bf16 vs fp32 paths)
     assert (tmp_path / "runs" / "tiny" / "grpo" / "grpo.png").exists()
+
+
+def test_single_update_without_an_old_policy_pass_is_exact(tmp_path, monkeypatch):
+    """With mu = 1 pi_old is taken from the update's own forward (detached) instead of a separate no-grad pass:
+    the weights after one step must be the same as with the separate pass."""
+    from nanoseek.checkpoint import load_model
+    from nanoseek.data.sources import task_problems
+    from nanoseek.train.grpo import GRPOTrainer, ProblemSampler, grpo_config
+    from nanoseek.train.recipe import load_recipe
+    from nanoseek.train.rewards import Reward
+    from nanoseek.train.stages import run_stage, tokenizer_dir
+    from recipes import write_tiny_recipe
+
+    extra = """
+[grpo]
+steps = 1
+prompts_per_step = 2
+group_size = 4
+max_completion_tokens = 16
+micro_batch_size = 4
+lr = 1e-2
+dynamic_sampling = false
+mask_truncated = false
+"""
+    recipe = load_recipe(write_tiny_recipe(tmp_path, extra=extra), ["pretrain.steps=2"])
+    run_stage(recipe, "pretrain", show_progress=False)
+    cfg = grpo_config(recipe)
+    model_dir = tmp_path / "runs" / "tiny" / "pretrain" / "model"
+    problems = task_problems("arithmetic", [1, 2], 50, 0, "train")
+    weights = []
+    for forced_old_pass in (False, True):
+        if forced_old_pass:
+            monkeypatch.setattr(GRPOTrainer, "_old_policy_pass", lambda self: True)
+        model = load_model(model_dir)
+        trainer = GRPOTrainer(model, cfg, ProblemSampler(problems, 0), tmp_path / f"out{forced_old_pass}",
+                              tokenizer_dir=tokenizer_dir(recipe), show_progress=False)
+        # A deterministic content-dependent reward: an untrained model solves nothing, and the update needs spread.
+        trainer.rewards = [Reward("parity", lambda p, c, r, m: float(zlib.crc32(c.encode()) % 2), 1.0)]
+        record = trainer.train_step()
+        assert record["reward_std"] > 0
+        weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+    moved = sum(float((weights[0][k] - v).abs().max()) for k, v in load_model(model_dir).state_dict().items())
+    assert moved > 0
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)

@@ -306,7 +306,7 @@ class GRPOTrainer(Trainer):
         # With mu = 1 the policy being updated is the one that sampled: pi_old is the first pass's own log-probs,
         # detached (the same numbers a separate no-grad pass would give), so that pass is skipped, as TRL does.
         # With mu > 1 the old log-probs must be frozen before the first update.
-        old_pass = cfg["mu"] > 1
+        old_pass = self._old_policy_pass()
         old, ref = torch.zeros(len(seqs), T), torch.zeros(len(seqs), T)
         if old_pass or self.ref is not None:
             with torch.no_grad(), self._autocast():
@@ -355,6 +355,10 @@ class GRPOTrainer(Trainer):
         record.update({"loss": loss_total / cfg["mu"], "grad_norm": grad_norm, "entropy": sum(entropies) / len(entropies),
                        "skipped": not math.isfinite(grad_norm), **stats_acc})
         return int(sum(len(s) for s in seqs) * cfg["mu"])
+
+    def _old_policy_pass(self) -> bool:
+        """Whether pi_old needs its own no-grad forward before the updates (only when one rollout feeds several)."""
+        return self.cfg["mu"] > 1
 
     @staticmethod
     def _chunk_weight(mask: torch.Tensor, idx: list[int], loss_type: str) -> float:
