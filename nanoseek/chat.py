@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import time
 
 DIM, RESET = "\033[2m", "\033[0m"
@@ -17,6 +19,10 @@ def run_chat(llm, params, system: str | None = None, stdin=None, stdout=None) ->
     tty = stdout.isatty()
     dim, reset = (DIM, RESET) if tty else ("", "")
     history: list[dict] = [{"role": "system", "content": system}] if system else []
+    if threading.current_thread() is threading.main_thread():
+        # A process started in the background inherits SIGINT ignored, and Python then never raises
+        # KeyboardInterrupt: the chat is interactive, so Ctrl-C must always reach it.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     stdout.write("nanoseek chat: /reset to start over, /exit to leave.\n")
     while True:
         try:
