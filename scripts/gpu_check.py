@@ -60,8 +60,6 @@ def parity(tmp: Path, device: str) -> dict:
 
 
 def engine(tmp: Path, device: str, quick: bool) -> dict:
-    import transformers
-
     from nanoseek.engine import LLM, SamplingParams
     from tiny import save_hf_checkpoint
 

@@ -180,3 +180,12 @@ mask_truncated = false
     assert moved > 0
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
+
+
+def test_distill_rejects_an_unknown_keep_mode_before_any_work(tmp_path):
+    from nanoseek.errors import ConfigError
+    from nanoseek.train.distill import run_distill
+
+    recipe = {"run": {"name": "x", "out_dir": str(tmp_path), "seed": 0}, "distill": {"keep": "some"}}
+    with pytest.raises(ConfigError, match="distill.keep 'some': use correct"):
+        run_distill(recipe, teacher=str(tmp_path / "no-such-teacher"))

@@ -96,6 +96,8 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     from .trainer import Trainer
 
     cfg = {**DISTILL_DEFAULTS, **stage_config(recipe, "distill")}
+    if cfg["keep"] not in ("correct", "all"):
+        raise ConfigError(f"distill.keep {cfg['keep']!r}: use correct (rejection sampling) or all")
     teacher = teacher or cfg["teacher"] or str(resolve_init(recipe, "grpo") or resolve_init(recipe, "sft"))
     student = student if student is not None else cfg["student"]
     data = recipe.get("data", {})
@@ -109,8 +111,6 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     start = time.time()
     problems = task_problems(task, levels, cfg["problems"], recipe["run"]["seed"], "train")
     traces = teacher_traces(teacher, problems, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer)
-    if cfg["keep"] not in ("correct", "all"):
-        raise ConfigError(f"distill.keep {cfg['keep']!r}: use correct (rejection sampling) or all")
     kept, seen = [], set()
     for messages, text, ok in traces:
         key = (messages[-1]["content"], text)

@@ -26,7 +26,6 @@ import zlib
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from ..data.sources import chat_prompt, task_problems
 from ..data.tasks import Problem
@@ -362,9 +361,7 @@ class GRPOTrainer(Trainer):
 
     @staticmethod
     def _chunk_weight(mask: torch.Tensor, idx: list[int], loss_type: str) -> float:
-        if loss_type == "grpo":
-            return len(idx) / mask.shape[0]
-        if loss_type == "dr_grpo":
+        if loss_type in ("grpo", "dr_grpo"):  # per-sequence normalisers: the chunk's share of sequences
             return len(idx) / mask.shape[0]
         return float(mask[idx].sum()) / max(float(mask.sum()), 1.0)  # dapo: token share
 
