@@ -153,3 +153,12 @@ def test_loader_batch_targets_are_shifted_inputs(trained_tokenizer, tmp_path):
     assert torch.equal(x[0, 1:], y[0, :-1])
     raw_mask = np.fromfile(tmp_path / "c" / "mask_00000.bin", dtype=np.uint8)
     assert mask[0].tolist() == raw_mask[1:33].astype(bool).tolist()
+
+
+
+def test_carries_levels_count_the_carries_and_keep_four_digits():
+    for level in range(1, 5):
+        for p in generate("carries", [level], 30, 0):
+            a, b = p.key.split(":")[1].replace("-", "+").split("+")
+            assert len(a) == len(b) == 3 and p.level == level
+            assert p.solution.count(", carry") + p.solution.count(" borrow,") == level - 1

@@ -5,10 +5,11 @@ borrows). Why it teaches reasoning well at this scale (docs/LOG.md has the longe
   * the answer is checked exactly, so rewards are never noisy;
   * difficulty is one dial (the number of digits) and the worked solution grows linearly with it;
   * the solution is a real algorithm: each column depends on the carry from the previous one, so skipping the
-    reasoning fails, and a model that learned 2-4 digits has something to generalise (or be taught by RL) at 5-6;
+    reasoning fails (a small model does not extrapolate it to longer numbers by itself, though: docs/LOG.md);
   * a few-million-parameter model learns it within minutes on a CPU.
-Other families: `linear` (solve a*x + b = c) and `countdown` (reach a target with + - * from given numbers),
-for variety and for RL on problems whose worked solutions are never shown.
+Other families: `carries` (the same sums at a fixed 3 digits, difficulty = number of carries: the R1 protocol's
+family, where harder means deeper rather than longer), `linear` (solve a*x + b = c) and `countdown` (reach a
+target with + - * from given numbers), for variety and for RL on problems whose worked solutions are never shown.
 
 Every problem is generated deterministically from (family, level, seed, index). Held-out problems are those
 whose identity hashes into the held-out bucket; training generators skip them, so they can never overlap.
@@ -119,6 +120,28 @@ def arithmetic(rng: random.Random, level: int) -> tuple[str, Problem]:
                          problem_key("arithmetic", core))
 
 
+def carries(rng: random.Random, level: int) -> tuple[str, Problem]:
+    """3-digit addition or subtraction whose column walk carries (or borrows) exactly level - 1 times (1..4).
+
+    The same worked solutions as `arithmetic`, but difficulty grows in depth rather than in length: every level
+    has the same number of digits (three: what the speedrun's model copies reliably; it mis-copied four), so a
+    model taught levels 1-2 has seen every kind of line except the one that takes a carry in *and* passes one
+    on (the R1 protocol's hard levels, bench/r1_effect.py). Level 4 is addition only (a - b cannot borrow 3 times).
+    """
+    while True:
+        a, b = _digits(rng, 3), _digits(rng, 3)
+        if rng.random() < 0.5:
+            core, result, steps = f"{a}+{b}", a + b, addition_steps(a, b)
+        else:
+            a, b = max(a, b), min(a, b)
+            core, result, steps = f"{a}-{b}", a - b, subtraction_steps(a, b)
+        if sum(", carry" in line or " borrow," in line for line in steps) == level - 1:
+            break
+    q = rng.choice(TEMPLATES).format(e=core)
+    return core, Problem("carries", level, q, str(result), "\n".join([*steps, f"so {core}={result}"]), "numeric",
+                         problem_key("carries", core))
+
+
 # ------------------------------------------------------------------ linear equations
 def linear(rng: random.Random, level: int) -> tuple[str, Problem]:
     """a*x + b = c with integer x; level scales the coefficients."""
@@ -177,7 +200,7 @@ def countdown(rng: random.Random, level: int) -> tuple[str, Problem]:
     return core, Problem("countdown", level, q, answer, solution, "countdown", problem_key("countdown", core))
 
 
-FAMILIES = {"arithmetic": arithmetic, "linear": linear, "countdown": countdown}
+FAMILIES = {"arithmetic": arithmetic, "carries": carries, "linear": linear, "countdown": countdown}
 DEFAULT_TASK = "arithmetic"
 
 
