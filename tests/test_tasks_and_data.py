@@ -155,8 +155,7 @@ def test_loader_batch_targets_are_shifted_inputs(trained_tokenizer, tmp_path):
     assert mask[0].tolist() == raw_mask[1:33].astype(bool).tolist()
 
 
-
-def test_carries_levels_count_the_carries_and_keep_four_digits():
+def test_carries_levels_count_the_carries_and_keep_three_digits():
     for level in range(1, 5):
         for p in generate("carries", [level], 30, 0):
             a, b = p.key.split(":")[1].replace("-", "+").split("+")

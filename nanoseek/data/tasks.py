@@ -104,20 +104,26 @@ def subtraction_steps(a: int, b: int) -> list[str]:
     return lines
 
 
+def _column_sum(rng: random.Random, a: int, b: int) -> tuple[str, int, list[str]]:
+    """a+b or, on the other side of a coin flip, larger-smaller: (expression, result, worked column lines)."""
+    if rng.random() < 0.5:
+        return f"{a}+{b}", a + b, addition_steps(a, b)
+    a, b = max(a, b), min(a, b)
+    return f"{a}-{b}", a - b, subtraction_steps(a, b)
+
+
+def _sum_problem(rng: random.Random, task: str, level: int, core: str, result: int,
+                 steps: list[str]) -> tuple[str, Problem]:
+    q = rng.choice(TEMPLATES).format(e=core)
+    return core, Problem(task, level, q, str(result), "\n".join([*steps, f"so {core}={result}"]), "numeric",
+                         problem_key(task, core))
+
+
 def arithmetic(rng: random.Random, level: int) -> tuple[str, Problem]:
     """Level = number of digits of the larger operand (1..8)."""
     a = _digits(rng, level)
     b = _digits(rng, rng.randint(max(1, level - 1), level))
-    if rng.random() < 0.5:
-        result, core = a + b, f"{a}+{b}"
-        steps = [*addition_steps(a, b), f"so {core}={result}"]
-    else:
-        a, b = max(a, b), min(a, b)
-        result, core = a - b, f"{a}-{b}"
-        steps = [*subtraction_steps(a, b), f"so {core}={result}"]
-    q = rng.choice(TEMPLATES).format(e=core)
-    return core, Problem("arithmetic", level, q, str(result), "\n".join(steps), "numeric",
-                         problem_key("arithmetic", core))
+    return _sum_problem(rng, "arithmetic", level, *_column_sum(rng, a, b))
 
 
 def carries(rng: random.Random, level: int) -> tuple[str, Problem]:
@@ -129,17 +135,9 @@ def carries(rng: random.Random, level: int) -> tuple[str, Problem]:
     on (the R1 protocol's hard levels, bench/r1_effect.py). Level 4 is addition only (a - b cannot borrow 3 times).
     """
     while True:
-        a, b = _digits(rng, 3), _digits(rng, 3)
-        if rng.random() < 0.5:
-            core, result, steps = f"{a}+{b}", a + b, addition_steps(a, b)
-        else:
-            a, b = max(a, b), min(a, b)
-            core, result, steps = f"{a}-{b}", a - b, subtraction_steps(a, b)
+        core, result, steps = _column_sum(rng, _digits(rng, 3), _digits(rng, 3))
         if sum(", carry" in line or " borrow," in line for line in steps) == level - 1:
-            break
-    q = rng.choice(TEMPLATES).format(e=core)
-    return core, Problem("carries", level, q, str(result), "\n".join([*steps, f"so {core}={result}"]), "numeric",
-                         problem_key("carries", core))
+            return _sum_problem(rng, "carries", level, core, result, steps)
 
 
 # ------------------------------------------------------------------ linear equations
