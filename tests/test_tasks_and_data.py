@@ -13,7 +13,7 @@ from nanoseek.data.sources import completion_text, load_task_file, sft_example, 
 from nanoseek.data.tasks import FAMILIES, addition_steps, generate, is_held_out, subtraction_steps
 from nanoseek.data.verify import verify
 from nanoseek.errors import ConfigError
-from nanoseek.tokenizer import CHAT_TEMPLATE, load_tokenizer, train_tokenizer
+from nanoseek.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 
 @pytest.mark.parametrize("task", sorted(FAMILIES))
