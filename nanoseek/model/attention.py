@@ -48,21 +48,30 @@ def _decode_attention(q, k, v, mask, scale, latent_width: int = 0, out_dtype=Non
     """One query per sequence: q [B, H, D]; GQA k/v [B, S, Hkv, D]; or MLA k [B, S, D] with v None, the value
     being the first `latent_width` columns of k -> [B, H, Dv].
 
-    Three small float32 kernels; for a single query PyTorch's fused SDPA costs ~10x more in fixed overhead on
-    CPU, and float32 keeps the scores exact for bf16 caches.
+    A few float32 batched matmuls: for a single query PyTorch's fused SDPA costs ~10x more in fixed overhead
+    on CPU, and float32 keeps the scores exact for bf16 caches. The mask enters as an additive bias of the
+    score product (one kernel instead of scale + masked_fill).
     """
     B, H, _ = q.shape
     if v is None:  # MLA: one key head shared by all query heads; the value is the key's latent prefix
-        kf = k.float()[:, None]
-        vf = kf[..., :latent_width]
-    else:  # GQA: [B, Hkv, S, D]
-        kf, vf = k.transpose(1, 2).float(), v.transpose(1, 2).float()
-    groups = H // kf.shape[1]
-    qf = q.float().view(B, kf.shape[1], groups, -1)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale  # [B, Hkv, G, S]
-    if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.shape[0], 1, 1, -1), float("-inf"))
-    out = torch.matmul(scores.softmax(-1), vf)  # [B, Hkv, G, Dv]
+        keys = values = k.float()  # [B, S, D]
+        hkv = 1
+    else:  # GQA: fold the KV heads into the batch, [B * Hkv, S, D]
+        hkv = k.shape[2]
+        keys, values = (t.transpose(1, 2).flatten(0, 1).float() for t in (k, v))
+    qf = q.float().reshape(B * hkv, H // hkv, -1)
+    if mask is None:
+        scores = torch.bmm(qf, keys.transpose(1, 2)).mul_(scale)
+    else:
+        bias = torch.zeros(mask.shape[0], 1, keys.shape[1], device=q.device)
+        bias.masked_fill_(~mask.reshape(mask.shape[0], 1, -1), float("-inf"))
+        scores = torch.baddbmm(bias.repeat_interleave(hkv, 0) if hkv > 1 else bias, qf, keys.transpose(1, 2),
+                               alpha=scale)
+    # MLA: the product with the whole contiguous [c_kv | k_r] row, then the latent columns: ~1.8x faster
+    # than multiplying by the strided latent view, for 12% more arithmetic.
+    out = torch.bmm(scores.softmax(-1), values)
+    if v is None:
+        out = out[..., :latent_width]
     return out.reshape(B, H, -1).to(out_dtype or q.dtype)
 
 

@@ -1,4 +1,12 @@
-"""CPU inference kernels: oneDNN (mkldnn) linear layers with weights packed once, ahead of time.
+"""CPU inference kernels: linear layers whose weights are packed once, ahead of time, for the kernel that runs
+them.
+
+Two kernels, chosen per call by the number of rows:
+  * oneDNN (mkldnn) for prefill-sized batches;
+  * for bf16 decoding (a few rows), nanoseek's own AVX512-BF16 kernel (csrc/bf16_gemv.cpp), ~1.5x oneDNN's
+    streaming rate on this machine's decode weights, which also runs every routed expert of a layer in one
+    call. It is compiled on first use; without AVX512-BF16 or a C++ compiler, or with NANOSEEK_CPU_KERNELS=0,
+    oneDNN runs everything.
 
 `F.linear` on CPU re-lays-out its weight for oneDNN on every call; for the small batches of decoding that
 re-layout costs as much as the product itself. Packing each weight once into oneDNN's blocked layout (what
@@ -10,13 +18,62 @@ autograd, so with gradients enabled the layers fall back to the plain weights.
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import RMSNorm
 from .moe import Experts
 
 _BATCH_HINT = 64  # oneDNN picks a blocking for this many rows; measured best or near-best for 1..512
+# Most rows (per expert, for the routed experts) that go to the bf16 decode kernel: measured faster than
+# oneDNN up to ~4-8 rows, slower from ~12 (there the product is no longer bound by reading the weights).
+SMALL_ROWS = 4
+SMALL_ROWS_PER_EXPERT = 8
+
+log = logging.getLogger(__name__)
+_kernels = None
+_kernels_tried = False
+
+
+def _cpu_has_avx512_bf16() -> bool:
+    try:
+        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+
+
+def bf16_kernels():
+    """The compiled small-batch bf16 kernels (module with `pack` and `grouped_linear`), or None where they are
+    unavailable. Built once per machine into torch's extension cache (~25 s on 2 cores)."""
+    global _kernels, _kernels_tried
+    if _kernels_tried:
+        return _kernels
+    _kernels_tried = True
+    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0" or not _cpu_has_avx512_bf16():
+        return None
+    try:
+        from torch.utils.cpp_extension import load
+
+        source = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
+        _kernels = load(name="nanoseek_bf16_gemv", sources=[str(source)], verbose=False,
+                        extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"])
+    except Exception as exc:  # no compiler, no ninja, ...: oneDNN still runs everything
+        log.warning("nanoseek: bf16 decode kernels unavailable (%s); using oneDNN for every linear layer",
+                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    return _kernels
+
+
+def _small_pack(weight: torch.Tensor) -> torch.Tensor | None:
+    """The decode kernel's packed copy of a bf16 weight [N, K] or [E, N, K], or None where it does not apply."""
+    kernels = bf16_kernels() if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
+    if kernels is None or weight.shape[-2] % 16 or weight.shape[-1] % 2:
+        return None
+    return kernels.pack(weight.detach())
 
 
 def packing_available(model: nn.Module) -> bool:
@@ -35,26 +92,55 @@ def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return y.view(*shape[:-1], y.shape[-1])
 
 
+def grouped_linear(x: torch.Tensor, small_packed: torch.Tensor, offsets: torch.Tensor, out_features: int):
+    """Rows offsets[e]..offsets[e+1] of x [T, K] times weight e of a `_small_pack`ed stack -> [T, N]."""
+    return bf16_kernels().grouped_linear(x, small_packed, offsets, out_features)
+
+
 class PackedLinear(nn.Linear):
-    """An nn.Linear whose forward uses its packed copy; the weight Parameter stays the source of truth."""
+    """An nn.Linear whose forward uses its packed copies; the weight Parameter stays the source of truth."""
 
     packed: torch.Tensor
+    small_packed: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
+        rows = x.numel() // x.shape[-1]
+        if self.small_packed is not None and rows <= SMALL_ROWS:
+            offsets = torch.tensor([0, rows])
+            y = grouped_linear(x.reshape(rows, -1), self.small_packed, offsets, self.out_features)
+            y = y.view(*x.shape[:-1], self.out_features)
+            return y if self.bias is None else y + self.bias
         return packed_linear(x, self.packed, self.bias)
 
 
+class FusedRMSNorm(RMSNorm):
+    """An RMSNorm that runs bf16 inference through the fused kernel (same rounding as RMSNorm.forward)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() or x.dtype != torch.bfloat16 or self.weight.dtype != torch.bfloat16:
+            return super().forward(x)
+        return bf16_kernels().rms_norm(x, self.weight, self.eps)
+
+
 def pack_model(model: nn.Module) -> int:
-    """Packs (or repacks, after a weight change) every linear layer and routed expert. Returns how many."""
+    """Packs (or repacks, after a weight change) every linear layer and routed expert, and gives bf16 norms the
+    fused kernel. Returns how many weights were packed."""
     count = 0
     for module in model.modules():
-        if isinstance(module, nn.Linear):
+        if isinstance(module, RMSNorm):
+            w = module.weight
+            if w.dtype == torch.bfloat16 and w.device.type == "cpu" and bf16_kernels() is not None:
+                module.__class__ = FusedRMSNorm
+        elif isinstance(module, nn.Linear):
             module.__class__ = PackedLinear
             module.packed = _pack(module.weight)
+            module.small_packed = _small_pack(module.weight)
             count += 1
         elif isinstance(module, Experts):
             module.packed = ([_pack(w) for w in module.gate_up_proj], [_pack(w) for w in module.down_proj])
+            small = (_small_pack(module.gate_up_proj), _small_pack(module.down_proj))
+            module.small_packed = None if None in small else small
             count += 2 * module.n_experts
     return count

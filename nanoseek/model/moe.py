@@ -89,9 +89,11 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(config.hidden_act)
-        # Optional per-expert weights in a kernel-specific layout, set by an inference engine
-        # (model/cpu_kernels.py): (gate_up list, down list) used with `packed_linear`.
+        # Optional weights in kernel-specific layouts, set by an inference engine (model/cpu_kernels.py):
+        # per expert (gate_up list, down list) for `packed_linear`; and all experts stacked (gate_up, down) for
+        # `grouped_linear`, the small-batch bf16 kernel that runs every expert of the layer in one call.
         self.packed = None
+        self.small_packed = None
 
     def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """One expert's SwiGLU on its tokens."""
@@ -103,9 +105,22 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(self.act(gate) * up, self.down_proj[e])
 
+    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+        """All experts at once through the small-batch kernel when it applies: inference, its dtype, and few
+        rows per expert (decoding). None otherwise."""
+        if self.small_packed is None or torch.is_grad_enabled() or xs.dtype != self.gate_up_proj.dtype:
+            return None
+        from .cpu_kernels import SMALL_ROWS_PER_EXPERT, grouped_linear
+
+        if xs.shape[0] > SMALL_ROWS_PER_EXPERT * int((counts > 0).sum()):
+            return None
+        offsets = F.pad(counts.cumsum(0), (1, 0))
+        gate, up = grouped_linear(xs, self.small_packed[0], offsets, 2 * self.intermediate).chunk(2, dim=-1)
+        return grouped_linear(self.act(gate) * up, self.small_packed[1], offsets, xs.shape[1])
+
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         N, k = indices.shape
-        if N == 1:  # batch-1 decoding: no sorting to do, just the k chosen experts
+        if N == 1 and self.small_packed is None:  # batch-1 decoding: no sorting, just the k chosen experts
             out = None
             for e, w in zip(indices[0].tolist(), weights[0].to(x.dtype)):
                 y = self.expert(x, e) * w
@@ -113,16 +128,19 @@ class Experts(nn.Module):
             return out
         flat = indices.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
+        counts = torch.bincount(flat, minlength=self.n_experts)
         token_of = order // k
         xs = x[token_of]
-        outputs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            outputs.append(self.expert(xs[start:start + n], e))
-            start += n
-        ys = torch.cat(outputs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        ys = self._grouped(xs, counts)
+        if ys is None:
+            outputs, start = [], 0
+            for e, n in enumerate(counts.tolist()):
+                if n == 0:
+                    continue
+                outputs.append(self.expert(xs[start:start + n], e))
+                start += n
+            ys = torch.cat(outputs)
+        ys = ys * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 

@@ -1,0 +1,102 @@
+"""The CPU inference kernels: oneDNN packing and nanoseek's small-batch bf16 kernel (model/csrc/bf16_gemv.cpp)."""
+
+import copy
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nanoseek.checkpoint import load_model
+from nanoseek.model import cpu_kernels
+from nanoseek.model.cpu_kernels import FusedRMSNorm, PackedLinear, bf16_kernels, grouped_linear, pack_model
+from nanoseek.model.layers import RMSNorm
+
+HAS_AVX512_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+needs_kernels = pytest.mark.skipif(not (HAS_AVX512_BF16 and shutil.which("c++")),
+                                   reason="the bf16 decode kernel needs AVX512-BF16 and a C++ compiler")
+
+
+@needs_kernels
+def test_kernels_build_where_the_cpu_supports_them():
+    assert bf16_kernels() is not None
+
+
+@needs_kernels
+@pytest.mark.parametrize("K", [64, 70, 768])  # 70: an odd number of input pairs (the kernel's tail)
+def test_grouped_linear_matches_a_float32_product_per_expert(K):
+    g = torch.Generator().manual_seed(K)
+    E, N = 5, 48
+    counts = torch.tensor([3, 0, 1, 19, 8])  # an empty expert, and more than the kernel's 8-row block
+    w = torch.randn(E, N, K, generator=g).bfloat16()
+    x = torch.randn(int(counts.sum()), K, generator=g).bfloat16()
+    offsets = F.pad(counts.cumsum(0), (1, 0))
+    y = grouped_linear(x, bf16_kernels().pack(w), offsets, N)
+    ref = torch.cat([x[a:b].float() @ w[e].float().T for e, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))])
+    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
+    # bf16 output rounding (2^-9 relative) plus a different order of float32 summation.
+    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
+
+
+@needs_kernels
+@pytest.mark.parametrize("rows", [1, 2, 4, 5])  # up to SMALL_ROWS on the decode kernel, then oneDNN
+def test_packed_linear_matches_f_linear_in_bf16(rows):
+    torch.manual_seed(rows)
+    layer = torch.nn.Linear(96, 64, bias=True).bfloat16()
+    x = torch.randn(rows, 96).bfloat16()
+    with torch.no_grad():
+        ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
+        pack_model(layer)
+        assert isinstance(layer, PackedLinear) and layer.small_packed is not None
+        y = layer(x)
+    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+
+
+@needs_kernels
+def test_fused_rms_norm_rounds_like_the_reference_norm():
+    torch.manual_seed(0)
+    norm = RMSNorm(96, eps=1e-6).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+    x = (torch.randn(5, 96) * 3).bfloat16()
+    with torch.no_grad():
+        ref = norm(x)
+        pack_model(norm)
+        assert isinstance(norm, FusedRMSNorm)
+        y = norm(x)
+    # Same two roundings; only the float32 summation order differs, so nearly every element is identical.
+    assert (y == ref).float().mean() > 0.98
+    torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
+
+
+@needs_kernels
+def test_packed_bf16_model_matches_the_unpacked_model_and_follows_weight_changes(hf_checkpoint):
+    directory, _ = hf_checkpoint("deepseek_v3")
+    model = load_model(directory, dtype=torch.bfloat16).eval()
+    reference = copy.deepcopy(model)
+    pack_model(model)
+    experts = [m for m in model.modules() if isinstance(m, cpu_kernels.Experts)]
+    assert experts and all(e.small_packed is not None for e in experts)
+    ids = torch.tensor([[3, 17, 42]])  # 3 rows: every linear and the routed experts take the decode kernel
+    with torch.inference_mode():
+        ours, ref = model(ids).float(), reference(ids).float()
+        torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+        # Derived weights are rebuilt by pack_model after a weight change (what update_weights does).
+        for p in model.parameters():
+            p.mul_(-1)
+        pack_model(model)
+        for p in reference.parameters():
+            p.mul_(-1)
+        torch.testing.assert_close(model(ids).float(), reference(ids).float(), rtol=0.05,
+                                   atol=0.05 * ref.abs().max().item())
+
+
+def test_the_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv("NANOSEEK_CPU_KERNELS", "0")
+    monkeypatch.setattr(cpu_kernels, "_kernels_tried", False)
+    monkeypatch.setattr(cpu_kernels, "_kernels", None)
+    assert bf16_kernels() is None
+    layer = torch.nn.Linear(32, 16).bfloat16()
+    pack_model(layer)
+    assert layer.small_packed is None
