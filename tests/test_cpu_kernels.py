@@ -78,18 +78,23 @@ def test_packed_bf16_model_matches_the_unpacked_model_and_follows_weight_changes
     pack_model(model)
     experts = [m for m in model.modules() if isinstance(m, cpu_kernels.Experts)]
     assert experts and all(e.small_packed is not None for e in experts)
+    attention = [m for m in model.modules() if isinstance(m, cpu_kernels.MLAttention)]
+    assert attention and all(a.absorbed_small is not None for a in attention)
     ids = torch.tensor([[3, 17, 42]])  # 3 rows: every linear and the routed experts take the decode kernel
     with torch.inference_mode():
-        ours, ref = model(ids).float(), reference(ids).float()
-        torch.testing.assert_close(ours, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+        ref = reference(ids).float()
+        tol = dict(rtol=0.05, atol=0.05 * ref.abs().max().item())
+        torch.testing.assert_close(model(ids).float(), ref, **tol)
+        # The absorbed MLA path's per-head products run on the kernel too, for a prefill and a decode shape.
+        torch.testing.assert_close(model(ids, absorbed=True).float(), ref, **tol)
+        torch.testing.assert_close(model(ids[:, :1], absorbed=True).float(), ref[:, :1], **tol)
         # Derived weights are rebuilt by pack_model after a weight change (what update_weights does).
         for p in model.parameters():
             p.mul_(-1)
         pack_model(model)
         for p in reference.parameters():
             p.mul_(-1)
-        torch.testing.assert_close(model(ids).float(), reference(ids).float(), rtol=0.05,
-                                   atol=0.05 * ref.abs().max().item())
+        torch.testing.assert_close(model(ids, absorbed=True).float(), reference(ids).float(), **tol)
 
 
 def test_the_kernels_can_be_turned_off(monkeypatch):

@@ -96,6 +96,8 @@ class MLAttention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = c.softmax_scale()
         self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
+        # W_UK and W_UV packed for the CPU small-batch bf16 kernel, set by cpu_kernels.pack_model.
+        self.absorbed_small: tuple[torch.Tensor, torch.Tensor] | None = None
 
     # ---- shared first half: project and rotate ----
     def compress(self, x: torch.Tensor, rope: Rope):
@@ -151,19 +153,32 @@ class MLAttention(nn.Module):
         `cached` itself as the value head makes the first kv_lora output columns sum_s p(t, s) c_kv[s]; W_UV
         then maps them back to each head's value space.
         """
-        w_uk, w_uv_t = self.absorbed_weights()
         B, T, H, _ = q_nope.shape
-        # Per-head matmuls as one bmm over heads: [H, B*T, nope] @ [H, nope, L].
         dtype = q_nope.dtype
+        small = self.absorbed_small
+        if small is not None and not torch.is_grad_enabled() and dtype == torch.bfloat16 and B * T <= 64:
+            # CPU decoding: both per-head products through the small-batch bf16 kernel, one call each.
+            from .cpu_kernels import per_head_linear  # (imported late: cpu_kernels imports this module)
+
+            q_latent = per_head_linear(q_nope.reshape(B * T, H, -1), small[0], self.kv_lora_rank)
+            q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope), dim=-1)
+            out_latent = self._latent_attention(q, cached, mask, dtype)
+            out = per_head_linear(out_latent.reshape(B * T, H, -1).to(dtype), small[1], self.v_dim)
+            return out.reshape(B, T, H * self.v_dim)
+        w_uk, w_uv_t = self.absorbed_weights()
+        # Per-head matmuls as one bmm over heads: [H, B*T, nope] @ [H, nope, L].
         q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1).to(w_uk.dtype), w_uk).transpose(0, 1)
         q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope.to(w_uk.dtype)), dim=-1)
-        if T == 1:
-            out_latent = _decode_attention(q[:, 0], cached, None, mask, self.scale, self.kv_lora_rank)[:, None]
-        else:
-            kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
-            out_latent = _sdpa(q.to(dtype), kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
+        out_latent = self._latent_attention(q, cached, mask, dtype)
         out = torch.bmm(out_latent.reshape(B * T, H, -1).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)  # [H, BT, v]
         return out.transpose(0, 1).reshape(B, T, H * self.v_dim).to(dtype)
+
+    def _latent_attention(self, q, cached, mask, dtype):
+        """q [B, T, H, kv_lora + rope] against the latent cache -> [B, T, H, kv_lora]."""
+        if q.shape[1] == 1:
+            return _decode_attention(q[:, 0], cached, None, mask, self.scale, self.kv_lora_rank)[:, None]
+        kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
+        return _sdpa(q.to(dtype), kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
         q_nope, q_rope, latent, k_rope = self.compress(x, rope)

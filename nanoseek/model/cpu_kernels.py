@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import MLAttention
 from .layers import RMSNorm
 from .moe import Experts
 
@@ -97,6 +98,14 @@ def grouped_linear(x: torch.Tensor, small_packed: torch.Tensor, offsets: torch.T
     return bf16_kernels().grouped_linear(x, small_packed, offsets, out_features)
 
 
+def per_head_linear(x: torch.Tensor, small_packed: torch.Tensor, out_features: int) -> torch.Tensor:
+    """x [R, H, K] -> [R, H, N]: each head's rows times that head's weight, in one grouped call."""
+    R, H, K = x.shape
+    offsets = torch.arange(0, (H + 1) * R, R)
+    y = grouped_linear(x.transpose(0, 1).reshape(H * R, K), small_packed, offsets, out_features)
+    return y.view(H, R, out_features).transpose(0, 1)
+
+
 class PackedLinear(nn.Linear):
     """An nn.Linear whose forward uses its packed copies; the weight Parameter stays the source of truth."""
 
@@ -138,9 +147,14 @@ def pack_model(model: nn.Module) -> int:
             module.packed = _pack(module.weight)
             module.small_packed = _small_pack(module.weight)
             count += 1
+        elif isinstance(module, MLAttention):
+            # MLA's absorbed projections, per head as linear weights: W_UK^T [H, L, nope], W_UV [H, v, L].
+            w = module.kv_b_proj.weight.view(module.n_heads, module.nope_dim + module.v_dim, module.kv_lora_rank)
+            small = (_small_pack(w[:, : module.nope_dim].transpose(1, 2)), _small_pack(w[:, module.nope_dim:]))
+            module.absorbed_small = None if any(p is None for p in small) else small
         elif isinstance(module, Experts):
             module.packed = ([_pack(w) for w in module.gate_up_proj], [_pack(w) for w in module.down_proj])
             small = (_small_pack(module.gate_up_proj), _small_pack(module.down_proj))
-            module.small_packed = None if None in small else small
+            module.small_packed = None if any(p is None for p in small) else small
             count += 2 * module.n_experts
     return count
