@@ -54,6 +54,29 @@ def test_packed_linear_matches_f_linear_in_bf16(rows):
 
 
 @needs_kernels
+@pytest.mark.parametrize("tokens", [1, 7, 40])
+def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens):
+    from nanoseek.config import ModelConfig
+
+    config = ModelConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=6, num_experts_per_tok=3)
+    experts = cpu_kernels.Experts(config)
+    g = torch.Generator().manual_seed(tokens)
+    with torch.no_grad():
+        for p in experts.parameters():
+            p.normal_(0, 0.3, generator=g)
+    experts = experts.bfloat16()
+    reference = copy.deepcopy(experts)
+    pack_model(experts)
+    assert experts.small_packed is not None
+    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    indices = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
+    weights = torch.rand(tokens, 3, generator=g)
+    with torch.inference_mode():
+        ours, ref = experts(x, weights, indices).float(), reference(x, weights, indices).float()
+    torch.testing.assert_close(ours, ref, rtol=0.03, atol=0.03 * ref.abs().max().item())
+
+
+@needs_kernels
 def test_fused_rms_norm_rounds_like_the_reference_norm():
     torch.manual_seed(0)
     norm = RMSNorm(96, eps=1e-6).bfloat16()

@@ -105,22 +105,24 @@ class Experts(nn.Module):
         gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
         return F.linear(self.act(gate) * up, self.down_proj[e])
 
-    def _grouped(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
-        """All experts at once through the small-batch kernel when it applies: inference, its dtype, and few
-        rows per expert (decoding). None otherwise."""
-        if self.small_packed is None or torch.is_grad_enabled() or xs.dtype != self.gate_up_proj.dtype:
+    def _small_batch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer in one call of the small-batch kernel when it applies: inference, its dtype, a SwiGLU,
+        and few rows per expert (decoding). None otherwise."""
+        if (self.small_packed is None or torch.is_grad_enabled() or x.dtype != self.gate_up_proj.dtype
+                or self.act is not F.silu):
             return None
-        from .cpu_kernels import SMALL_ROWS_PER_EXPERT, grouped_linear
+        from .cpu_kernels import SMALL_ROWS_PER_EXPERT, bf16_kernels
 
-        if xs.shape[0] > SMALL_ROWS_PER_EXPERT * int((counts > 0).sum()):
+        if indices.numel() > SMALL_ROWS_PER_EXPERT * min(indices.numel(), self.n_experts):
             return None
-        offsets = F.pad(counts.cumsum(0), (1, 0))
-        gate, up = grouped_linear(xs, self.small_packed[0], offsets, 2 * self.intermediate).chunk(2, dim=-1)
-        return grouped_linear(self.act(gate) * up, self.small_packed[1], offsets, xs.shape[1])
+        return bf16_kernels().moe_swiglu(x, weights, indices, *self.small_packed, self.intermediate)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        fused = self._small_batch(x, weights, indices)
+        if fused is not None:
+            return fused
         N, k = indices.shape
-        if N == 1 and self.small_packed is None:  # batch-1 decoding: no sorting, just the k chosen experts
+        if N == 1:  # batch-1 decoding: no sorting to do, just the k chosen experts
             out = None
             for e, w in zip(indices[0].tolist(), weights[0].to(x.dtype)):
                 y = self.expert(x, e) * w
@@ -128,19 +130,16 @@ class Experts(nn.Module):
             return out
         flat = indices.flatten()
         order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts)
+        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
         token_of = order // k
         xs = x[token_of]
-        ys = self._grouped(xs, counts)
-        if ys is None:
-            outputs, start = [], 0
-            for e, n in enumerate(counts.tolist()):
-                if n == 0:
-                    continue
-                outputs.append(self.expert(xs[start:start + n], e))
-                start += n
-            ys = torch.cat(outputs)
-        ys = ys * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
+        outputs, start = [], 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            outputs.append(self.expert(xs[start:start + n], e))
+            start += n
+        ys = torch.cat(outputs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 

@@ -14,6 +14,7 @@
 #include <immintrin.h>
 
 #include <cmath>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -81,23 +82,13 @@ torch::Tensor pack(torch::Tensor w) {
   return w.reshape({E, N / 16, 16, K / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
 }
 
-// x [T, K] with the rows of expert e at offsets[e]..offsets[e+1]; w packed [E, ...] -> y [T, N].
-torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor offsets, int64_t N) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
-  x = x.contiguous();
-  offsets = offsets.to(torch::kLong).contiguous();
-  const int64_t T = x.size(0), K = x.size(1), E = w.size(0);
-  TORCH_CHECK(w.numel() == E * N * K && offsets.numel() == E + 1, "weights or offsets do not match x");
-  auto y = torch::empty({T, N}, x.options());
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK(off[0] == 0 && off[E] == T, "offsets must span the rows of x");
+// y [T, N] = rows off[e]..off[e+1] of x [T, K] times packed weight e, for every expert e with rows.
+void grouped(const uint16_t* xp, int64_t K, const uint16_t* wp, int64_t E, const int64_t* off, int64_t N,
+             uint16_t* yp) {
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
   const int64_t blocks = N / 16, items = static_cast<int64_t>(active.size()) * blocks;
-  const auto* xp = reinterpret_cast<const uint16_t*>(x.data_ptr());
-  const auto* wp = reinterpret_cast<const uint16_t*>(w.data_ptr());
-  auto* yp = reinterpret_cast<uint16_t*>(y.data_ptr());
   // Work items in memory order (expert, row block): each thread streams one contiguous stretch of weights.
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
@@ -105,7 +96,72 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor off
       rows(off[e + 1] - r0, xp + r0 * K, K, wp + (e * N + nb * 16) * K, yp + r0 * N + nb * 16, N);
     }
   });
+}
+
+inline const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+
+// x [T, K] with the rows of expert e at offsets[e]..offsets[e+1]; w packed [E, ...] -> y [T, N].
+torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor offsets, int64_t N) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
+  x = x.contiguous();
+  offsets = offsets.to(torch::kLong).contiguous();
+  const int64_t T = x.size(0), K = x.size(1), E = w.size(0);
+  TORCH_CHECK(w.numel() == E * N * K && offsets.numel() == E + 1, "weights or offsets do not match x");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[E] == T, "offsets must span the rows of x");
+  auto y = torch::empty({T, N}, x.options());
+  grouped(bits(x), K, bits(w), E, off, N, reinterpret_cast<uint16_t*>(y.data_ptr()));
   return y;
+}
+
+// A routed-expert SwiGLU layer in one call: x [N, H] bf16, routing weights [N, k] float32 and expert indices
+// [N, k]; gate_up packed [E, 2I, H], down packed [E, H, I] -> sum over k of weight * expert(x), [N, H] bf16.
+// Rounds where the eager layer does (silu, its product with up, each expert's output, its routing weight);
+// the k weighted outputs are summed in float32 and rounded once.
+torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
+                         torch::Tensor down, int64_t I) {
+  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kFloat, "bf16 x, float32 weights");
+  x = x.contiguous();
+  weights = weights.contiguous();
+  indices = indices.to(torch::kLong).contiguous();
+  const int64_t N = x.size(0), H = x.size(1), k = indices.size(1), E = gate_up.size(0), T = N * k;
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  // Counting sort of the N*k (token, slot) pairs by expert, stable.
+  std::vector<int64_t> off(E + 1, 0), pos(E), pair_of(T);
+  for (int64_t t = 0; t < T; ++t) {
+    TORCH_CHECK(idx[t] >= 0 && idx[t] < E, "expert index out of range");
+    ++off[idx[t] + 1];
+  }
+  for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
+  for (int64_t e = 0; e < E; ++e) pos[e] = off[e];
+  for (int64_t t = 0; t < T; ++t) pair_of[pos[idx[t]]++] = t;
+  auto opts = x.options();
+  auto xs = torch::empty({T, H}, opts), ys = torch::empty({T, H}, opts);
+  auto* xsp = reinterpret_cast<uint16_t*>(xs.data_ptr());
+  const uint16_t* xp = bits(x);
+  for (int64_t r = 0; r < T; ++r) std::memcpy(xsp + r * H, xp + (pair_of[r] / k) * H, H * sizeof(uint16_t));
+  auto gu = torch::empty({T, 2 * I}, opts);
+  grouped(xsp, H, bits(gate_up), E, off.data(), 2 * I, reinterpret_cast<uint16_t*>(gu.data_ptr()));
+  // ATen's vectorised silu and product, with the eager layer's bf16 roundings.
+  auto h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
+  grouped(bits(h), I, bits(down), E, off.data(), H, reinterpret_cast<uint16_t*>(ys.data_ptr()));
+  std::vector<int64_t> row_of(T);
+  for (int64_t r = 0; r < T; ++r) row_of[pair_of[r]] = r;
+  auto acc = torch::zeros({N, H}, x.options().dtype(at::kFloat));
+  float* ap = acc.data_ptr<float>();
+  const auto* ysp = ys.data_ptr<at::BFloat16>();
+  const float* wp = weights.data_ptr<float>();
+  at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
+    for (int64_t n = n0; n < n1; ++n) {
+      for (int64_t j = 0; j < k; ++j) {
+        const int64_t t = n * k + j, r = row_of[t];
+        const float w = static_cast<float>(at::BFloat16(wp[t]));
+        for (int64_t d = 0; d < H; ++d)
+          ap[n * H + d] += static_cast<float>(at::BFloat16(static_cast<float>(ysp[r * H + d]) * w));
+      }
+    }
+  });
+  return acc.to(at::kBFloat16);
 }
 
 // RMSNorm of bf16 rows in one pass, with transformers' rounding: normalise in float32, round to bf16, then
@@ -138,4 +194,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
   m.def("grouped_linear", &grouped_linear);
+  m.def("moe_swiglu", &moe_swiglu);
 }
