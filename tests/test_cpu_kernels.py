@@ -77,6 +77,30 @@ def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens):
 
 
 @needs_kernels
+@pytest.mark.parametrize("method,n_group,topk_group", [("noaux_tc", 4, 2), ("group_limited_greedy", 4, 3),
+                                                       ("greedy", 1, 1), ("noaux_tc", 1, 1)])
+def test_fused_expert_selection_picks_the_eager_routers_experts(method, n_group, topk_group):
+    from nanoseek.config import ModelConfig
+    from nanoseek.model.moe import Router
+
+    config = ModelConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, n_group=n_group,
+                         topk_group=topk_group, topk_method=method,
+                         scoring_func="sigmoid" if method == "noaux_tc" else "softmax")
+    router = Router(config)
+    g = torch.Generator().manual_seed(n_group + topk_group)
+    with torch.no_grad():
+        router.weight.normal_(0, 1, generator=g)
+        if router.e_score_correction_bias is not None:
+            router.e_score_correction_bias.normal_(0, 0.3, generator=g)
+    x = torch.randn(50, 32, generator=g)
+    with torch.no_grad():
+        w_ref, i_ref, _ = router(x)
+        router.fused_select = True
+        w, i, _ = router(x)
+    assert torch.equal(i, i_ref) and torch.equal(w, w_ref)
+
+
+@needs_kernels
 def test_fused_rms_norm_rounds_like_the_reference_norm():
     torch.manual_seed(0)
     norm = RMSNorm(96, eps=1e-6).bfloat16()
@@ -128,3 +152,49 @@ def test_the_kernels_can_be_turned_off(monkeypatch):
     layer = torch.nn.Linear(32, 16).bfloat16()
     pack_model(layer)
     assert layer.small_packed is None
+
+
+@needs_kernels
+def test_mla_decode_attention_from_the_paged_cache_matches_the_gathered_path(hf_checkpoint):
+    from nanoseek.model.paged import PagedBatch
+
+    directory, _ = hf_checkpoint("deepseek_v3")
+    model = load_model(directory, dtype=torch.bfloat16).eval()
+    model.cache_derived_weights()
+    pack_model(model)
+    attn = model.model.layers[0].self_attn
+    g = torch.Generator().manual_seed(0)
+    H, width = attn.n_heads, attn.kv_lora_rank + attn.rope_dim
+    cache = torch.randn(64, width, generator=g).bfloat16()
+    lengths = torch.tensor([5, 17, 1])
+    slots = torch.zeros(3, 17, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = torch.randperm(64, generator=g)[:n]  # scattered blocks, as a paged cache holds them
+    mask = (torch.arange(17)[None, :] < lengths[:, None])[:, None, None, :]
+    batch = PagedBatch(slot_mapping=torch.zeros(3, dtype=torch.long), prefills=[], decode_rows=torch.arange(3),
+                       decode_slots=slots, decode_mask=mask, logits_rows=torch.arange(3), decode_lengths=lengths)
+    q_nope = torch.randn(3, H, attn.nope_dim, generator=g).bfloat16()
+    q_rope = torch.randn(3, H, attn.rope_dim, generator=g).bfloat16()
+    with torch.inference_mode():
+        assert attn._decodes_from_cache(cache, batch)
+        ours = attn._decode_from_cache(q_nope, q_rope, cache, batch).float()
+        small, attn.absorbed_small = attn.absorbed_small, None  # the float32 absorbed path on gathered rows
+        ref = attn.heads_absorbed(q_nope[:, None], q_rope[:, None], cache[slots], mask)[:, 0].float()
+        attn.absorbed_small = small
+    torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
+
+
+@needs_kernels
+def test_a_bf16_engine_decodes_through_the_kernels(hf_checkpoint, monkeypatch):
+    from nanoseek import LLM, SamplingParams
+
+    calls = []
+    original = cpu_kernels.MLAttention._decode_from_cache
+    monkeypatch.setattr(cpu_kernels.MLAttention, "_decode_from_cache",
+                        lambda self, *a: calls.append(1) or original(self, *a))
+    directory, _ = hf_checkpoint("deepseek_v3")
+    llm = LLM(directory, dtype="bfloat16", kv_cache_memory="4MiB")
+    out = llm.generate([[5, 9, 13, 2, 7], [40, 41, 42]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
+                                                                         logprobs=0))
+    assert calls and all(len(o.outputs[0].token_ids) == 6 for o in out)
+    assert all(torch.isfinite(torch.tensor([t["logprob"] for t in o.outputs[0].logprobs])).all() for o in out)

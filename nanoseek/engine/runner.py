@@ -59,5 +59,6 @@ class ModelRunner:
             lengths = torch.tensor([len(s) for s in decode_slots], device=dev)
             width = batch.decode_slots.shape[1]
             batch.decode_mask = (torch.arange(width, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+            batch.decode_lengths = lengths
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         return self.model.forward_paged(input_ids, torch.cat(positions).to(dev), self.layers, batch)

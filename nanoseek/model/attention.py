@@ -201,10 +201,31 @@ class MLAttention(nn.Module):
             out[rows] = self.heads_full(q_nope[rows][None], q_rope[rows][None], cached, span.mask)[0]
         if batch.decode_rows is not None:
             rows = batch.decode_rows
-            cached = cache[batch.decode_slots].to(x.dtype)
-            heads = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], cached, batch.decode_mask)
-            out[rows] = heads[:, 0]
+            if self._decodes_from_cache(cache, batch):
+                out[rows] = self._decode_from_cache(q_nope[rows], q_rope[rows], cache, batch)
+            else:
+                cached = cache[batch.decode_slots].to(x.dtype)
+                heads = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], cached, batch.decode_mask)
+                out[rows] = heads[:, 0]
         return self.o_proj(out)
+
+    def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
+        """Whether the CPU kernels run this step's decodes: bf16 inference with packed absorbed weights, and a
+        few sequences. Reading the cache in place saves the gather (2x faster at batch 1); with many sequences
+        the arithmetic dominates and oneDNN's batched products over gathered rows win (1.1x at 32)."""
+        return (self.absorbed_small is not None and cache.dtype == torch.bfloat16 and not torch.is_grad_enabled()
+                and batch.decode_lengths is not None and batch.decode_slots.shape[0] <= 4)
+
+    def _decode_from_cache(self, q_nope, q_rope, cache, batch: PagedBatch):
+        """Absorbed decode of B single tokens ([B, H, *] queries) with attention read straight from the paged
+        latent cache (no gathered or float32 copy of the context). Returns [B, H * v]."""
+        from .cpu_kernels import bf16_kernels, per_head_linear  # (imported late: cpu_kernels imports this)
+
+        w_uk, w_uv = self.absorbed_small
+        q = torch.cat((per_head_linear(q_nope, w_uk, self.kv_lora_rank), q_rope), dim=-1).float()
+        out_latent = bf16_kernels().mla_decode_attention(q, cache, batch.decode_slots, batch.decode_lengths,
+                                                         self.scale, self.kv_lora_rank)
+        return per_head_linear(out_latent.to(q_nope.dtype), w_uv, self.v_dim).flatten(1)
 
 
 class GQAttention(nn.Module):

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import MLAttention
-from .layers import RMSNorm
-from .moe import Experts
+from .layers import MLP, RMSNorm
+from .moe import Experts, Router
 
 _BATCH_HINT = 64  # oneDNN picks a blocking for this many rows; measured best or near-best for 1..512
 # Most rows (per expert, for the routed experts) that go to the bf16 decode kernel. Measured on 2 threads
@@ -138,13 +138,21 @@ class FusedRMSNorm(RMSNorm):
 
 
 def pack_model(model: nn.Module) -> int:
-    """Packs (or repacks, after a weight change) every linear layer and routed expert, and gives bf16 norms the
-    fused kernel. Returns how many weights were packed."""
+    """Packs (or repacks, after a weight change) every linear layer, routed expert and MLA absorbed projection,
+    and, for a bf16 model on a CPU with the compiled kernels, turns on its fused norms, expert selection
+    and stacked gate/up products. Returns how many weights were packed for oneDNN."""
     count = 0
+    first = next(model.parameters())
+    kernels = first.dtype == torch.bfloat16 and first.device.type == "cpu" and bf16_kernels() is not None
     for module in model.modules():
-        if isinstance(module, RMSNorm):
-            w = module.weight
-            if w.dtype == torch.bfloat16 and w.device.type == "cpu" and bf16_kernels() is not None:
+        if isinstance(module, Router):
+            module.fused_select = kernels
+        elif isinstance(module, MLP):
+            no_bias = module.gate_proj.bias is None and module.up_proj.bias is None
+            module.small_gate_up = (_small_pack(torch.cat((module.gate_proj.weight, module.up_proj.weight)))
+                                    if kernels and no_bias else None)
+        elif isinstance(module, RMSNorm):
+            if kernels and module.weight.dtype == torch.bfloat16:
                 module.__class__ = FusedRMSNorm
         elif isinstance(module, nn.Linear):
             module.__class__ = PackedLinear

@@ -42,6 +42,18 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
         self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
+        # gate_proj and up_proj stacked and packed for the small-batch CPU kernel, set by an inference engine
+        # (model/cpu_kernels.py): one weight stream instead of two at decode batch sizes.
+        self.small_gate_up = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small_gate_up is not None and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
+            from .cpu_kernels import SMALL_ROWS, grouped_linear  # (imported late: it imports this module)
+
+            rows = x.numel() // x.shape[-1]
+            if rows <= SMALL_ROWS:
+                width = self.gate_proj.out_features
+                gate_up = grouped_linear(x.reshape(rows, -1), self.small_gate_up, torch.tensor([0, rows]), 2 * width)
+                gate, up = gate_up.view(*x.shape[:-1], 2 * width).chunk(2, dim=-1)
+                return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -45,6 +45,9 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
+        # Set by an inference engine (model/cpu_kernels.py): select experts with the compiled CPU kernel, one
+        # call instead of ~10 small ops.
+        self.fused_select = False
 
     def _apply(self, fn, recurse=True):
         # Keep routing parameters in float32 when the model is cast (model.to(bfloat16)).
@@ -59,9 +62,14 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        if self.method in ("noaux_tc", "group_limited_greedy") and self.n_group > 1:
+        grouped_rule = {"noaux_tc": 1, "group_limited_greedy": 2}.get(self.method, 0) if self.n_group > 1 else 0
+        if self.fused_select and not torch.is_grad_enabled() and choice.device.type == "cpu":
+            from .cpu_kernels import bf16_kernels  # (imported late: cpu_kernels imports this module)
+
+            indices = bf16_kernels().select_experts(choice, self.n_group, self.topk_group, self.top_k, grouped_rule)
+        elif grouped_rule:
             grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
-            if self.method == "noaux_tc":
+            if grouped_rule == 1:
                 group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
             else:
                 group_scores = grouped.amax(dim=-1)
@@ -69,7 +77,9 @@ class Router(nn.Module):
             group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
             # -inf, not 0: biased sigmoid scores can be negative, and a masked expert must never win.
             choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
-        indices = choice.topk(self.top_k, dim=-1).indices
+            indices = choice.topk(self.top_k, dim=-1).indices
+        else:
+            indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
         if self.normalize and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)

@@ -34,3 +34,4 @@ class PagedBatch:
     decode_slots: torch.Tensor | None  # [B, Smax] long: their context slots, padded
     decode_mask: torch.Tensor | None  # [B, 1, 1, Smax] bool: which padded slots are real
     logits_rows: torch.Tensor  # [M] long: rows whose next-token logits are wanted
+    decode_lengths: torch.Tensor | None = None  # [B] long: how many of each decode row's slots are real

@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -191,7 +192,139 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return y;
 }
 
+// Expert selection of DeepSeek's routers for rows of float32 choice scores [N, E] (scores, plus the balancing
+// bias for V3): keep the `topk_group` best of `n_group` groups (group score: 1 = sum of its top 2, as V3's
+// noaux_tc; 2 = its max, as V2's group_limited_greedy; 0 = no groups), then the `top_k` best experts in them.
+// Returns indices [N, top_k], best first; ties go to the lower index. One call instead of ~10 small ops.
+torch::Tensor select_experts(torch::Tensor choice, int64_t n_group, int64_t topk_group, int64_t top_k,
+                             int64_t rule) {
+  TORCH_CHECK(choice.scalar_type() == at::kFloat && choice.dim() == 2, "float32 [N, E] scores");
+  choice = choice.contiguous();
+  const int64_t N = choice.size(0), E = choice.size(1);
+  if (rule == 0) n_group = topk_group = 1;
+  const int64_t per = E / n_group;
+  TORCH_CHECK(per * n_group == E && topk_group <= n_group && top_k <= topk_group * per, "bad routing sizes");
+  auto out = torch::empty({N, top_k}, choice.options().dtype(torch::kLong));
+  const float* cp = choice.data_ptr<float>();
+  int64_t* op = out.data_ptr<int64_t>();
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = cp + n * E;
+    std::vector<float> group_score(n_group);
+    for (int64_t g = 0; g < n_group; ++g) {
+      float best = -INFINITY, second = -INFINITY;
+      for (int64_t e = g * per; e < (g + 1) * per; ++e) {
+        if (row[e] > best) {
+          second = best;
+          best = row[e];
+        } else if (row[e] > second) {
+          second = row[e];
+        }
+      }
+      group_score[g] = rule == 1 ? best + (per > 1 ? second : 0.f) : best;
+    }
+    std::vector<char> keep(n_group, 0);
+    for (int64_t j = 0; j < topk_group; ++j) {
+      int64_t arg = -1;
+      for (int64_t g = 0; g < n_group; ++g)
+        if (!keep[g] && (arg < 0 || group_score[g] > group_score[arg])) arg = g;
+      keep[arg] = 1;
+    }
+    std::vector<char> taken(E, 0);
+    for (int64_t j = 0; j < top_k; ++j) {
+      int64_t arg = -1;
+      for (int64_t e = 0; e < E; ++e)
+        if (keep[e / per] && !taken[e] && (arg < 0 || row[e] > row[arg])) arg = e;
+      taken[arg] = 1;
+      op[n * top_k + j] = arg;
+    }
+  }
+  return out;
+}
+
+namespace {
+
+inline __m512 load_bf16(const uint16_t* p, __mmask16 m = 0xFFFF) {  // up to 16 bf16 -> float32
+  const __m256i raw = _mm256_maskz_loadu_epi16(m, p);  // bf16 is float32's upper half
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+inline __mmask16 tail_mask(int64_t width, int64_t c) {  // lanes of chunk c (16 wide) inside `width`
+  const int64_t left = width - c * 16;
+  return left >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << left) - 1);
+}
+
+}  // namespace
+
+// MLA decode attention straight from the paged latent cache: q [B, H, D] float32 (D = latent L + rope width,
+// the absorbed query), cache [slots, D] bf16, slots [B, S] (padded), lengths [B] -> [B, H, L] float32,
+// softmax(q . k * scale) summed over the latent columns of k. The keys are read in place, never gathered
+// or converted to float32 copies; scores and sums are float32.
+torch::Tensor mla_decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
+                                   torch::Tensor lengths, double scale, int64_t L) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && cache.scalar_type() == at::kBFloat16, "float32 q, bf16 cache");
+  q = q.contiguous();
+  slots = slots.to(torch::kLong).contiguous();
+  lengths = lengths.to(torch::kLong).contiguous();
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 2, "cache must be a contiguous [slots, width] tensor");
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = slots.size(1);
+  TORCH_CHECK(cache.size(1) == D && L <= D, "q and the cache rows must have the same width");
+  const float* qp = q.data_ptr<float>();
+  const auto* cp = reinterpret_cast<const uint16_t*>(cache.data_ptr());
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  auto scores = torch::full({B, H, S}, -INFINITY, q.options());
+  float* scp = scores.data_ptr<float>();
+  const int64_t chunks = (D + 15) / 16, latent_chunks = (L + 15) / 16;
+  // Scores: each cached row's chunk is converted once per group of 8 heads, whose sums stay in registers.
+  at::parallel_for(0, B * S, 8, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / S, s = i % S;
+      if (s >= lp[b]) continue;
+      const uint16_t* k = cp + sp[b * S + s] * D;
+      for (int64_t h0 = 0; h0 < H; h0 += 8) {
+        const int64_t hn = std::min<int64_t>(8, H - h0);
+        __m512 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < chunks; ++c) {
+          const __mmask16 m = tail_mask(D, c);
+          const __m512 kv = load_bf16(k + c * 16, m);
+          for (int j = 0; j < hn; ++j)
+            acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qp + (b * H + h0 + j) * D + c * 16), kv, acc[j]);
+        }
+        for (int j = 0; j < hn; ++j)
+          scp[(b * H + h0 + j) * S + s] = _mm512_reduce_add_ps(acc[j]) * static_cast<float>(scale);
+      }
+    }
+  });
+  auto probs = at::_softmax(scores, -1, false);
+  const float* pp = probs.data_ptr<float>();
+  auto out = torch::empty({B, H, L}, q.options());
+  float* outp = out.data_ptr<float>();
+  // Weighted sum of the latents: 8 output chunks (128 columns) of one head accumulate in registers.
+  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / H;
+      for (int64_t c0 = 0; c0 < latent_chunks; c0 += 8) {
+        const int64_t cn = std::min<int64_t>(8, latent_chunks - c0);
+        __m512 acc[8];
+        for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+        for (int64_t s = 0; s < lp[b]; ++s) {
+          const __m512 p = _mm512_set1_ps(pp[i * S + s]);
+          const uint16_t* k = cp + sp[b * S + s] * D;
+          for (int j = 0; j < cn; ++j)
+            acc[j] = _mm512_fmadd_ps(p, load_bf16(k + (c0 + j) * 16, tail_mask(L, c0 + j)), acc[j]);
+        }
+        for (int j = 0; j < cn; ++j)
+          _mm512_mask_storeu_ps(outp + i * L + (c0 + j) * 16, tail_mask(L, c0 + j), acc[j]);
+      }
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("mla_decode_attention", &mla_decode_attention);
+  m.def("select_experts", &select_experts);
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
   m.def("grouped_linear", &grouped_linear);
