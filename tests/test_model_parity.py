@@ -4,7 +4,6 @@ import pytest
 import torch
 
 import nanoseek
-from tiny import build_hf_model
 
 TOL = 1e-4
 

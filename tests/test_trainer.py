@@ -1,7 +1,6 @@
 """The trainer: learning, accumulation equivalence, exact resume after SIGKILL, NaN handling, SFT masking."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

@@ -95,8 +95,8 @@ class AsyncLLM:
                 self.error = e
                 with self._streams_lock:
                     streams = list(self._streams.items())
-                for request_id, (loop, queue) in streams:
-                    loop.call_soon_threadsafe(queue.put_nowait, EngineDeadError(f"engine failed: {e}"))
+                for request_id, (loop, stream) in streams:
+                    loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"engine failed: {e}"))
                 return
             for out in outputs:
                 self._deliver(out.request_id, out)

@@ -11,7 +11,6 @@ engine's outputs, never from engine internals.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
