@@ -5,8 +5,9 @@ Two kernels, chosen per call by the number of rows:
   * oneDNN (mkldnn) for prefill-sized batches;
   * for bf16 decoding (up to SMALL_ROWS rows), nanoseek's own AVX512-BF16 kernel (csrc/bf16_gemv.cpp),
     ~1.7x oneDNN's streaming rate on this machine's decode weights, which also runs every routed expert of a
-    layer in one call. It is compiled on first use; without AVX512-BF16 or a C++ compiler, or with NANOSEEK_CPU_KERNELS=0,
-    oneDNN runs everything.
+    layer in one call. The same extension holds the decode-time fusions (norm, expert selection, MLA attention
+    read in place from the paged cache). It is compiled on first use; without AVX512-BF16 or a C++ compiler,
+    or with NANOSEEK_CPU_KERNELS=0, oneDNN and eager PyTorch run everything.
 
 `F.linear` on CPU re-lays-out its weight for oneDNN on every call; for the small batches of decoding that
 re-layout costs as much as the product itself. Packing each weight once into oneDNN's blocked layout (what
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -40,6 +42,7 @@ SMALL_ROWS_PER_EXPERT = 16
 log = logging.getLogger(__name__)
 _kernels = None
 _kernels_tried = False
+_kernels_lock = threading.Lock()  # the engine may pack from its own thread while another builds
 
 
 def _cpu_has_avx512_bf16() -> bool:
@@ -50,27 +53,32 @@ def _cpu_has_avx512_bf16() -> bool:
 
 
 def bf16_kernels():
-    """The compiled small-batch bf16 kernels (module with `pack` and `grouped_linear`), or None where they are
-    unavailable. Built once per machine into torch's extension cache (~25 s on 2 cores)."""
+    """The compiled extension (pack, grouped_linear, moe_swiglu, rms_norm, select_experts,
+    mla_decode_attention), or None where it is unavailable. Built once per machine into torch's extension cache
+    (~25 s on 2 cores)."""
     global _kernels, _kernels_tried
-    if _kernels_tried:
-        return _kernels
-    _kernels_tried = True
-    if os.environ.get("NANOSEEK_CPU_KERNELS", "1") == "0" or not _cpu_has_avx512_bf16():
-        return None
+    with _kernels_lock:
+        if not _kernels_tried:
+            _kernels_tried = True
+            if os.environ.get("NANOSEEK_CPU_KERNELS", "1") != "0" and _cpu_has_avx512_bf16():
+                _kernels = _build()
+    return _kernels
+
+
+def _build():
     try:
         from torch.utils.cpp_extension import load
 
         source = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
         # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP;
         # the symbols then resolve to the libgomp torch has already loaded (one thread pool).
-        _kernels = load(name="nanoseek_bf16_gemv", sources=[str(source)], verbose=False,
-                        extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
-                        extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # no compiler, no ninja, ...: oneDNN still runs everything
+        return load(name="nanoseek_bf16_gemv", sources=[str(source)], verbose=False,
+                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+                    extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # no compiler, no ninja, ...: oneDNN and eager PyTorch still run everything
         log.warning("nanoseek: bf16 decode kernels unavailable (%s); using oneDNN for every linear layer",
                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-    return _kernels
+        return None
 
 
 def _small_pack(weight: torch.Tensor) -> torch.Tensor | None:
