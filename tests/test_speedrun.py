@@ -27,6 +27,8 @@ def test_speedrun_smoke_runs_every_stage_and_writes_the_report(tmp_path):
         assert section in report, section
     timing = json.loads((run / "timing.json").read_text())
     assert timing["total_seconds"] >= timing["through_sft_eval"] and timing["grpo"] >= 0
+    for stage in ("pretrain", "sft", "grpo", "distill/student"):  # the report's stage table shows each wall time
+        assert json.loads((run / stage / "summary.json").read_text())["wall_seconds"] > 0, stage
     student = json.loads((run / "distill" / "student" / "model" / "config.json").read_text())
     assert student["model_type"] == "qwen2"  # a dense student, from the recipe's [student] section
     result = json.loads((run / "eval_sft.json").read_text())["greedy"]
