@@ -213,8 +213,9 @@ class MLAttention(nn.Module):
         """Whether the CPU kernels run this step's decodes: bf16 inference with packed absorbed weights, and a
         few sequences. Reading the cache in place saves the gather (2x faster at batch 1); with many sequences
         the arithmetic dominates and oneDNN's batched products over gathered rows win (1.1x at 32)."""
-        return (self.absorbed_small is not None and cache.dtype == torch.bfloat16 and not torch.is_grad_enabled()
-                and batch.decode_lengths is not None and batch.decode_slots.shape[0] <= 4)
+        return (self.absorbed_small is not None and cache.dtype == torch.bfloat16 and cache.is_contiguous()
+                and not torch.is_grad_enabled() and batch.decode_lengths is not None
+                and batch.decode_slots.shape[0] <= 4)
 
     def _decode_from_cache(self, q_nope, q_rope, cache, batch: PagedBatch):
         """Absorbed decode of B single tokens ([B, H, *] queries) with attention read straight from the paged
