@@ -118,6 +118,16 @@ def per_head_linear(x: torch.Tensor, small_packed: torch.Tensor, out_features: i
     return y.view(H, R, out_features).transpose(0, 1)
 
 
+def small_linear(x: torch.Tensor, small_packed: torch.Tensor | None, out_features: int) -> torch.Tensor | None:
+    """x [..., K] times a `_small_pack`ed weight on the decode kernel, or None when it does not apply (no packed
+    copy, or more than SMALL_ROWS rows: oneDNN's)."""
+    rows = x.numel() // x.shape[-1]
+    if small_packed is None or rows > SMALL_ROWS:
+        return None
+    y = grouped_linear(x.reshape(rows, -1), small_packed, torch.tensor([0, rows]), out_features)
+    return y.view(*x.shape[:-1], out_features)
+
+
 class PackedLinear(nn.Linear):
     """An nn.Linear whose forward uses its packed copies; the weight Parameter stays the source of truth."""
 
@@ -127,11 +137,8 @@ class PackedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or x.dtype != self.weight.dtype:
             return F.linear(x, self.weight, self.bias)
-        rows = x.numel() // x.shape[-1]
-        if self.small_packed is not None and rows <= SMALL_ROWS:
-            offsets = torch.tensor([0, rows])
-            y = grouped_linear(x.reshape(rows, -1), self.small_packed, offsets, self.out_features)
-            y = y.view(*x.shape[:-1], self.out_features)
+        y = small_linear(x, self.small_packed, self.out_features)
+        if y is not None:
             return y if self.bias is None else y + self.bias
         return packed_linear(x, self.packed, self.bias)
 

@@ -48,12 +48,10 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.small_gate_up is not None and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
-            from .cpu_kernels import SMALL_ROWS, grouped_linear  # (imported late: it imports this module)
+            from .cpu_kernels import small_linear  # (imported late: it imports this module)
 
-            rows = x.numel() // x.shape[-1]
-            if rows <= SMALL_ROWS:
-                width = self.gate_proj.out_features
-                gate_up = grouped_linear(x.reshape(rows, -1), self.small_gate_up, torch.tensor([0, rows]), 2 * width)
-                gate, up = gate_up.view(*x.shape[:-1], 2 * width).chunk(2, dim=-1)
+            gate_up = small_linear(x, self.small_gate_up, 2 * self.gate_proj.out_features)
+            if gate_up is not None:
+                gate, up = gate_up.chunk(2, dim=-1)
                 return self.down_proj(self.act(gate) * up)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -67,18 +67,17 @@ class Router(nn.Module):
             from .cpu_kernels import bf16_kernels  # (imported late: cpu_kernels imports this module)
 
             indices = bf16_kernels().select_experts(choice, self.n_group, self.topk_group, self.top_k, grouped_rule)
-        elif grouped_rule:
-            grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
-            if grouped_rule == 1:
-                group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-            else:
-                group_scores = grouped.amax(dim=-1)
-            keep = group_scores.topk(self.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            # -inf, not 0: biased sigmoid scores can be negative, and a masked expert must never win.
-            choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
-            indices = choice.topk(self.top_k, dim=-1).indices
         else:
+            if grouped_rule:
+                grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
+                if grouped_rule == 1:
+                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
+                else:
+                    group_scores = grouped.amax(dim=-1)
+                keep = group_scores.topk(self.topk_group, dim=-1).indices
+                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+                # -inf, not 0: biased sigmoid scores can be negative, and a masked expert must never win.
+                choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
             indices = choice.topk(self.top_k, dim=-1).indices
         weights = scores.gather(1, indices)
         if self.normalize and self.top_k > 1:
@@ -123,6 +122,7 @@ class Experts(nn.Module):
             return None
         from .cpu_kernels import SMALL_ROWS_PER_EXPERT, bf16_kernels
 
+        # Rows per expert, were every routed copy spread evenly (no host sync to count the experts in use).
         if indices.numel() > SMALL_ROWS_PER_EXPERT * min(indices.numel(), self.n_experts):
             return None
         return bf16_kernels().moe_swiglu(x, weights, indices, *self.small_packed, self.intermediate)
