@@ -1,5 +1,8 @@
 """Training throughput: nanoseek's trainer step vs a plain training loop over transformers'
-DeepseekV3ForCausalLM, same config, batch, dtype (bf16 autocast over fp32 weights), AdamW, 2 threads.
+DeepseekV3ForCausalLM, same config, batch, dtype (bf16 autocast over fp32 weights), optimizer (torch's fused
+AdamW, as nanoseek's trainer builds it), threads and process (so the same host-memory settings,
+nanoseek/cpu_runtime.py). nanoseek's step runs its fused CPU training kernels (model/train_kernels.py); the same
+step on its eager modules is reported alongside.
 
     python bench/train.py
 MFU = tokens/s x (6 x active non-embedding parameters + attention FLOPs per token) / peak matmul FLOP/s of the
@@ -21,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, hf_v3_model  # noqa: E402
 
 import nanoseek  # noqa: E402
+from nanoseek.model import train_kernels  # noqa: E402
 from nanoseek.train.trainer import LossModule, measured_peak_flops, training_flops_per_token  # noqa: E402
 
 # >= 20M parameters, MLA + DeepSeekMoE (no MTP: transformers' model has none to compare against).
@@ -58,7 +62,7 @@ def main():
     tokens = inputs.numel()
 
     module = LossModule(ours)
-    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
 
     def ours_step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -68,7 +72,11 @@ def main():
         opt_ours.step()
         opt_ours.zero_grad(set_to_none=True)
 
-    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4)
+    def ours_eager_step():
+        with train_kernels.eager():
+            ours_step()
+
+    opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
     def hf_step():
         with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -80,15 +88,18 @@ def main():
 
     t_ours = time_steps(ours_step, 2, args.steps)
     t_hf = time_steps(hf_step, 2, args.steps)
+    t_eager = time_steps(ours_eager_step, 2, args.steps)
     t_ours = min(t_ours, time_steps(ours_step, 0, args.steps))  # interleaved: even out machine noise
     t_hf = min(t_hf, time_steps(hf_step, 0, args.steps))
+    t_eager = min(t_eager, time_steps(ours_eager_step, 0, args.steps))
     peak = measured_peak_flops(torch.bfloat16, torch.device("cpu"))
     flops = training_flops_per_token(ours, args.seq, with_mtp=False)
     ours_tok_s, hf_tok_s = tokens / t_ours, tokens / t_hf
     emit({"bench": "train", "params": sum(p.numel() for p in ours.parameters()), "dtype": "bf16 autocast",
           "batch": args.batch, "seq": args.seq, "threads": args.threads,
           "nanoseek_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
-          "ratio": round(ours_tok_s / hf_tok_s, 2), "flops_per_token": flops, "peak_bf16_flops": round(peak / 1e9, 1),
+          "ratio": round(ours_tok_s / hf_tok_s, 2), "nanoseek_eager_tok_s": round(tokens / t_eager, 1),
+          "fused_kernels": train_kernels.train_kernels() is not None, "flops_per_token": flops, "peak_bf16_flops": round(peak / 1e9, 1),
           "nanoseek_mfu": round(ours_tok_s * flops / peak, 3), "transformers_mfu": round(hf_tok_s * flops / peak, 3)})
 
 

@@ -146,12 +146,15 @@ def test_packed_bf16_model_matches_the_unpacked_model_and_follows_weight_changes
 
 def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("NANOSEEK_CPU_KERNELS", "0")
-    monkeypatch.setattr(cpu_kernels, "_kernels_tried", False)
-    monkeypatch.setattr(cpu_kernels, "_kernels", None)
-    assert bf16_kernels() is None
-    layer = torch.nn.Linear(32, 16).bfloat16()
-    pack_model(layer)
-    assert layer.small_packed is None
+    cpu_kernels._DECODE_KERNELS.reset()
+    try:
+        assert bf16_kernels() is None
+        layer = torch.nn.Linear(32, 16).bfloat16()
+        pack_model(layer)
+        assert layer.small_packed is None
+    finally:
+        monkeypatch.undo()
+        cpu_kernels._DECODE_KERNELS.reset()
 
 
 @needs_kernels

@@ -172,8 +172,10 @@ class LLMEngine:
         return bool(self.requests) or bool(self._finished_outputs)
 
     # ---- stepping ----
-    def step(self) -> list[RequestOutput]:
-        """Runs one scheduled batch; returns outputs of every request that changed (finished ones included)."""
+    def step(self, finished_only: bool = False) -> list[RequestOutput]:
+        """Runs one scheduled batch; returns outputs of every request that changed (finished ones included), or
+        with `finished_only` of those that finished (offline generation: no per-step copies of growing
+        outputs)."""
         with self.lock:
             outputs, self._finished_outputs = self._finished_outputs, []
             plan = self.scheduler.schedule()
@@ -181,10 +183,13 @@ class LLMEngine:
                 return outputs
             logits = self.runner.run(plan)
             sampling = [item.seq for item in plan if item.samples]
+            bs = self.blocks.block_size
             for item in plan:
-                item.seq.num_computed += item.num_new
+                seq = item.seq
+                seq.num_computed += item.num_new
                 # Hash newly completed blocks now, before a sequence that finishes this step releases them.
-                self.blocks.register_computed(item.seq.token_ids, item.seq.block_table, item.seq.num_computed)
+                if seq.num_computed // bs > (seq.num_computed - item.num_new) // bs:
+                    self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
             seqs, rows = [], []
             for row, seq in enumerate(sampling):
                 seqs.append(seq)
@@ -206,7 +211,8 @@ class LLMEngine:
                     self.scheduler.remove(seq)
             self.totals["generation_tokens"] += len(tokens)
             for request in touched.values():
-                outputs.append(request.output())
+                if request.finished or not finished_only:
+                    outputs.append(request.output())
                 if request.finished:
                     request.metrics.finished_time = now
                     self.requests.pop(request.request_id, None)
@@ -313,7 +319,7 @@ class LLM:
             bar = tqdm(total=len(requests), desc="generate", unit="req")
         try:
             while any(r is None for r in results):
-                for out in self.engine.step():
+                for out in self.engine.step(finished_only=True):
                     if out.finished and out.request_id in order:
                         results[order[out.request_id]] = out
                         if bar is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-from torch.nn.utils.rnn import pad_sequence
 
 from ..model.paged import PagedBatch, PrefillSpan
 from ..model.transformer import Transformer
@@ -28,37 +27,45 @@ class ModelRunner:
     def run(self, plan: list[ScheduledSeq]) -> torch.Tensor:
         """Computes every scheduled token; returns logits [M, vocab] for the sequences that sample, in plan
         order."""
+        bs = self.cache.block_size
         ids, positions, slot_mapping, prefills, logits_rows = [], [], [], [], []
-        decode_rows, decode_slots = [], []
+        decode_rows, decode_tables, decode_lengths = [], [], []
         row = 0
         for item in plan:
             seq, n = item.seq, item.num_new
             start, end = seq.num_computed, seq.num_computed + n
             ids.extend(seq.token_ids[start:end])
-            positions.append(torch.arange(start, end))
-            context = self._slots(seq.block_table, end)
-            slot_mapping.append(context[start:end])
-            if n == 1:
+            if n == 1:  # decoding: one slot to write, the whole block table to read (no per-sequence tensors)
+                table = seq.block_table
+                positions.append(start)
+                slot_mapping.append(table[start // bs] * bs + start % bs)
                 decode_rows.append(row)
-                decode_slots.append(context)
+                decode_tables.append(table[: (end + bs - 1) // bs])
+                decode_lengths.append(end)
             else:
+                context = self._slots(seq.block_table, end)
+                positions.extend(range(start, end))
+                slot_mapping.extend(context[start:end].tolist())
                 prefills.append(PrefillSpan(row, row + n, context))
             if item.samples:
                 logits_rows.append(row + n - 1)
             row += n
         dev = self.device
         batch = PagedBatch(
-            slot_mapping=torch.cat(slot_mapping),
+            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
             prefills=prefills,
             decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=dev) if decode_rows else None,
-            decode_slots=pad_sequence(decode_slots, batch_first=True) if decode_slots else None,
+            decode_slots=None,
             decode_mask=None,
             logits_rows=torch.tensor(logits_rows, dtype=torch.long, device=dev),
         )
-        if decode_slots:
-            lengths = torch.tensor([len(s) for s in decode_slots], device=dev)
-            width = batch.decode_slots.shape[1]
-            batch.decode_mask = (torch.arange(width, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
+        if decode_rows:
+            # Block tables padded with block 0 (masked out) -> [B, blocks * block_size] slots.
+            width = max(len(t) for t in decode_tables)
+            tables = torch.tensor([t + [0] * (width - len(t)) for t in decode_tables], dtype=torch.long, device=dev)
+            batch.decode_slots = (tables[:, :, None] * bs + self._offsets).flatten(1)
+            lengths = torch.tensor(decode_lengths, device=dev)
+            batch.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
             batch.decode_lengths = lengths
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        return self.model.forward_paged(input_ids, torch.cat(positions).to(dev), self.layers, batch)
+        return self.model.forward_paged(input_ids, torch.tensor(positions, device=dev), self.layers, batch)

@@ -16,6 +16,7 @@ from .sequence import Sequence
 class Sampler:
     def __init__(self, tokenizer=None, seed: int | None = None):
         self.tokenizer = tokenizer
+        self._token_text: dict[int, tuple[str, bytes]] = {}  # token id -> (text, bytes), for logprob entries
         self.generator = torch.Generator()  # for unseeded requests; never the global generator
         if seed is None:
             self.generator.seed()
@@ -44,28 +45,51 @@ class Sampler:
                 if out:
                     counts = torch.bincount(torch.tensor(out, device=logits.device), minlength=logits.shape[1]).float()
                     logits[i] -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
-        tokens = logits.argmax(dim=-1).tolist()  # final for greedy rows
-        processed = None
-        if any(s.params.logprobs is not None and s.params.logprobs_mode == "processed" for s in seqs):
-            temps = torch.tensor([s.params.temperature if s.params.temperature > 0 else 1.0 for s in seqs],
-                                 device=logits.device)
-            processed = logits / temps[:, None]
+        tokens = logits.argmax(dim=-1)  # final for greedy rows
         sampled = [i for i, s in enumerate(seqs) if not s.params.greedy]
         if sampled:
             rows = [seqs[i] for i in sampled]
             temps = torch.tensor([s.params.temperature for s in rows], device=logits.device)
             probs = self._truncate(logits[sampled] / temps[:, None], rows).softmax(dim=-1)
-            for j, i in enumerate(sampled):
-                # The noise comes from the request's CPU generator on every device: a seeded request draws
-                # the same tokens on CPU and GPU.
-                noise = torch.empty(probs.shape[1]).exponential_(generator=seqs[i].generator or self.generator)
-                noise = noise.to(probs.device)
-                tokens[i] = int((probs[j] / noise).argmax())
-        for i, seq in enumerate(seqs):
-            if seq.params.logprobs is not None:
-                source = raw if seq.params.logprobs_mode == "raw" else processed
-                seq.logprobs.append(self._logprob_entry(source[i].log_softmax(-1), tokens[i], seq.params.logprobs))
+            # The noise comes from each request's CPU generator on every device (a seeded request draws the
+            # same tokens on CPU and GPU, whatever shares its batch); one row each, then one batched draw.
+            noise = torch.empty(probs.shape)
+            for j, seq in enumerate(rows):
+                noise[j].exponential_(generator=seq.generator or self.generator)
+            tokens[sampled] = (probs / noise.to(probs.device)).argmax(dim=-1)
+        tokens = tokens.tolist()
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if wanted:
+            self._record_logprobs(logits, raw, seqs, wanted, tokens)
         return tokens
+
+    def _record_logprobs(self, logits, raw, seqs: list[Sequence], wanted: list[int], tokens: list[int]) -> None:
+        """Appends each asking sequence's logprob entry: the chosen token's (and the top-k) log-probabilities of
+        the raw logits or of the processed ones (after penalties, at the request's temperature)."""
+        by_mode: dict[str, torch.Tensor] = {}
+        for mode in {seqs[i].params.logprobs_mode for i in wanted}:
+            if mode == "raw":
+                source = raw[wanted]
+            else:
+                temps = torch.tensor([seqs[i].params.temperature if seqs[i].params.temperature > 0 else 1.0
+                                      for i in wanted], device=logits.device)
+                source = logits[wanted] / temps[:, None]
+            by_mode[mode] = source.log_softmax(-1)
+        chosen = torch.tensor([tokens[i] for i in wanted], device=logits.device)[:, None]
+        top = max(seqs[i].params.logprobs for i in wanted)
+        for mode, logprobs in by_mode.items():
+            picked = logprobs.gather(1, chosen)[:, 0].tolist()
+            values, ids = logprobs.topk(top, dim=-1) if top else (None, None)
+            values = values.tolist() if top else None
+            ids = ids.tolist() if top else None
+            for j, i in enumerate(wanted):
+                seq = seqs[i]
+                if seq.params.logprobs_mode != mode:
+                    continue
+                entry = self._describe(tokens[i], picked[j])
+                k = seq.params.logprobs
+                entry["top_logprobs"] = [self._describe(t, v) for t, v in zip(ids[j][:k], values[j][:k])] if k else []
+                seq.logprobs.append(entry)
 
     @staticmethod
     def _truncate(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
@@ -90,19 +114,13 @@ class Sampler:
             logits = logits.masked_fill(probs < floor, float("-inf"))
         return logits
 
-    def _logprob_entry(self, logprobs: torch.Tensor, token: int, k: int) -> dict:
-        entry = self._describe(token, float(logprobs[token]))
-        if k:
-            values, ids = logprobs.topk(k)
-            entry["top_logprobs"] = [self._describe(int(t), float(v)) for v, t in zip(values, ids)]
-        else:
-            entry["top_logprobs"] = []
-        return entry
-
     def _describe(self, token: int, logprob: float) -> dict:
         """OpenAI's shape: token text, logprob, and the token's UTF-8 bytes."""
         if self.tokenizer is None:
             return {"token_id": token, "token": str(token), "logprob": logprob, "bytes": None}
+        text, raw = self._token_text.get(token) or self._token_text.setdefault(token, self._token_form(token))
+        return {"token_id": token, "token": text, "logprob": logprob, "bytes": list(raw)}
+
+    def _token_form(self, token: int) -> tuple[str, bytes]:
         raw = self.tokenizer.token_bytes(token)
-        return {"token_id": token, "token": raw.decode("utf-8", errors="replace"), "logprob": logprob,
-                "bytes": list(raw)}
+        return raw.decode("utf-8", errors="replace"), raw

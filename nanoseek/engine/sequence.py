@@ -82,7 +82,8 @@ class Sequence:
         self.status = Status.WAITING
         self.generator = generator
         self.detok = IncrementalDetokenizer(request.tokenizer, request.skip_ids) if request.tokenizer else None
-        self.text = ""  # detokenized, cut at a stop string
+        self._text = ""  # detokenized so far, cut at a stop string
+        self._undecoded: list[int] = []  # generated ids not yet detokenized (see `text`)
         self.searched = 0  # text before this index was searched for stop strings
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
         self.finish_reason: str | None = None
@@ -104,12 +105,25 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == Status.FINISHED
 
+    @property
+    def text(self) -> str:
+        """The detokenized output. Without stop strings nothing needs the text while decoding, so tokens are
+        detokenized when it is read (every step when streaming, once for offline generation) and in bulk."""
+        if self._undecoded:
+            self._text += self.detok.extend(self._undecoded)
+            self._undecoded = []
+        return self._text
+
+    @text.setter
+    def text(self, value: str) -> None:
+        self._text = value
+
     def append(self, token_id: int) -> None:
         """Adds a sampled token and decides whether the sequence is done."""
         self.token_ids.append(token_id)
         params, request = self.params, self.request
         if self.detok is not None:
-            self.text += self.detok.add(token_id)
+            self._undecoded.append(token_id)
         # (The sampler masks EOS and stop tokens until min_tokens are out.)
         if token_id in params.stop_token_ids:
             return self.finish("stop", token_id)
@@ -129,7 +143,7 @@ class Sequence:
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.status = Status.FINISHED
         if reason != "stop" and self.detok is not None:
-            self.text += self.detok.flush()
+            self.text = self.text + self.detok.flush()
 
     def visible_text(self) -> str:
         """What a streaming client may see now: unfinished, the possible start of a stop string is held back."""

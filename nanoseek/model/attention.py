@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import train_kernels
 from .layers import RMSNorm
 from .paged import PagedBatch
 from .rope import Rope
@@ -42,6 +43,18 @@ def _sdpa(q, k, v, mask, scale):
     else:
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[..., :dv].transpose(1, 2)
+
+
+def _attention(q, k, v, mask, scale, training: bool):
+    """Self-attention of a batch of sequences, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,Dv]: in CPU training the
+    fused batched kernel (causal, no padding, scores small enough to keep), else SDPA."""
+    B, T, H, _ = q.shape
+    if (mask is None and k.shape[1] == T and train_kernels.fused_training(q, training)
+            and train_kernels.batched_attention_fits(B * H, T)):
+        if k.shape[2] != H:  # GQA: each KV head serves H / Hkv query heads (autograd sums their gradients)
+            k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
+        return train_kernels.causal_attention(q, k, v, scale)
+    return _sdpa(q, k, v, mask, scale)
 
 
 def _decode_attention(q, k, v, mask, scale, latent_width: int = 0, out_dtype=None):
@@ -143,7 +156,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        return _sdpa(q, k, v, mask, self.scale).flatten(2)
+        return _attention(q, k, v, mask, self.scale, self.training).flatten(2)
 
     def heads_absorbed(self, q_nope, q_rope, cached, mask):
         """Attention straight against the latent cache. Returns per-head outputs [B, T, H * v].
@@ -181,10 +194,25 @@ class MLAttention(nn.Module):
         return _sdpa(q.to(dtype), kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
+        B, T, _ = x.shape
+        if (mask is None and not absorbed and train_kernels.fused_training(x, self.training)
+                and train_kernels.batched_attention_fits(B * self.n_heads, T)):
+            return self._forward_fused(x, rope)
         q_nope, q_rope, latent, k_rope = self.compress(x, rope)
         cached = torch.cat((latent, k_rope), dim=-1)
         heads = self.heads_absorbed if absorbed else self.heads_full
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
+
+    def _forward_fused(self, x, rope: Rope):
+        """Causal self-attention in CPU training (model/train_kernels.py): the same projections, then queries,
+        keys and values assembled and rotated in one pass and attention as batched GEMMs."""
+        B, T, _ = x.shape
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        kv = self.kv_b_proj(self.kv_a_layernorm(latent))
+        heads = train_kernels.mla_attention(q.view(B, T, self.n_heads, -1), kv.view(B, T, self.n_heads, -1), k_rope,
+                                            rope, self.nope_dim, self.scale)
+        return self.o_proj(heads)
 
     def forward_paged(self, x, rope: Rope, cache: torch.Tensor, batch: PagedBatch):
         """Engine path over N flattened tokens of many sequences. cache: [slots, kv_lora + rope] of this layer.
@@ -210,12 +238,14 @@ class MLAttention(nn.Module):
         return self.o_proj(out)
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
-        """Whether the CPU kernels run this step's decodes: bf16 inference with packed absorbed weights, and a
-        few sequences. Reading the cache in place saves the gather (2x faster at batch 1); with many sequences
-        the arithmetic dominates and oneDNN's batched products over gathered rows win (1.1x at 32)."""
+        """Whether the CPU kernels run this step's decodes: bf16 inference with packed absorbed weights, and few
+        sequences or few heads. Reading the cache in place saves the gather and its float32 copy (2x faster at
+        batch 1); with many sequences and many heads the arithmetic dominates and oneDNN's batched products over
+        gathered rows win (1.1x at 32 sequences of 12 heads), while with 4 heads the copies dominate and the
+        kernel wins (a 64-sequence decode step of the speedrun model: 6.5 -> 5.9 ms)."""
         return (self.absorbed_small is not None and cache.dtype == torch.bfloat16 and cache.is_contiguous()
                 and not torch.is_grad_enabled() and batch.decode_lengths is not None
-                and batch.decode_slots.shape[0] <= 4)
+                and (batch.decode_slots.shape[0] <= 4 or self.n_heads <= 8))
 
     def _decode_from_cache(self, q_nope, q_rope, cache, batch: PagedBatch):
         """Absorbed decode of B single tokens ([B, H, *] queries) with attention read straight from the paged
@@ -251,7 +281,7 @@ class GQAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask):
-        return self.o_proj(_sdpa(q, k, v, mask, self.scale).flatten(2))
+        return self.o_proj(_attention(q, k, v, mask, self.scale, self.training).flatten(2))
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
         q, k, v = self.project(x, rope)

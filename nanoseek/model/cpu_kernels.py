@@ -19,16 +19,14 @@ autograd, so with gradients enabled the layers fall back to the plain weights.
 
 from __future__ import annotations
 
-import logging
-import os
-import threading
-from pathlib import Path
+import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .attention import MLAttention
+from .extension import OPENMP, CompiledKernels, cpu_flag
 from .layers import MLP, RMSNorm
 from .moe import Experts, Router
 
@@ -38,47 +36,21 @@ _BATCH_HINT = 64  # oneDNN picks a blocking for this many rows; measured best or
 # 1.8x for 2 rows per expert, 1.2x for 16. Larger (prefill) batches are compute-bound: oneDNN's.
 SMALL_ROWS = 32
 SMALL_ROWS_PER_EXPERT = 16
+# Beyond SMALL_ROWS, small weights still go to the bf16 kernel: oneDNN's fixed cost per call (~15 us) dominates
+# a tiny product. Measured on 2 threads: 64 rows x 256x192 weight 9.5 vs 19.2 us, 128 rows x 384x256 30 vs
+# 37 us, 128 rows x 768x256 58 vs 62 us (even), 64 rows x 4096x400 242 vs 220 us (oneDNN's).
+SMALL_PRODUCT_MACS = 16 << 20
+SMALL_PRODUCT_ROWS = 128
 
-log = logging.getLogger(__name__)
-_kernels = None
-_kernels_tried = False
-_kernels_lock = threading.Lock()  # the engine may pack from its own thread while another builds
-
-
-def _cpu_has_avx512_bf16() -> bool:
-    try:
-        return "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
+_DECODE_KERNELS = CompiledKernels("nanoseek_bf16_gemv", "bf16_gemv.cpp",
+                                  [*OPENMP, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
+                                  supported=lambda: cpu_flag("avx512_bf16"))
 
 
 def bf16_kernels():
     """The compiled extension (pack, grouped_linear, moe_swiglu, rms_norm, select_experts,
-    mla_decode_attention), or None where it is unavailable. Built once per machine into torch's extension cache
-    (~25 s on 2 cores)."""
-    global _kernels, _kernels_tried
-    with _kernels_lock:
-        if not _kernels_tried:
-            _kernels_tried = True
-            if os.environ.get("NANOSEEK_CPU_KERNELS", "1") != "0" and _cpu_has_avx512_bf16():
-                _kernels = _build()
-    return _kernels
-
-
-def _build():
-    try:
-        from torch.utils.cpp_extension import load
-
-        source = Path(__file__).parent / "csrc" / "bf16_gemv.cpp"
-        # -fopenmp: at::parallel_for is a header template that runs serially unless compiled with OpenMP;
-        # the symbols then resolve to the libgomp torch has already loaded (one thread pool).
-        return load(name="nanoseek_bf16_gemv", sources=[str(source)], verbose=False,
-                    extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16"],
-                    extra_ldflags=["-fopenmp"])
-    except Exception as exc:  # no compiler, no ninja, ...: oneDNN and eager PyTorch still run everything
-        log.warning("nanoseek: bf16 decode kernels unavailable (%s); using oneDNN for every linear layer",
-                    str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        return None
+    mla_decode_attention), or None where it is unavailable (no AVX512-BF16, no compiler, switched off)."""
+    return _DECODE_KERNELS.get()
 
 
 def _small_pack(weight: torch.Tensor) -> torch.Tensor | None:
@@ -110,21 +82,28 @@ def grouped_linear(x: torch.Tensor, small_packed: torch.Tensor, offsets: torch.T
     return bf16_kernels().grouped_linear(x, small_packed, offsets, out_features)
 
 
+@functools.lru_cache(maxsize=1024)
+def _offsets(groups: int, rows: int) -> torch.Tensor:
+    """[0, rows, 2 rows, ...]: group boundaries of equal groups (cached: a fresh tensor per call costs more
+    than a small decode product)."""
+    return torch.arange(0, (groups + 1) * rows, rows)
+
+
 def per_head_linear(x: torch.Tensor, small_packed: torch.Tensor, out_features: int) -> torch.Tensor:
     """x [R, H, K] -> [R, H, N]: each head's rows times that head's weight, in one grouped call."""
     R, H, K = x.shape
-    offsets = torch.arange(0, (H + 1) * R, R)
-    y = grouped_linear(x.transpose(0, 1).reshape(H * R, K), small_packed, offsets, out_features)
+    y = grouped_linear(x.transpose(0, 1).reshape(H * R, K), small_packed, _offsets(H, R), out_features)
     return y.view(H, R, out_features).transpose(0, 1)
 
 
 def small_linear(x: torch.Tensor, small_packed: torch.Tensor | None, out_features: int) -> torch.Tensor | None:
     """x [..., K] times a `_small_pack`ed weight on the decode kernel, or None when it does not apply (no packed
-    copy, or more than SMALL_ROWS rows: oneDNN's)."""
+    copy, or a product large enough for oneDNN)."""
     rows = x.numel() // x.shape[-1]
-    if small_packed is None or rows > SMALL_ROWS:
+    if small_packed is None or rows > SMALL_ROWS and (
+            rows > SMALL_PRODUCT_ROWS or rows * out_features * x.shape[-1] > SMALL_PRODUCT_MACS):
         return None
-    y = grouped_linear(x.reshape(rows, -1), small_packed, torch.tensor([0, rows]), out_features)
+    y = grouped_linear(x.reshape(rows, -1), small_packed, _offsets(1, rows), out_features)
     return y.view(*x.shape[:-1], out_features)
 
 

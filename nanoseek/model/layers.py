@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
+from . import train_kernels
+from .train_kernels import fused_training
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -27,6 +29,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_training(x, self.training) and self.weight.dtype == torch.float32:
+            return train_kernels.rms_norm(x, self.weight, self.eps)  # bf16: every consumer multiplies in bf16
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Low precision: normalise in float32 and round once, then scale (transformers' order of rounding).
@@ -47,6 +51,9 @@ class MLP(nn.Module):
         self.small_gate_up = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fused_training(x, self.training) and self.act is F.silu and self.gate_proj.bias is None and self.up_proj.bias is None \
+                and self.down_proj.bias is None:
+            return train_kernels.swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
         if self.small_gate_up is not None and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
             from .cpu_kernels import small_linear  # (imported late: it imports this module)
 

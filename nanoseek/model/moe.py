@@ -18,7 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import train_kernels
 from .layers import MLP, activation
+from .train_kernels import fused_training
 
 
 @torch.no_grad()
@@ -128,6 +130,8 @@ class Experts(nn.Module):
         return bf16_kernels().moe_swiglu(x, weights, indices, *self.small_packed, self.intermediate)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        if fused_training(x, self.training) and self.act is F.silu:
+            return train_kernels.routed_experts(x, weights, indices, self.gate_up_proj, self.down_proj)
         fused = self._small_batch(x, weights, indices)
         if fused is not None:
             return fused

@@ -31,6 +31,7 @@ from ..data.sources import chat_prompt, task_problems
 from ..data.tasks import Problem
 from ..engine import LLM, SamplingParams
 from ..errors import ConfigError
+from ..model.train_kernels import fused_training, token_logprobs
 from ..model.transformer import Transformer
 from ..tokenizer import load_tokenizer
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
@@ -136,15 +137,21 @@ def sequence_logprobs(model: Transformer, sequences: list[list[int]], starts: li
     for i, s in enumerate(sequences):
         ids[i, :len(s)] = torch.tensor(s)
     ids = ids.to(device)
-    logits = model(ids[:, :-1]).float() / temperature
     T = max(lengths)
     index = torch.tensor([[st - 1 + t for t in range(T)] for st in starts], device=device).clamp(max=width - 2)
+    targets = ids.gather(1, (index + 1).clamp(max=width - 1))
+    mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
+    hidden = model.hidden_states(ids[:, :-1])
+    if fused_training(hidden, model.training):  # the LM head on the scored rows only, log-softmax and entropy fused
+        rows = (index + torch.arange(len(sequences), device=device)[:, None] * (width - 1)).flatten()
+        logp, entropy = token_logprobs(hidden.flatten(0, 1).index_select(0, rows), model.lm_head.weight,
+                                       targets.flatten(), temperature)
+        return logp.view(-1, T), entropy.view(-1, T), mask
+    logits = model.lm_head(hidden).float() / temperature
     picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
     logsm = picked.log_softmax(-1)
-    targets = ids.gather(1, (index + 1).clamp(max=width - 1))
     logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
     entropy = -(logsm.exp() * logsm).sum(-1)
-    mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     return logp, entropy.detach(), mask
 
 
@@ -162,7 +169,9 @@ class GRPOTrainer(Trainer):
         if cfg["beta"] > 0:  # a frozen copy only when the KL term is on
             self.ref = Transformer(model.config).to(self.device)
             self.ref.load_state_dict(model.state_dict())
-            self.ref.eval().requires_grad_(False)
+            # Training mode (nothing in the model behaves differently in it but the numeric path): the reference's
+            # log-probs come from the same fused kernels as the policy's, so identical weights give a zero KL.
+            self.ref.train().requires_grad_(False)
         rollout = Transformer(model.config)
         rollout.load_state_dict(model.state_dict())
         dtype = torch.bfloat16 if cfg["rollout_dtype"] == "bfloat16" else torch.float32

@@ -259,6 +259,11 @@ inline __mmask16 tail_mask(int64_t width, int64_t c) {  // lanes of chunk c (16 
 // the absorbed query), cache [slots, D] bf16, slots [B, S] (padded), lengths [B] -> [B, H, L] float32,
 // softmax(q . k * scale) summed over the latent columns of k. The keys are read in place, never gathered
 // or converted to float32 copies; scores and sums are float32.
+//
+// Scores take 16 cached rows at a time: one 32-bit gather per pair of columns brings those columns of all
+// 16 rows into registers, so every lane is one row and no horizontal sums are needed (per row and head
+// that is ~3x fewer instructions than a dot product per row). The weighted sum converts each cached row
+// once for a group of heads.
 torch::Tensor mla_decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
                                    torch::Tensor lengths, double scale, int64_t L) {
   TORCH_CHECK(q.scalar_type() == at::kFloat && cache.scalar_type() == at::kBFloat16, "float32 q, bf16 cache");
@@ -268,31 +273,42 @@ torch::Tensor mla_decode_attention(torch::Tensor q, torch::Tensor cache, torch::
   TORCH_CHECK(cache.is_contiguous() && cache.dim() == 2, "cache must be a contiguous [slots, width] tensor");
   const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = slots.size(1);
   TORCH_CHECK(cache.size(1) == D && L <= D, "q and the cache rows must have the same width");
+  TORCH_CHECK(D % 2 == 0 && cache.size(0) * (D / 2) < (int64_t(1) << 31),
+              "cache rows must have an even width and fit 32-bit gather offsets");
   const float* qp = q.data_ptr<float>();
   const auto* cp = reinterpret_cast<const uint16_t*>(cache.data_ptr());
+  const int* cw = reinterpret_cast<const int*>(cache.data_ptr());  // the cache as 32-bit column pairs
   const int64_t* sp = slots.data_ptr<int64_t>();
   const int64_t* lp = lengths.data_ptr<int64_t>();
   auto scores = torch::full({B, H, S}, -INFINITY, q.options());
   float* scp = scores.data_ptr<float>();
-  const int64_t chunks = (D + 15) / 16, latent_chunks = (L + 15) / 16;
-  // Scores: each cached row's chunk is converted once per group of 8 heads, whose sums stay in registers.
-  at::parallel_for(0, B * S, 8, [&](int64_t i0, int64_t i1) {
+  const int64_t blocks = (S + 15) / 16, pairs = D / 2;
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, B * blocks, 4, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / S, s = i % S;
-      if (s >= lp[b]) continue;
-      const uint16_t* k = cp + sp[b * S + s] * D;
+      const int64_t b = i / blocks, s0 = (i % blocks) * 16;
+      if (s0 >= lp[b]) continue;
+      const int64_t n = std::min<int64_t>(16, lp[b] - s0);
+      const __mmask16 live = tail_mask(n, 0);
+      alignas(64) int32_t rows[16] = {0};
+      for (int64_t r = 0; r < n; ++r) rows[r] = static_cast<int32_t>(sp[b * S + s0 + r] * pairs);
+      const __m512i vrows = _mm512_load_si512(rows);
       for (int64_t h0 = 0; h0 < H; h0 += 8) {
         const int64_t hn = std::min<int64_t>(8, H - h0);
+        const float* qh = qp + (b * H + h0) * D;
         __m512 acc[8];
         for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < chunks; ++c) {
-          const __mmask16 m = tail_mask(D, c);
-          const __m512 kv = load_bf16(k + c * 16, m);
-          for (int j = 0; j < hn; ++j)
-            acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qp + (b * H + h0 + j) * D + c * 16), kv, acc[j]);
+        for (int64_t p = 0; p < pairs; ++p) {
+          const __m512i w = _mm512_mask_i32gather_epi32(_mm512_setzero_si512(), live, vrows, cw + p, 4);
+          const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));  // column 2p of each row
+          const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000))));
+          for (int j = 0; j < hn; ++j) {
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(qh[j * D + 2 * p]), even, acc[j]);
+            acc[j] = _mm512_fmadd_ps(_mm512_set1_ps(qh[j * D + 2 * p + 1]), odd, acc[j]);
+          }
         }
         for (int j = 0; j < hn; ++j)
-          scp[(b * H + h0 + j) * S + s] = _mm512_reduce_add_ps(acc[j]) * static_cast<float>(scale);
+          _mm512_mask_storeu_ps(scp + (b * H + h0 + j) * S + s0, live, _mm512_mul_ps(acc[j], _mm512_set1_ps(sc)));
       }
     }
   });
@@ -300,22 +316,29 @@ torch::Tensor mla_decode_attention(torch::Tensor q, torch::Tensor cache, torch::
   const float* pp = probs.data_ptr<float>();
   auto out = torch::empty({B, H, L}, q.options());
   float* outp = out.data_ptr<float>();
-  // Weighted sum of the latents: 8 output chunks (128 columns) of one head accumulate in registers.
-  at::parallel_for(0, B * H, 1, [&](int64_t i0, int64_t i1) {
+  // Weighted sum of the latents: 4 heads x 4 column chunks (64 columns) accumulate in registers, each cached
+  // chunk converted once for the 4 heads.
+  const int64_t latent_chunks = (L + 15) / 16, head_groups = (H + 3) / 4, chunk_groups = (latent_chunks + 3) / 4;
+  at::parallel_for(0, B * head_groups, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
-      const int64_t b = i / H;
-      for (int64_t c0 = 0; c0 < latent_chunks; c0 += 8) {
-        const int64_t cn = std::min<int64_t>(8, latent_chunks - c0);
-        __m512 acc[8];
-        for (int j = 0; j < 8; ++j) acc[j] = _mm512_setzero_ps();
+      const int64_t b = i / head_groups, h0 = (i % head_groups) * 4, hn = std::min<int64_t>(4, H - h0);
+      for (int64_t g = 0; g < chunk_groups; ++g) {
+        const int64_t c0 = g * 4, cn = std::min<int64_t>(4, latent_chunks - c0);
+        __m512 acc[4][4];
+        for (int j = 0; j < 4; ++j)
+          for (int c = 0; c < 4; ++c) acc[j][c] = _mm512_setzero_ps();
         for (int64_t s = 0; s < lp[b]; ++s) {
-          const __m512 p = _mm512_set1_ps(pp[i * S + s]);
           const uint16_t* k = cp + sp[b * S + s] * D;
-          for (int j = 0; j < cn; ++j)
-            acc[j] = _mm512_fmadd_ps(p, load_bf16(k + (c0 + j) * 16, tail_mask(L, c0 + j)), acc[j]);
+          __m512 kv[4];
+          for (int c = 0; c < cn; ++c) kv[c] = load_bf16(k + (c0 + c) * 16, tail_mask(L, c0 + c));
+          for (int j = 0; j < hn; ++j) {
+            const __m512 p = _mm512_set1_ps(pp[(b * H + h0 + j) * S + s]);
+            for (int c = 0; c < cn; ++c) acc[j][c] = _mm512_fmadd_ps(p, kv[c], acc[j][c]);
+          }
         }
-        for (int j = 0; j < cn; ++j)
-          _mm512_mask_storeu_ps(outp + i * L + (c0 + j) * 16, tail_mask(L, c0 + j), acc[j]);
+        for (int j = 0; j < hn; ++j)
+          for (int c = 0; c < cn; ++c)
+            _mm512_mask_storeu_ps(outp + (b * H + h0 + j) * L + (c0 + c) * 16, tail_mask(L, c0 + c), acc[j][c]);
       }
     }
   });
