@@ -201,3 +201,39 @@ def test_a_bf16_engine_decodes_through_the_kernels(hf_checkpoint, monkeypatch):
                                                                          logprobs=0))
     assert calls and all(len(o.outputs[0].token_ids) == 6 for o in out)
     assert all(torch.isfinite(torch.tensor([t["logprob"] for t in o.outputs[0].logprobs])).all() for o in out)
+
+
+@needs_kernels
+@pytest.mark.parametrize("heads, latent, rope", [(9, 40, 16), (4, 64, 32), (16, 512, 64)])
+def test_mla_decode_attention_kernel_matches_float32_attention(heads, latent, rope):
+    """Head groups of 8 and 4 with remainders, latent widths off the 16-column chunks, contexts spanning
+    several 16-row blocks with a partial last one, one-token contexts."""
+    g = torch.Generator().manual_seed(heads)
+    width, slots_total, S = latent + rope, 500, 40
+    cache = torch.randn(slots_total, width, generator=g).bfloat16()
+    lengths = torch.tensor([37, 1, 16])
+    slots = torch.zeros(3, S, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = torch.randperm(slots_total, generator=g)[:n]
+    q = torch.randn(3, heads, width, generator=g)
+    out = bf16_kernels().mla_decode_attention(q, cache, slots, lengths, 0.1, latent)
+    for b, n in enumerate(lengths.tolist()):
+        keys = cache[slots[b, :n]].float()
+        ref = (q[b] @ keys.T * 0.1).softmax(-1) @ keys[:, :latent]
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_small_products_beyond_the_decode_row_limit_run_on_the_kernel():
+    from nanoseek.model.cpu_kernels import SMALL_ROWS, small_linear
+
+    layer = torch.nn.Linear(192, 256, bias=False).bfloat16()
+    pack_model(layer)
+    x = torch.randn(64, 192).bfloat16()
+    assert 64 > SMALL_ROWS
+    y = small_linear(x, layer.small_packed, 256)
+    assert y is not None  # 64 x 256 x 192: oneDNN's fixed cost would dominate
+    torch.testing.assert_close(y.float(), (x.float() @ layer.weight.float().T), rtol=0.02, atol=0.02)
+    big = torch.nn.Linear(400, 4096, bias=False).bfloat16()
+    pack_model(big)
+    assert small_linear(torch.randn(64, 400).bfloat16(), big.small_packed, 4096) is None  # oneDNN's

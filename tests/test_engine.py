@@ -308,3 +308,38 @@ def test_metrics_on_every_output(hf_checkpoint):
     stats = llm.engine.stats()
     assert stats["num_waiting"] == 0 and stats["num_running"] == 0 and stats["kv_bytes_per_token"] == 512
     assert stats["max_cached_tokens"] == stats["num_blocks"] * stats["block_size"]
+
+
+def test_offline_generation_reports_finished_requests_only_with_their_full_text(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    llm = LLM(directory)
+    params = SamplingParams(temperature=1.0, seed=3, max_tokens=9, ignore_eos=True)
+    streamed = [out for out in llm.stream("What is 2 + 2?", params)][-1]
+    engine = llm.engine
+    engine.add_request("What is 2 + 2?", params)
+    reported = []
+    while engine.has_unfinished():
+        reported.extend(engine.step(finished_only=True))
+    assert len(reported) == 1 and reported[0].finished
+    out = reported[0].outputs[0]
+    assert out.token_ids == streamed.outputs[0].token_ids and out.text == streamed.outputs[0].text
+    assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+def test_logprobs_of_requests_asking_different_k_and_modes_in_one_batch(chat_checkpoint):
+    directory, hf = chat_checkpoint("deepseek_v3")
+    llm = LLM(directory)
+    prompt = llm.tokenizer.encode("What is 12 + 30?")
+    asks = [SamplingParams(temperature=0, max_tokens=2, logprobs=1, ignore_eos=True),
+            SamplingParams(temperature=0.5, seed=1, max_tokens=2, logprobs=3, logprobs_mode="processed",
+                           ignore_eos=True),
+            SamplingParams(temperature=0.5, seed=1, max_tokens=2, logprobs=0, logprobs_mode="raw", ignore_eos=True)]
+    outs = [o.outputs[0] for o in llm.generate([prompt] * 3, asks)]
+    assert [len(o.logprobs[0]["top_logprobs"]) for o in outs] == [1, 3, 0]
+    logits = hf(torch.tensor([prompt])).logits[0, -1]
+    raw, processed = logits.log_softmax(-1), (logits / 0.5).log_softmax(-1)
+    assert outs[0].logprobs[0]["logprob"] == pytest.approx(raw.max().item(), abs=1e-4)
+    assert outs[1].logprobs[0]["logprob"] == pytest.approx(processed[outs[1].token_ids[0]].item(), abs=1e-4)
+    assert outs[2].logprobs[0]["logprob"] == pytest.approx(raw[outs[2].token_ids[0]].item(), abs=1e-4)
+    top = outs[1].logprobs[0]["top_logprobs"]
+    assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)

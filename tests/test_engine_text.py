@@ -103,3 +103,21 @@ def test_async_streaming_and_cancellation_free_blocks(chat_checkpoint):
 
     assert wait_until(lambda: engine.blocks.num_free == free and not engine.requests)  # aborted between steps
     llm.shutdown()
+
+
+@given(st.lists(st.integers(min_value=0, max_value=5), min_size=1, max_size=12))
+def test_bulk_detokenization_gives_the_text_token_by_token_detokenization_gives(tokenizer, splits):
+    """The engine detokenizes lazily, several tokens at once (IncrementalDetokenizer.extend): the same text as
+    one token at a time, unfinished UTF-8 characters included."""
+    ids = tokenizer.encode("Ünïcödé 🙂 数字 and plain words, again: 🙂🙂 ok", add_special_tokens=False)
+    one_by_one = IncrementalDetokenizer(tokenizer, set())
+    expected = "".join(one_by_one.add(i) for i in ids) + one_by_one.flush()
+    bulk, out, start = IncrementalDetokenizer(tokenizer, set()), [], 0
+    for size in splits + [len(ids)]:
+        chunk = ids[start:start + max(size, 1)]
+        if chunk:
+            out.append(bulk.extend(chunk))
+        start += len(chunk)
+    out.append(bulk.flush())
+    assert "".join(out) == expected == tokenizer.decode(ids)
+    assert all("\ufffd" not in piece for piece in out)

@@ -27,10 +27,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        # The fused training path hands the next products a bf16 result; a consumer that reads float32 (the MoE
+        # router) sets this to get eager RMSNorm's float32 result instead.
+        self.float_output = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if fused_training(x, self.training) and self.weight.dtype == torch.float32:
-            return train_kernels.rms_norm(x, self.weight, self.eps)  # bf16: every consumer multiplies in bf16
+            return train_kernels.rms_norm(x, self.weight, self.eps, self.float_output)
         if x.dtype == torch.float32:
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
         # Low precision: normalise in float32 and round once, then scale (transformers' order of rounding).

@@ -89,9 +89,9 @@ def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
 
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx, x, weight, eps, float_out):
         x = x.contiguous()
-        y, rstd = train_kernels().rms_norm_forward(x, weight.detach(), eps)
+        y, rstd = train_kernels().rms_norm_forward(x, weight.detach(), eps, float_out)
         ctx.save_for_backward(x, weight, rstd)
         return y
 
@@ -99,12 +99,13 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, dy):
         x, weight, rstd = ctx.saved_tensors
         dx, dw = train_kernels().rms_norm_backward(dy, x, weight.detach(), rstd)
-        return dx, dw, None
+        return dx, dw, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """bf16 RMSNorm of x (float32 or bf16) with a float32 weight: what eager RMSNorm then a bf16 cast give."""
-    return _RMSNorm.apply(x, weight, eps)
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, float_out: bool = False) -> torch.Tensor:
+    """RMSNorm of x (float32 or bf16) with a float32 weight, in bf16 (what eager RMSNorm then the next
+    product's bf16 cast give) or, with `float_out`, in float32 as eager RMSNorm returns it."""
+    return _RMSNorm.apply(x, weight, eps, float_out)
 
 
 # ---- SwiGLU MLP (dense layers and shared experts) ----
@@ -164,7 +165,7 @@ class _RoutedExperts(torch.autograd.Function):
         total = int(padded.sum())
         source = torch.full((total,), -1, dtype=torch.long, device=flat.device)  # -1: a zero padding row
         source[rows] = order // topk
-        xs = k.gather_rows(_bf16(x).contiguous(), source)  # [rows, H]
+        xs = k.gather_rows(x.contiguous(), source)  # bf16 [rows, H]
         w_gu, w_d = _bf16(w_gate_up.detach()), _bf16(w_down.detach())
         h = xs.new_empty(total, w_gu.shape[1])
         spans = _expert_spans(padded.tolist())

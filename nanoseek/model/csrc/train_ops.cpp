@@ -131,10 +131,11 @@ void check_bf16(const torch::Tensor& t, const char* name) {
   TORCH_CHECK(t.scalar_type() == torch::kBFloat16, name, " must be bf16");
 }
 
-// ---- RMSNorm: y = bf16(w * n), n = x * rstd, rounded to bf16 first when x is bf16 (the reference order) ----
+// ---- RMSNorm: y = w * n (bf16 or float32), n = x * rstd, rounded to bf16 first when x is bf16 (the reference
+// order) ----
 
-template <typename T>
-void rms_norm_rows(const T* x, const float* w, uint16_t* y, float* rstd, int64_t R, int64_t D, float eps) {
+template <typename T, typename Y>
+void rms_norm_rows(const T* x, const float* w, Y* y, float* rstd, int64_t R, int64_t D, float eps) {
   constexpr bool round_normed = std::is_same<T, uint16_t>::value;
   at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
     std::vector<uint16_t> normed(round_normed ? D : 0);
@@ -144,7 +145,7 @@ void rms_norm_rows(const T* x, const float* w, uint16_t* y, float* rstd, int64_t
       for_lanes(D, [&](int64_t d, int64_t n) { const vf v = load(xr + d, n); ss = fmadd(v, v, ss); });
       const float s = 1.0f / std::sqrt(sum(ss) / float(D) + eps);
       rstd[r] = s;
-      uint16_t* yr = y + r * D;
+      Y* yr = y + r * D;
       for_lanes(D, [&](int64_t d, int64_t n) {
         vf v = mul(load(xr + d, n), set1(s));
         if (round_normed) {
@@ -157,16 +158,23 @@ void rms_norm_rows(const T* x, const float* w, uint16_t* y, float* rstd, int64_t
   });
 }
 
-std::vector<torch::Tensor> rms_norm_forward(torch::Tensor x, torch::Tensor weight, double eps) {
+std::vector<torch::Tensor> rms_norm_forward(torch::Tensor x, torch::Tensor weight, double eps, bool float_out) {
   check_rows(x, "x");
   const int64_t D = x.size(-1), R = x.numel() / D;
   auto w = weight.to(torch::kFloat32).contiguous();
-  auto y = torch::empty(x.sizes(), x.options().dtype(torch::kBFloat16));
+  auto y = torch::empty(x.sizes(), x.options().dtype(float_out ? torch::kFloat32 : torch::kBFloat16));
   auto rstd = torch::empty({R}, x.options().dtype(torch::kFloat32));
-  if (x.scalar_type() == torch::kBFloat16)
-    rms_norm_rows(bf16_ptr(x), w.data_ptr<float>(), bf16_ptr(y), rstd.data_ptr<float>(), R, D, float(eps));
+  const float* wp = w.data_ptr<float>();
+  float* sp = rstd.data_ptr<float>();
+  const bool xb = x.scalar_type() == torch::kBFloat16;
+  if (xb && float_out)
+    rms_norm_rows(bf16_ptr(x), wp, y.data_ptr<float>(), sp, R, D, float(eps));
+  else if (xb)
+    rms_norm_rows(bf16_ptr(x), wp, bf16_ptr(y), sp, R, D, float(eps));
+  else if (float_out)
+    rms_norm_rows(x.data_ptr<float>(), wp, y.data_ptr<float>(), sp, R, D, float(eps));
   else
-    rms_norm_rows(x.data_ptr<float>(), w.data_ptr<float>(), bf16_ptr(y), rstd.data_ptr<float>(), R, D, float(eps));
+    rms_norm_rows(x.data_ptr<float>(), wp, bf16_ptr(y), sp, R, D, float(eps));
   return {y, rstd};
 }
 
@@ -412,23 +420,31 @@ torch::Tensor gather_sum(torch::Tensor src, torch::Tensor index, c10::optional<t
 
 // Backward of out[n] = sum_j w[n, j] y[index[n, j]]: dy[index[n, j]] = w[n, j] dout[n] (bf16) and
 // dw[n, j] = dout[n] . y[index[n, j]].
-// Rows of src picked by index (bf16 [M, H] -> [len(index), H]); a negative index gives a zero row (padding).
-torch::Tensor gather_rows(torch::Tensor src, torch::Tensor index) {
-  check_bf16(src, "src");
-  check_rows(index, "index");
-  const int64_t R = index.numel(), H = src.size(1);
-  auto out = torch::empty({R, H}, src.options());
-  const int64_t* ip = index.data_ptr<int64_t>();
-  const uint16_t* sp = bf16_ptr(src);
-  uint16_t* op = bf16_ptr(out);
+// Rows of src (bf16 or float32 [M, H]) picked by index -> bf16 [len(index), H]; a negative index gives a zero
+// row (padding).
+template <typename T>
+void gather_rows_into(const T* sp, const int64_t* ip, uint16_t* op, int64_t R, int64_t H) {
   at::parallel_for(0, R, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       if (ip[r] < 0)
         std::memset(op + r * H, 0, sizeof(uint16_t) * H);
-      else
+      else if constexpr (std::is_same<T, uint16_t>::value)
         copy_bf16(sp + ip[r] * H, op + r * H, H);
+      else
+        for_lanes(H, [&](int64_t d, int64_t n) { store(op + r * H + d, load(sp + ip[r] * H + d, n), n); });
     }
   });
+}
+
+torch::Tensor gather_rows(torch::Tensor src, torch::Tensor index) {
+  check_rows(src, "src");
+  check_rows(index, "index");
+  const int64_t R = index.numel(), H = src.size(1);
+  auto out = torch::empty({R, H}, src.options().dtype(torch::kBFloat16));
+  if (src.scalar_type() == torch::kBFloat16)
+    gather_rows_into(bf16_ptr(src), index.data_ptr<int64_t>(), bf16_ptr(out), R, H);
+  else
+    gather_rows_into(src.data_ptr<float>(), index.data_ptr<int64_t>(), bf16_ptr(out), R, H);
   return out;
 }
 
