@@ -215,11 +215,11 @@ def test_mla_decode_attention_kernel_matches_float32_attention(heads, latent, ro
     slots = torch.zeros(3, S, dtype=torch.long)
     for b, n in enumerate(lengths.tolist()):
         slots[b, :n] = torch.randperm(slots_total, generator=g)[:n]
-    q = torch.randn(3, heads, width, generator=g)
+    q = torch.randn(3, heads, width, generator=g).bfloat16()
     out = bf16_kernels().mla_decode_attention(q, cache, slots, lengths, 0.1, latent)
     for b, n in enumerate(lengths.tolist()):
         keys = cache[slots[b, :n]].float()
-        ref = (q[b] @ keys.T * 0.1).softmax(-1) @ keys[:, :latent]
+        ref = (q[b].float() @ keys.T * 0.1).softmax(-1) @ keys[:, :latent]
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 

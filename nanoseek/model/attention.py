@@ -239,13 +239,13 @@ class MLAttention(nn.Module):
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
         """Whether the CPU kernels run this step's decodes: bf16 inference with packed absorbed weights, and few
-        sequences or few heads. Reading the cache in place saves the gather and its float32 copy (2x faster at
-        batch 1); with many sequences and many heads the arithmetic dominates and oneDNN's batched products over
-        gathered rows win (1.1x at 32 sequences of 12 heads), while with 4 heads the copies dominate and the
-        kernel wins (a 64-sequence decode step of the speedrun model: 6.5 -> 5.9 ms)."""
+        sequences or not too many heads. Reading the cache in place saves the gather and its float32 copy (2x
+        faster at batch 1; bench/engine.py's 32 sequences of 12 heads 1,088 -> 1,188 tokens/s; the speedrun
+        model's 64 of 4 heads 6.5 -> 5.9 ms a step). With very many heads per sequence (V3's 128) oneDNN's
+        batched products over the gathered rows are the better kernel."""
         return (self.absorbed_small is not None and cache.dtype == torch.bfloat16 and cache.is_contiguous()
                 and not torch.is_grad_enabled() and batch.decode_lengths is not None
-                and (batch.decode_slots.shape[0] <= 4 or self.n_heads <= 8))
+                and (batch.decode_slots.shape[0] <= 4 or self.n_heads <= 32))
 
     def _decode_from_cache(self, q_nope, q_rope, cache, batch: PagedBatch):
         """Absorbed decode of B single tokens ([B, H, *] queries) with attention read straight from the paged
@@ -253,7 +253,7 @@ class MLAttention(nn.Module):
         from .cpu_kernels import bf16_kernels, per_head_linear  # (imported late: cpu_kernels imports this)
 
         w_uk, w_uv = self.absorbed_small
-        q = torch.cat((per_head_linear(q_nope, w_uk, self.kv_lora_rank), q_rope), dim=-1).float()
+        q = torch.cat((per_head_linear(q_nope, w_uk, self.kv_lora_rank), q_rope), dim=-1)
         out_latent = bf16_kernels().mla_decode_attention(q, cache, batch.decode_slots, batch.decode_lengths,
                                                          self.scale, self.kv_lora_rank)
         return per_head_linear(out_latent.to(q_nope.dtype), w_uv, self.v_dim).flatten(1)

@@ -166,8 +166,8 @@ class MoE(nn.Module):
             MLP(config.hidden_size, config.moe_intermediate_size * config.n_shared_experts, config.hidden_act)
             if config.n_shared_experts else None
         )
-        # Per-expert token counts of the last forward, for load-balancing statistics (aux-loss-free bias
-        # updates read this); None until a forward has run.
+        # Per-expert token counts of the last training-mode forward, for load-balancing statistics (aux-loss-free
+        # bias updates read this); None until one has run.
         self.last_expert_load: torch.Tensor | None = None
         # DeepSeek-V3's complementary sequence-wise balance loss (eq. 17-20), computed in training when
         # aux_alpha > 0; the trainer adds `aux_loss` of every MoE layer to its objective.
@@ -189,7 +189,8 @@ class MoE(nn.Module):
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
         weights, indices, scores = self.gate(flat)
-        self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.experts.n_experts)
+        if self.training:  # the trainer's balancing statistics; inference has no use for them
+            self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.experts.n_experts)
         if self.training and self.aux_alpha > 0 and x.dim() == 3:
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
         out = self.experts(flat, weights, indices).view(shape)
