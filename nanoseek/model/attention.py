@@ -222,6 +222,8 @@ class MLAttention(nn.Module):
         """
         q_nope, q_rope, latent, k_rope = (t[0] for t in self.compress(x[None], rope[None]))
         cache.index_copy_(0, batch.slot_mapping, torch.cat((latent, k_rope), dim=-1).to(cache.dtype))
+        if not batch.prefills and self._decodes_from_cache(cache, batch):  # decoding only: rows are in order
+            return self.o_proj(self._decode_from_cache(q_nope, q_rope, cache, batch))
         out = x.new_empty(x.shape[0], self.n_heads * self.v_dim)
         for span in batch.prefills:
             rows = slice(span.start, span.end)
