@@ -81,10 +81,6 @@ def _bf16(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype == torch.bfloat16 else t.to(torch.bfloat16)
 
 
-def _mm_into(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
-    torch.mm(a, b, out=out)
-
-
 # ---- RMSNorm ----
 
 class _RMSNorm(torch.autograd.Function):
@@ -170,11 +166,11 @@ class _RoutedExperts(torch.autograd.Function):
         h = xs.new_empty(total, w_gu.shape[1])
         spans = _expert_spans(padded.tolist())
         for e, s, t in spans:
-            _mm_into(xs[s:t], w_gu[e].t(), h[s:t])
+            torch.mm(xs[s:t], w_gu[e].t(), out=h[s:t])
         act = k.swiglu_forward(h)
         y = xs.new_empty(total, w_d.shape[1])
         for e, s, t in spans:
-            _mm_into(act[s:t], w_d[e].t(), y[s:t])
+            torch.mm(act[s:t], w_d[e].t(), out=y[s:t])
         slot = torch.empty_like(order)
         slot[order] = rows
         slot = slot.view(N, topk)  # the row of copy (n, j)
@@ -193,14 +189,14 @@ class _RoutedExperts(torch.autograd.Function):
         d_down = torch.zeros_like(w_d)  # experts that got no token keep a zero gradient
         d_act = torch.empty_like(act)
         for e, s, t in ctx.spans:
-            _mm_into(dy[s:t].t(), act[s:t], d_down[e])
-            _mm_into(dy[s:t], w_d[e], d_act[s:t])
+            torch.mm(dy[s:t].t(), act[s:t], out=d_down[e])
+            torch.mm(dy[s:t], w_d[e], out=d_act[s:t])
         dh = k.swiglu_backward(h, d_act)
         d_gate_up = torch.zeros_like(w_gu)
         dxs = torch.empty_like(xs)
         for e, s, t in ctx.spans:
-            _mm_into(dh[s:t].t(), xs[s:t], d_gate_up[e])
-            _mm_into(dh[s:t], w_gu[e], dxs[s:t])
+            torch.mm(dh[s:t].t(), xs[s:t], out=d_gate_up[e])
+            torch.mm(dh[s:t], w_gu[e], out=dxs[s:t])
         dx = k.gather_sum(dxs, slot, None, ctx.x_dtype == torch.float32)
         return dx, d_weights, None, d_gate_up, d_down
 
