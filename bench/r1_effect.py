@@ -1,13 +1,14 @@
 """What does RL add that SFT cannot? The R1 protocol against honest controls, on this machine.
 
-    python bench/r1_effect.py --cold-start runs/r1_cold/sft/model [--seeds 0 1] [--arm-seconds 300]
-    python bench/r1_effect.py --task runs/typed_arithmetic.jsonl      # a task file, answers only
+    python bench/r1_effect.py [--seeds 0 1] [--arm-seconds 300]        # `products` (recipes/r1_products.toml)
+    python bench/r1_effect.py --recipe recipes/r1_effect.toml          # `carries`, where it fails (docs/LOG.md)
+    python bench/r1_effect.py --task runs/typed_arithmetic.jsonl       # a task file, answers only
 
 Fixed in advance:
-  1. Cold start: pretraining and SFT on worked solutions of the easy levels only (recipe r1_effect.toml: the
-     `carries` family, 3-digit addition/subtraction, level = 1 + number of carries; easy = levels 1-2). The cold
-     start is the SFT stage's final model, never chosen by accuracy; it is trained once and shared by the seeds
-     (or trained here without --cold-start).
+  1. Cold start: pretraining and SFT on worked solutions of the easy levels only (recipe r1_products.toml: the
+     `products` family, a*b with b two-digit in partial products, level = 1 + carries of their sum; easy =
+     levels 1-2). The cold start is the SFT stage's final model, never chosen by accuracy; it is trained once
+     and shared by the seeds (or given with --cold-start).
   2. Hard levels: among the candidates, those where the cold start's pass@8 (T = 1, 100 held-out problems per
      level) lies in [10%, 60%]. With none, the protocol stops and says so.
   3. Three arms from that checkpoint, each with the same wall-time budget (--arm-seconds):
@@ -19,7 +20,7 @@ Fixed in advance:
 With --task FILE the same protocol runs on that file (answers only): the cold start is the default model (the
 speedrun's SFT checkpoint), the rule of step 2 is checked on the file's held-out problems, the file's training
 split is GRPO's and sft_qa's data, its held-out split the evaluation set.
-Prints one JSON line last; runs/r1_effect_<task>/ keeps the probe, every seed's result and result.json.
+Prints one JSON line last; runs/r1_effect_<family or file>/ keeps the probe, every seed's result and result.json.
 """
 
 from __future__ import annotations
@@ -62,19 +63,20 @@ def probe_hard_levels(cold: Path, task: str, candidates: list[int], out: Path) -
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "r1_effect.toml"))
+    ap.add_argument("--recipe", default=str(ROOT / "recipes" / "r1_products.toml"))
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
     ap.add_argument("--arm-seconds", type=int, default=300)
     ap.add_argument("--eval-problems", type=int, default=500)
     ap.add_argument("--task", default=None, help="JSONL task file (answers only)")
-    ap.add_argument("--candidates", default="3,4")
+    ap.add_argument("--candidates", default="3")
     ap.add_argument("--cold-start", default=None,
                     help="use this SFT checkpoint (trained on worked solutions of the recipe's easy levels only, e.g. "
-                         "runs/r1_cold/sft/model from `nanoseek train pretrain|sft --recipe recipes/r1_effect.toml "
+                         "runs/r1_cold/sft/model from `nanoseek train pretrain|sft --recipe recipes/r1_products.toml "
                          "run.name=r1_cold`) as the cold start of every seed instead of training one per seed")
     args = ap.parse_args()
     t0 = time.time()
-    tag = Path(args.task).stem if args.task else "default"
+    # Runs are named after the task file, or after the recipe's family.
+    tag = Path(args.task).stem if args.task else load_recipe(args.recipe)["data"].get("task", "arithmetic")
     out = ROOT / "runs" / f"r1_effect_{tag}"
     out.mkdir(parents=True, exist_ok=True)
     recipe = load_recipe(args.recipe, ["run.seed=0", f"run.name=r1_effect_{tag}_cold"])

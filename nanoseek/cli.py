@@ -240,7 +240,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="pass@1 / pass@k / maj@k on held-out verifiable problems")
     _engine_args(p)
-    p.add_argument("--task", default="arithmetic", help="task family (arithmetic, carries, linear, countdown) or a JSONL file")
+    p.add_argument("--task", default="arithmetic",
+                   help="task family (arithmetic, carries, products, linear, countdown) or a JSONL file")
     p.add_argument("--levels", default="", help="comma-separated difficulty levels (default 1-3, the default task)")
     p.add_argument("--problems", type=int, default=500)
     p.add_argument("--split", choices=["test", "train", "all"], default=None,

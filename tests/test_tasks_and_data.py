@@ -1,6 +1,7 @@
 """Synthetic tasks, verifiers, sources, tokenizer training and token shards."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -18,16 +19,16 @@ from nanoseek.tokenizer import CHAT_TEMPLATE, train_tokenizer
 
 @pytest.mark.parametrize("task", sorted(FAMILIES))
 def test_generation_is_deterministic_and_held_out_never_overlaps_training(task):
-    train = generate(task, [1, 2, 3, 4], 3000, seed=0, split="train", distinct=False)
-    test = generate(task, [1, 2, 3, 4], 300, seed=0, split="test")
-    assert train[:50] == generate(task, [1, 2, 3, 4], 50, seed=0, split="train", distinct=False)
-    assert train[:50] != generate(task, [1, 2, 3, 4], 50, seed=1, split="train", distinct=False)
+    train = generate(task, [1, 2, 3], 3000, seed=0, split="train", distinct=False)
+    test = generate(task, [1, 2, 3], 300, seed=0, split="test")
+    assert train[:50] == generate(task, [1, 2, 3], 50, seed=0, split="train", distinct=False)
+    assert train[:50] != generate(task, [1, 2, 3], 50, seed=1, split="train", distinct=False)
     train_keys, test_keys = {p.key for p in train}, {p.key for p in test}
     assert not train_keys & test_keys
     assert len(test_keys) == 300  # the held-out set has no duplicates
     assert all(is_held_out(k) for k in test_keys) and not any(is_held_out(k) for k in train_keys)
     # Other seeds draw from the same split: still no overlap.
-    other = generate(task, [1, 2, 3, 4], 3000, seed=7, split="train", distinct=False)
+    other = generate(task, [1, 2, 3], 3000, seed=7, split="train", distinct=False)
     assert not {p.key for p in other} & test_keys
 
 
@@ -161,3 +162,22 @@ def test_carries_levels_count_the_carries_and_keep_three_digits():
             a, b = p.key.split(":")[1].replace("-", "+").split("+")
             assert len(a) == len(b) == 3 and p.level == level
             assert p.solution.count(", carry") + p.solution.count(" borrow,") == level - 1
+
+
+def test_products_levels_count_the_carries_of_the_last_sum_and_every_line_is_right():
+    from nanoseek.data.tasks import addition_carries
+
+    assert [addition_carries(*xy) for xy in ((7350, 1176), (1200, 34), (95, 5), (999, 1))] == [1, 0, 2, 3]
+    for level in range(1, 4):
+        for p in generate("products", [level], 40, 3):
+            a, b = map(int, p.key.split(":")[1].split("*"))
+            assert 10 <= a <= 499 and 10 <= b <= 99 and p.answer == str(a * b)
+            lines = p.solution.split("\n")
+            tens, units = divmod(b, 10)
+            assert lines[:3] == [f"{a}*{b} = {a}*{tens}0 + {a}*{units}",
+                                 f"{a}*{tens}={a * tens}, so {a}*{tens}0={a * tens * 10}", f"{a}*{units}={a * units}"]
+            assert lines[3:-1] == [f"{a * tens * 10}+{a * units}={a * b}"]
+            assert min(1 + addition_carries(a * tens * 10, a * units), 3) == level
+            assert p.solution.endswith(f"so {a}*{b}={a * b}")
+    with pytest.raises(ValueError, match="levels 1-3"):
+        generate("products", [4], 1, 0)

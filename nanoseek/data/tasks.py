@@ -8,8 +8,10 @@ borrows). Why it teaches reasoning well at this scale (docs/LOG.md has the longe
     reasoning fails (a small model does not extrapolate it to longer numbers by itself, though: docs/LOG.md);
   * a few-million-parameter model learns it within minutes on a CPU.
 Other families: `carries` (the same sums at a fixed 3 digits, difficulty = number of carries: the R1 protocol's
-family, where harder means deeper rather than longer), `linear` (solve a*x + b = c) and `countdown` (reach a
-target with + - * from given numbers), for variety and for RL on problems whose worked solutions are never shown.
+family, where harder means deeper rather than longer), `products` (multiplication by a two-digit number in partial
+products, difficulty = carries of their sum), `linear` (solve a*x + b = c) and
+`countdown` (reach a target with + - * from given numbers), for variety and for RL on problems whose worked
+solutions are never shown.
 
 Every problem is generated deterministically from (family, level, seed, index). Held-out problems are those
 whose identity hashes into the held-out bucket; training generators skip them, so they can never overlap.
@@ -140,6 +142,45 @@ def carries(rng: random.Random, level: int) -> tuple[str, Problem]:
             return _sum_problem(rng, "carries", level, core, result, steps)
 
 
+# ------------------------------------------------------------------ products
+def addition_carries(x: int, y: int) -> int:
+    """How many columns of x + y carry."""
+    carries = carry = 0
+    while x or y:
+        carry = (x % 10 + y % 10 + carry) // 10
+        carries += carry
+        x, y = x // 10, y // 10
+    return carries
+
+
+def products(rng: random.Random, level: int) -> tuple[str, Problem]:
+    """a*b with a in 10..499 and b in 10..99, worked as a*(tens of b) shifted plus a*(units of b), one line per
+    partial product and one for their sum; level = 1 + the carries of that sum (1..3; level 3: two or more).
+    For 147*58:
+        147*58 = 147*50 + 147*8
+        147*5=735, so 147*50=7350
+        147*8=1176
+        7350+1176=8526
+    Like `carries`, difficulty grows in depth, with every digit at every position at every level (a model taught
+    only some tens digits of b copies the others wrongly: docs/LOG.md), and the hard level differs from the easy
+    ones only in its sum's carries. Unlike a sum, a product is something a small model learns to answer directly
+    only in part within minutes (docs/LOG.md, the R1 protocol)."""
+    if level not in (1, 2, 3):
+        raise ValueError(f"products has levels 1-3, not {level}")
+    while True:
+        a, b = rng.randint(10, 499), rng.randint(10, 99)
+        tens, units = divmod(b, 10)
+        high, low = a * tens * 10, a * units
+        if min(1 + addition_carries(high, low), 3) == level:
+            break
+    core = f"{a}*{b}"
+    steps = [f"{core} = {a}*{tens}0 + {a}*{units}",
+             f"{a}*{tens}={a * tens}, so {a}*{tens}0={high}",
+             f"{a}*{units}={low}",
+             f"{high}+{low}={a * b}"]
+    return _sum_problem(rng, "products", level, core, a * b, steps)
+
+
 # ------------------------------------------------------------------ linear equations
 def linear(rng: random.Random, level: int) -> tuple[str, Problem]:
     """a*x + b = c with integer x; level scales the coefficients."""
@@ -198,7 +239,8 @@ def countdown(rng: random.Random, level: int) -> tuple[str, Problem]:
     return core, Problem("countdown", level, q, answer, solution, "countdown", problem_key("countdown", core))
 
 
-FAMILIES = {"arithmetic": arithmetic, "carries": carries, "linear": linear, "countdown": countdown}
+FAMILIES = {"arithmetic": arithmetic, "carries": carries, "products": products, "linear": linear,
+            "countdown": countdown}
 DEFAULT_TASK = "arithmetic"
 
 
