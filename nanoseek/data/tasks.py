@@ -144,13 +144,8 @@ def carries(rng: random.Random, level: int) -> tuple[str, Problem]:
 
 # ------------------------------------------------------------------ products
 def addition_carries(x: int, y: int) -> int:
-    """How many columns of x + y carry."""
-    carries = carry = 0
-    while x or y:
-        carry = (x % 10 + y % 10 + carry) // 10
-        carries += carry
-        x, y = x // 10, y // 10
-    return carries
+    """How many columns of x + y carry (the lines of its worked solution that do)."""
+    return sum(", carry" in line for line in addition_steps(x, y))
 
 
 def products(rng: random.Random, level: int) -> tuple[str, Problem]:
