@@ -40,5 +40,13 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def machine() -> dict:
+    """The CPU class every benchmark line names: ISA level (under any NANOSEEK_ISA ceiling) and native bf16."""
+    from nanoseek import runtime
+
+    info = runtime.cpu()
+    return {"isa": info.isa, "native_isa": info.native_isa, "bf16_native": info.bf16_native, "cores": info.cores}
+
+
 def emit(result: dict) -> None:
-    print(json.dumps(result), flush=True)
+    print(json.dumps({**result, **machine()}), flush=True)

@@ -6,11 +6,13 @@ Same model (the speedrun's DeepSeek-V3-architecture config, exported to HF forma
 for TRL), same tokenizer and chat template, same prompts, group size, completion length (every completion runs
 to the limit: nanoseek `ignore_eos`, TRL `min_new_tokens`), one optimizer step per rollout batch (mu = 1,
 TRL's num_iterations = 1), no KL reference, DAPO token-level loss, truncated completions kept in the loss,
-the same deterministic reward function, bf16 autocast over fp32 weights for the updates, 2 threads.
+the same deterministic reward function, the updates in the dtype the policy picks for this CPU (bf16 autocast
+over fp32 weights where bf16 is native, float32 elsewhere: TRL's bf16 default is the emulated slow path on
+such CPUs), 2 threads.
 Each side runs one warm-up step, then `--steps` timed steps; the speedup compares the median step of each side
 (this host's speed drifts by +-15% from one few-second stretch to the next; the means are reported too).
-Both run in one process, so with the same CPU runtime settings (nanoseek/cpu_runtime.py). Prints one JSON line
-last.
+Both run in one process, so with the same CPU runtime settings (nanoseek/runtime.py). Prints one JSON line
+last, with the ISA level and dtype.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).parent))
 from common import emit  # noqa: E402
 
+from nanoseek import runtime  # noqa: E402
 from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.data.sources import chat_prompt, doc_text, task_problems  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
@@ -62,7 +65,7 @@ def build_checkpoint(directory: Path) -> tuple[Path, list]:
 def run_nanoseek(model_dir: Path, problems, args) -> dict:
     from nanoseek.checkpoint import load_model
 
-    recipe = {"train": {"dtype": "bfloat16", "lr": 1e-5, "warmup_steps": 0, "schedule": "constant",
+    recipe = {"train": {"dtype": "auto", "lr": 1e-5, "warmup_steps": 0, "schedule": "constant",
                         "log_every": 10 ** 6, "mtp_lambda": 0.0, "seq_aux_alpha": 0.0, "bias_update_gamma": 0.0},
               "grpo": {"prompts_per_step": args.prompts, "group_size": args.group,
                        "max_completion_tokens": args.completion, "ignore_eos": True, "mu": 1, "beta": 0.0,
@@ -123,7 +126,7 @@ def run_trl(model_dir: Path, problems, args) -> dict:
     batch = args.prompts * args.group
     with tempfile.TemporaryDirectory() as out:
         config = trl.GRPOConfig(
-            output_dir=out, use_cpu=True, bf16=True, report_to="none", save_strategy="no", logging_steps=1,
+            output_dir=out, use_cpu=True, bf16=bf16_native(), report_to="none", save_strategy="no", logging_steps=1,
             per_device_train_batch_size=args.micro, gradient_accumulation_steps=batch // args.micro,
             num_generations=args.group, max_completion_length=args.completion, num_iterations=1, beta=0.0,
             loss_type="dapo", epsilon_high=0.28, mask_truncated_completions=False, learning_rate=1e-5,
@@ -136,6 +139,10 @@ def run_trl(model_dir: Path, problems, args) -> dict:
     timed = step_times[1:]
     return {**_step_stats(timed),
             "completion_length_mean": sum(lengths[1:]) / max(len(lengths[1:]), 1), "trl_version": trl.__version__}
+
+
+def bf16_native() -> bool:
+    return runtime.training_autocast("auto", torch.device("cpu"))[0] is not None
 
 
 def main():
@@ -163,7 +170,7 @@ def main():
           "speedup_of_means": round(theirs["mean_seconds_per_step"] / ours["mean_seconds_per_step"], 2),
           "nanoseek_completion_len": ours["completion_length_mean"],
           "trl_completion_len": theirs["completion_length_mean"], "trl_version": theirs["trl_version"],
-          "target_speedup": 3.0})
+          "dtype": "bf16 autocast" if bf16_native() else "float32", "target_speedup": 3.0})
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """Training throughput: nanoseek's trainer step vs a plain training loop over transformers'
-DeepseekV3ForCausalLM, same config, batch, dtype (bf16 autocast over fp32 weights), optimizer (torch's fused
+DeepseekV3ForCausalLM, same config, batch, dtype (what the dtype policy picks for this CPU: bf16 autocast over
+float32 weights where bf16 is native, plain float32 elsewhere -- `--dtype` overrides), optimizer (torch's fused
 AdamW, as nanoseek's trainer builds it), threads and process (so the same host-memory settings,
-nanoseek/cpu_runtime.py). nanoseek's step runs its fused CPU training kernels (model/train_kernels.py); the same
+nanoseek/runtime.py). nanoseek's step runs its fused CPU training kernels (model/kernels/training.py); the same
 step on its eager modules is reported alongside.
 
-    python bench/train.py
+    python bench/train.py [--dtype auto|bfloat16|float32]
 MFU = tokens/s x (6 x active non-embedding parameters + attention FLOPs per token) / peak matmul FLOP/s of the
-dtype the matmuls run in (bf16), the peak measured in the same run. Prints one JSON line last.
+dtype the matmuls run in, the peak measured in the same run. Prints one JSON line last (with the ISA level).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ sys.path.insert(0, str(Path(__file__).parent))
 from common import emit, hf_v3_model  # noqa: E402
 
 import nanoseek  # noqa: E402
-from nanoseek.model import train_kernels  # noqa: E402
-from nanoseek.train.trainer import LossModule, measured_peak_flops, training_flops_per_token  # noqa: E402
+from nanoseek import runtime  # noqa: E402
+from nanoseek.model import ops  # noqa: E402
+from nanoseek.model.kernels import training as train_kernels  # noqa: E402
+from nanoseek.train.trainer import LossModule, training_flops_per_token  # noqa: E402
 
 # >= 20M parameters, MLA + DeepSeekMoE (no MTP: transformers' model has none to compare against).
 TRAIN_MODEL = dict(vocab_size=4096, hidden_size=400, intermediate_size=1024, moe_intermediate_size=256,
@@ -50,8 +53,11 @@ def main():
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", default="auto", help="auto (the policy's choice for this CPU), bfloat16 or float32")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    autocast_dtype, _ = runtime.training_autocast(args.dtype, torch.device("cpu"))
+    compute = autocast_dtype or torch.float32
     hf = hf_v3_model(TRAIN_MODEL, dtype=torch.float32).train()
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
@@ -64,8 +70,11 @@ def main():
     module = LossModule(ours)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=True)
 
+    def autocast():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast_dtype is not None)
+
     def ours_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             main, _, _ = module(inputs, targets, None, 0.0)
             loss = main / tokens
         loss.backward()
@@ -73,13 +82,13 @@ def main():
         opt_ours.zero_grad(set_to_none=True)
 
     def ours_eager_step():
-        with train_kernels.eager():
+        with ops.eager():
             ours_step()
 
     opt_hf = torch.optim.AdamW(hf.parameters(), lr=1e-4, fused=True)
 
     def hf_step():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with autocast():
             logits = hf(inputs).logits
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
@@ -92,14 +101,14 @@ def main():
     t_ours = min(t_ours, time_steps(ours_step, 0, args.steps))  # interleaved: even out machine noise
     t_hf = min(t_hf, time_steps(hf_step, 0, args.steps))
     t_eager = min(t_eager, time_steps(ours_eager_step, 0, args.steps))
-    peak = measured_peak_flops(torch.bfloat16, torch.device("cpu"))
+    peak = runtime.peak_flops(compute, torch.device("cpu"))
     flops = training_flops_per_token(ours, args.seq, with_mtp=False)
     ours_tok_s, hf_tok_s = tokens / t_ours, tokens / t_hf
-    emit({"bench": "train", "params": sum(p.numel() for p in ours.parameters()), "dtype": "bf16 autocast",
+    emit({"bench": "train", "params": sum(p.numel() for p in ours.parameters()), "dtype": "bf16 autocast" if autocast_dtype else "float32",
           "batch": args.batch, "seq": args.seq, "threads": args.threads,
           "nanoseek_tok_s": round(ours_tok_s, 1), "transformers_tok_s": round(hf_tok_s, 1),
           "ratio": round(ours_tok_s / hf_tok_s, 2), "nanoseek_eager_tok_s": round(tokens / t_eager, 1),
-          "fused_kernels": train_kernels.train_kernels() is not None, "flops_per_token": flops, "peak_bf16_flops": round(peak / 1e9, 1),
+          "fused_kernels": train_kernels.train_kernels() is not None, "flops_per_token": flops, "peak_gflops": round(peak / 1e9, 1),
           "nanoseek_mfu": round(ours_tok_s * flops / peak, 3), "transformers_mfu": round(hf_tok_s * flops / peak, 3)})
 
 

@@ -1,8 +1,8 @@
 """nanoseek: the DeepSeek system as one small, fast Python package."""
 
-from . import cpu_runtime
+from . import runtime
 
-cpu_runtime.configure()  # before any tensor exists (cpu_runtime.py says why)
+runtime.configure()  # the ISA ceiling and process settings, before any tensor exists (runtime.py says why)
 
 from .checkpoint import load_model, save_model  # noqa: E402
 from .config import ModelConfig  # noqa: E402

@@ -67,10 +67,40 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_env(args) -> int:
+    from . import runtime
+
+    runtime.cpu()  # a malformed NANOSEEK_ISA is reported here, as one line
+    report = runtime.report(measure=args.measure)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    c = report["cpu"]
+    ceiling = f" (ceiling NANOSEEK_ISA={c['ceiling']}; native {c['native_isa']})" if c["ceiling"] else ""
+    print(f"nanoseek on       python {report['python']}, torch {report['torch']}, {report['platform']}")
+    print(f"CPU               {c['model']}, {c['arch']}, {c['cores']} cores")
+    print(f"ISA level         {c['isa']}{ceiling}; torch kernels {c['torch_capability']}, "
+          f"oneDNN bf16 {'yes' if c['onednn_bf16'] else 'no'}")
+    print(f"native bf16       {'yes' if c['bf16_native'] else 'no: bf16 arithmetic is emulated here (~45x slower than float32)'}")
+    print(f"accelerator       {report['accelerator'] or 'none'}")
+    p = report["cpu_policy"]
+    print(f"dtype auto        inference: bf16 checkpoint -> {p['inference_bf16_checkpoint']}, float32 checkpoint -> "
+          f"{p['inference_float32_checkpoint']}; training -> {p['training']}")
+    k = report["kernels"]
+    print(f"kernels           decode: {k['decode']}; training: {k['training']}")
+    if "measured" in report:
+        m = report["measured"]
+        print(f"measured          float32 GEMM {m['float32_gflops']} GFLOP/s, bf16 GEMM {m['bfloat16_gflops']} "
+              f"GFLOP/s, 1 GiB sum-read {m['sum_read_gb_s']} GB/s")
+    return 0
+
+
 def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="model directory (HF format)")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps, xpu or auto")
-    p.add_argument("--dtype", default="auto", help="auto (the checkpoint's), float32 or bfloat16")
+    p.add_argument("--dtype", default="auto",
+                   help="auto (the checkpoint's; on a CPU without native bf16, float32 arithmetic over bf16 "
+                        "weights), float32 or bfloat16")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB")
     p.add_argument("--max-model-len", type=int, default=None)
 
@@ -215,6 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--context", type=int, default=4096, help="context length for the attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("env", help="this machine's CPU class (ISA, native bf16), kernels and dtype choices")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--measure", action="store_true", help="also measure GEMM rates and read bandwidth (~5 s)")
+    p.set_defaults(func=cmd_env)
 
     p = sub.add_parser("generate", help="complete one prompt")
     _engine_args(p)

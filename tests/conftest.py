@@ -1,6 +1,8 @@
 import os
 
 import pytest
+
+import nanoseek  # noqa: F401  first: it applies the ISA ceiling (NANOSEEK_ISA) before torch's first operation
 import torch
 
 # Two cores: keep torch from oversubscribing them when pytest runs.

@@ -2,7 +2,6 @@
 
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ from safetensors.torch import load_file, save_file
 import nanoseek
 from nanoseek.checkpoint import fp8_block_quantize
 from nanoseek.errors import CheckpointError, ConfigError
+import procs
 from tiny import build_hf_model
 
 
@@ -196,7 +196,7 @@ def test_unsupported_model_type_is_a_clear_error(tmp_path):
 
 def test_cli_reports_bad_checkpoint_as_one_line_with_exit_code_2(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "gpt2"}))
-    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(tmp_path)], capture_output=True,
+    r = procs.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(tmp_path)], capture_output=True,
                        text=True)
     assert r.returncode == 2
     assert r.stderr.count("\n") == 1 and "unsupported model_type" in r.stderr and "Traceback" not in r.stderr
@@ -227,7 +227,7 @@ def test_loading_streams_so_peak_memory_stays_near_model_size(tmp_path):
         p.data.normal_(0, 0.02)
     hf.save_pretrained(tmp_path / "big", max_shard_size="80MB")
     del hf
-    r = subprocess.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path / "big")], capture_output=True, text=True,
+    r = procs.run([sys.executable, "-c", _MEMORY_PROBE, str(tmp_path / "big")], capture_output=True, text=True,
                        check=True)
     base, peak, size = map(float, r.stdout.split())
     assert size > 150

@@ -1,7 +1,6 @@
 """ModelConfig <-> config.json, analytic accounting, presets and `nanoseek inspect`."""
 
 import json
-import subprocess
 import sys
 
 import pytest
@@ -11,6 +10,8 @@ from nanoseek.errors import ConfigError
 from nanoseek.model.accounting import model_cost
 from nanoseek.model.transformer import Transformer
 from nanoseek.presets import load_preset
+
+import procs
 
 
 def test_hf_config_round_trip_keeps_every_key(hf_checkpoint, arch):
@@ -68,7 +69,7 @@ def test_r1_distill_qwen_preset():
 
 
 def test_inspect_cli_json_for_v3():
-    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "inspect", "deepseek-v3", "--json"],
+    r = procs.run([sys.executable, "-m", "nanoseek.cli", "inspect", "deepseek-v3", "--json"],
                        capture_output=True, text=True, check=True)
     info = json.loads(r.stdout)
     assert info["kv_cache_bytes_per_token"] == 70_272 and info["flops_context"] == 4096
@@ -77,12 +78,12 @@ def test_inspect_cli_json_for_v3():
 
 def test_inspect_cli_text_on_a_checkpoint(hf_checkpoint):
     directory, _ = hf_checkpoint("llama")
-    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(directory)], capture_output=True,
+    r = procs.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(directory)], capture_output=True,
                        text=True, check=True)
     assert "active per token" in r.stdout and "bytes per token" in r.stdout and "at context 4,096" in r.stdout
 
 
 def test_inspect_cli_unknown_model_exits_2():
-    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "inspect", "no-such-model"], capture_output=True,
+    r = procs.run([sys.executable, "-m", "nanoseek.cli", "inspect", "no-such-model"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "preset" in r.stderr and "Traceback" not in r.stderr

@@ -1,92 +1,119 @@
-"""The CPU inference kernels: oneDNN packing and nanoseek's small-batch bf16 kernel (model/csrc/bf16_gemv.cpp)."""
+"""The CPU inference kernels (model/kernels/decode.py, csrc/decode.cpp) and the ops seam that picks them, against
+float32 eager products. Each test runs the kernel build of the process's ISA level; .ci/run runs this file
+natively and under the AVX2 ceiling (NANOSEEK_ISA=avx2), so the AVX-512 and the AVX2 paths are both checked."""
 
 import copy
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from nanoseek import runtime
 from nanoseek.checkpoint import load_model
-from nanoseek.model import cpu_kernels
-from nanoseek.model.cpu_kernels import FusedRMSNorm, PackedLinear, bf16_kernels, grouped_linear, pack_model
-from nanoseek.model.layers import RMSNorm
+from nanoseek.config import ModelConfig
+from nanoseek.model import ops
+from nanoseek.model.attention import MLAttention
+from nanoseek.model.kernels import decode
+from nanoseek.model.layers import Linear, RMSNorm
+from nanoseek.model.moe import Experts, Router
 
-HAS_AVX512_BF16 = Path("/proc/cpuinfo").exists() and "avx512_bf16" in Path("/proc/cpuinfo").read_text()
-needs_kernels = pytest.mark.skipif(not (HAS_AVX512_BF16 and shutil.which("c++")),
-                                   reason="the bf16 decode kernel needs AVX512-BF16 and a C++ compiler")
+ISA = runtime.cpu().isa
+needs_kernels = pytest.mark.skipif(not (ISA in decode.DECODE_KERNELS.isas and shutil.which("c++")),
+                                   reason=f"the decode kernels need an x86 CPU with AVX2 or more ({ISA} here) and a "
+                                          "C++ compiler")
+needs_native_bf16 = pytest.mark.skipif(not (runtime.cpu().bf16_native and shutil.which("c++")),
+                                       reason="the MLA cache attention kernel needs AVX512-BF16 (its AVX2 "
+                                              "counterpart is the float32 gathered path, tested in test_engine)")
+BOTH = [torch.bfloat16, torch.float32]  # activations: bf16 models, and bf16 weights computing in float32
+
+
+def plan(compute: torch.dtype) -> ops.Plan:
+    p = ops.inference_plan(torch.device("cpu"), compute)
+    assert p is not None and p.small
+    return p
 
 
 @needs_kernels
-def test_kernels_build_where_the_cpu_supports_them():
-    assert bf16_kernels() is not None
+def test_kernels_build_for_this_cpu_s_isa():
+    kernels = decode.decode_kernels()
+    assert kernels is not None
+    assert kernels.isa == ("avx2" if ISA == "avx2" else "avx512")  # the vector layer compiled in
+    assert kernels.native_bf16 == runtime.cpu().bf16_native
+    assert ISA in decode.DECODE_KERNELS.extension_name(ISA)  # a shared build cache never mixes ISA levels
 
 
 @needs_kernels
+@pytest.mark.parametrize("x_dtype", BOTH)
 @pytest.mark.parametrize("K", [64, 70, 768])  # 70: an odd number of input pairs (the kernel's tail)
-def test_grouped_linear_matches_a_float32_product_per_expert(K):
+def test_grouped_linear_matches_a_float32_product_per_expert(K, x_dtype):
     g = torch.Generator().manual_seed(K)
     E, N = 5, 48
-    counts = torch.tensor([3, 0, 1, 19, 8])  # an empty expert, and more than the kernel's 8-row block
+    counts = torch.tensor([3, 0, 1, 19, 8])  # an empty expert, and more than the kernels' 4- and 8-row blocks
     w = torch.randn(E, N, K, generator=g).bfloat16()
-    x = torch.randn(int(counts.sum()), K, generator=g).bfloat16()
+    x = torch.randn(int(counts.sum()), K, generator=g).to(x_dtype)
     offsets = F.pad(counts.cumsum(0), (1, 0))
-    y = grouped_linear(x, bf16_kernels().pack(w), offsets, N)
+    y = decode.grouped_linear(x, decode.small_pack(w), offsets, N)
     ref = torch.cat([x[a:b].float() @ w[e].float().T for e, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))])
-    assert y.dtype == torch.bfloat16 and y.shape == ref.shape
-    # bf16 output rounding (2^-9 relative) plus a different order of float32 summation.
-    torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
+    assert y.dtype == x_dtype and y.shape == ref.shape
+    if x_dtype == torch.float32:  # bf16 weights widened exactly: only the float32 summation order differs
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+    else:  # bf16 output rounding (2^-9 relative) plus a different order of float32 summation
+        torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
 
 
 @needs_kernels
-@pytest.mark.parametrize("rows", [1, 4, 32, 33])  # up to SMALL_ROWS (32) on the decode kernel, then oneDNN
-def test_packed_linear_matches_f_linear_in_bf16(rows):
+@pytest.mark.parametrize("rows", [1, 4, 5, 32, 33, 200])  # decode kernel up to 32 rows, then oneDNN or widened
+@pytest.mark.parametrize("compute", BOTH)
+def test_linear_with_bf16_weights_matches_a_float32_product(rows, compute):
     torch.manual_seed(rows)
-    layer = torch.nn.Linear(96, 64, bias=True).bfloat16()
-    x = torch.randn(rows, 96).bfloat16()
+    layer = Linear(96, 64, bias=True).bfloat16()
+    x = torch.randn(rows, 96).to(compute)
     with torch.no_grad():
         ref = F.linear(x.float(), layer.weight.float(), layer.bias.float())
-        pack_model(layer)
-        assert isinstance(layer, PackedLinear) and layer.small_packed is not None
+        layer.derive(plan(compute))
+        assert layer.derived.small is not None
+        # oneDNN packs weights of the compute dtype only where it has bf16 GEMMs (never on AVX2).
+        assert (layer.derived.onednn is not None) == (compute == torch.bfloat16 and ISA != "avx2")
         y = layer(x)
-    torch.testing.assert_close(y.float(), ref, rtol=2e-2, atol=2e-2)
+    assert y.dtype == compute
+    tol = dict(rtol=2e-2, atol=2e-2) if compute == torch.bfloat16 else dict(rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y.float(), ref, **tol)
 
 
 @needs_kernels
+@pytest.mark.parametrize("compute", BOTH)
 @pytest.mark.parametrize("tokens", [1, 7, 40])
-def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens):
-    from nanoseek.config import ModelConfig
-
+def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens, compute):
     config = ModelConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=6, num_experts_per_tok=3)
-    experts = cpu_kernels.Experts(config)
+    experts = Experts(config)
     g = torch.Generator().manual_seed(tokens)
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_(0, 0.3, generator=g)
-    experts = experts.bfloat16()
-    reference = copy.deepcopy(experts)
-    pack_model(experts)
-    assert experts.small_packed is not None
-    x = torch.randn(tokens, 64, generator=g).bfloat16()
+    experts = experts.bfloat16().eval()
+    reference = copy.deepcopy(experts).float()
+    experts.derive(plan(compute))
+    assert experts.derived.small is not None
+    x = torch.randn(tokens, 64, generator=g).to(compute)
     indices = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
     weights = torch.rand(tokens, 3, generator=g)
     with torch.inference_mode():
-        ours, ref = experts(x, weights, indices).float(), reference(x, weights, indices).float()
-    torch.testing.assert_close(ours, ref, rtol=0.03, atol=0.03 * ref.abs().max().item())
+        ours, ref = experts(x, weights, indices), reference(x.float(), weights, indices)
+    assert ours.dtype == compute
+    scale = ref.abs().max().item()
+    tol = dict(rtol=0.03, atol=0.03 * scale) if compute == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(ours.float(), ref, **tol)
 
 
 @needs_kernels
 @pytest.mark.parametrize("method,n_group,topk_group", [("noaux_tc", 4, 2), ("group_limited_greedy", 4, 3),
                                                        ("greedy", 1, 1), ("noaux_tc", 1, 1)])
 def test_fused_expert_selection_picks_the_eager_routers_experts(method, n_group, topk_group):
-    from nanoseek.config import ModelConfig
-    from nanoseek.model.moe import Router
-
     config = ModelConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, n_group=n_group,
                          topk_group=topk_group, topk_method=method,
                          scoring_func="sigmoid" if method == "noaux_tc" else "softmax")
-    router = Router(config)
+    router = Router(config).eval()
     g = torch.Generator().manual_seed(n_group + topk_group)
     with torch.no_grad():
         router.weight.normal_(0, 1, generator=g)
@@ -95,7 +122,8 @@ def test_fused_expert_selection_picks_the_eager_routers_experts(method, n_group,
     x = torch.randn(50, 32, generator=g)
     with torch.no_grad():
         w_ref, i_ref, _ = router(x)
-        router.fused_select = True
+        router.derive(plan(torch.float32))
+        assert router.derived
         w, i, _ = router(x)
     assert torch.equal(i, i_ref) and torch.equal(w, w_ref)
 
@@ -103,68 +131,83 @@ def test_fused_expert_selection_picks_the_eager_routers_experts(method, n_group,
 @needs_kernels
 def test_fused_rms_norm_rounds_like_the_reference_norm():
     torch.manual_seed(0)
-    norm = RMSNorm(96, eps=1e-6).bfloat16()
+    norm = RMSNorm(96, eps=1e-6).bfloat16().eval()
     with torch.no_grad():
         norm.weight.normal_(1.0, 0.3)
     x = (torch.randn(5, 96) * 3).bfloat16()
     with torch.no_grad():
         ref = norm(x)
-        pack_model(norm)
-        assert isinstance(norm, FusedRMSNorm)
+        ref32 = F.rms_norm(x.float(), (96,), norm.weight.float(), 1e-6)
+        norm.derive(plan(torch.bfloat16))
+        assert norm.derived
         y = norm(x)
+        y32 = norm(x.float())  # bf16 weight, float32 activations
     # Same two roundings; only the float32 summation order differs, so nearly every element is identical.
     assert (y == ref).float().mean() > 0.98
     torch.testing.assert_close(y.float(), ref.float(), rtol=1e-2, atol=1e-2)
+    assert y32.dtype == torch.float32
+    torch.testing.assert_close(y32, ref32, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernels
-def test_packed_bf16_model_matches_the_unpacked_model_and_follows_weight_changes(hf_checkpoint):
+@pytest.mark.parametrize("compute", BOTH)
+def test_derived_bf16_model_matches_a_float32_model_and_follows_weight_changes(hf_checkpoint, compute):
+    """The whole model on the kernels: bf16 weights computing in bf16 (native) or float32 (the AVX2 policy)."""
     directory, _ = hf_checkpoint("deepseek_v3")
-    model = load_model(directory, dtype=torch.bfloat16).eval()
-    reference = copy.deepcopy(model)
-    pack_model(model)
-    experts = [m for m in model.modules() if isinstance(m, cpu_kernels.Experts)]
-    assert experts and all(e.small_packed is not None for e in experts)
-    attention = [m for m in model.modules() if isinstance(m, cpu_kernels.MLAttention)]
-    assert attention and all(a.absorbed_small is not None for a in attention)
+    model = load_model(directory, dtype=torch.bfloat16).set_precision(torch.bfloat16, compute).eval()
+    reference = load_model(directory, dtype=torch.bfloat16).float().eval()  # the same bf16 values, in float32
+    ops.derive_weights(model)
+    experts = [m for m in model.modules() if isinstance(m, Experts)]
+    assert experts and all(e.derived.small is not None for e in experts)
+    attention = [m for m in model.modules() if isinstance(m, MLAttention)]
+    assert attention and all(a.derived.small is not None for a in attention)
     ids = torch.tensor([[3, 17, 42]])  # 3 rows: every linear and the routed experts take the decode kernel
     with torch.inference_mode():
-        ref = reference(ids).float()
-        tol = dict(rtol=0.05, atol=0.05 * ref.abs().max().item())
-        torch.testing.assert_close(model(ids).float(), ref, **tol)
+        ref = reference(ids)
+        scale = ref.abs().max().item()
+        tol = dict(rtol=0.05, atol=0.05 * scale) if compute == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4 * scale)
+
+        def check(out, expected):
+            assert out.dtype == compute
+            torch.testing.assert_close(out.float(), expected, **tol)
+
+        check(model(ids), ref)
         # The absorbed MLA path's per-head products run on the kernel too, for a prefill and a decode shape.
-        torch.testing.assert_close(model(ids, absorbed=True).float(), ref, **tol)
-        torch.testing.assert_close(model(ids[:, :1], absorbed=True).float(), ref[:, :1], **tol)
-        # Derived weights are rebuilt by pack_model after a weight change (what update_weights does).
-        for p in model.parameters():
+        check(model(ids, absorbed=True), ref)
+        check(model(ids[:, :1], absorbed=True), ref[:, :1])
+        # Derived weights are rebuilt by derive_weights after a weight change (what update_weights does).
+        for p in [*model.parameters(), *reference.parameters()]:
             p.mul_(-1)
-        pack_model(model)
-        for p in reference.parameters():
-            p.mul_(-1)
-        torch.testing.assert_close(model(ids, absorbed=True).float(), reference(ids).float(), **tol)
+        ops.derive_weights(model)
+        check(model(ids, absorbed=True), reference(ids))
 
 
 def test_the_kernels_can_be_turned_off(monkeypatch):
     monkeypatch.setenv("NANOSEEK_CPU_KERNELS", "0")
-    cpu_kernels._DECODE_KERNELS.reset()
+    decode.DECODE_KERNELS.reset()
     try:
-        assert bf16_kernels() is None
-        layer = torch.nn.Linear(32, 16).bfloat16()
-        pack_model(layer)
-        assert layer.small_packed is None
+        assert decode.decode_kernels() is None
+        assert "off" in decode.DECODE_KERNELS.status()
+        layer = Linear(32, 16).bfloat16()
+        p = ops.inference_plan(torch.device("cpu"), torch.bfloat16)
+        layer.derive(p)
+        assert p is not None and not p.small and (layer.derived is None or layer.derived.small is None)
+        x = torch.randn(3, 32).bfloat16()
+        with torch.no_grad():  # still runs (oneDNN, or widened where bf16 is emulated)
+            torch.testing.assert_close(layer(x).float(), F.linear(x.float(), layer.weight.float(),
+                                                                   layer.bias.float()), rtol=2e-2, atol=2e-2)
     finally:
         monkeypatch.undo()
-        cpu_kernels._DECODE_KERNELS.reset()
+        decode.DECODE_KERNELS.reset()
 
 
-@needs_kernels
+@needs_native_bf16
 def test_mla_decode_attention_from_the_paged_cache_matches_the_gathered_path(hf_checkpoint):
     from nanoseek.model.paged import PagedBatch
 
     directory, _ = hf_checkpoint("deepseek_v3")
     model = load_model(directory, dtype=torch.bfloat16).eval()
-    model.cache_derived_weights()
-    pack_model(model)
+    ops.derive_weights(model)
     attn = model.model.layers[0].self_attn
     g = torch.Generator().manual_seed(0)
     H, width = attn.n_heads, attn.kv_lora_rank + attn.rope_dim
@@ -181,29 +224,32 @@ def test_mla_decode_attention_from_the_paged_cache_matches_the_gathered_path(hf_
     with torch.inference_mode():
         assert attn._decodes_from_cache(cache, batch)
         ours = attn._decode_from_cache(q_nope, q_rope, cache, batch).float()
-        small, attn.absorbed_small = attn.absorbed_small, None  # the float32 absorbed path on gathered rows
+        derived, attn.derived = attn.derived, None  # the absorbed path on gathered rows, no kernel
         ref = attn.heads_absorbed(q_nope[:, None], q_rope[:, None], cache[slots], mask)[:, 0].float()
-        attn.absorbed_small = small
+        attn.derived = derived
     torch.testing.assert_close(ours, ref, rtol=0.02, atol=0.02 * ref.abs().max().item())
 
 
 @needs_kernels
 def test_a_bf16_engine_decodes_through_the_kernels(hf_checkpoint, monkeypatch):
+    """dtype=bfloat16 works on every CPU class: the kernels run the decode products either way (and with
+    AVX512-BF16 the MLA attention reads the paged cache in place)."""
     from nanoseek import LLM, SamplingParams
 
     calls = []
-    original = cpu_kernels.MLAttention._decode_from_cache
-    monkeypatch.setattr(cpu_kernels.MLAttention, "_decode_from_cache",
-                        lambda self, *a: calls.append(1) or original(self, *a))
+    original = decode.grouped_linear
+    monkeypatch.setattr(decode, "grouped_linear", lambda *a: calls.append(1) or original(*a))
     directory, _ = hf_checkpoint("deepseek_v3")
     llm = LLM(directory, dtype="bfloat16", kv_cache_memory="4MiB")
+    compute = torch.bfloat16 if runtime.cpu().bf16_native else torch.float32
+    assert llm.engine.model.dtype == torch.bfloat16 and llm.engine.model.compute_dtype == compute
     out = llm.generate([[5, 9, 13, 2, 7], [40, 41, 42]], SamplingParams(temperature=0, max_tokens=6, ignore_eos=True,
                                                                          logprobs=0))
     assert calls and all(len(o.outputs[0].token_ids) == 6 for o in out)
     assert all(torch.isfinite(torch.tensor([t["logprob"] for t in o.outputs[0].logprobs])).all() for o in out)
 
 
-@needs_kernels
+@needs_native_bf16
 @pytest.mark.parametrize("heads, latent, rope", [(9, 40, 16), (4, 64, 32), (16, 512, 64)])
 def test_mla_decode_attention_kernel_matches_float32_attention(heads, latent, rope):
     """Head groups of 8 and 4 with remainders, latent widths off the 16-column chunks, contexts spanning
@@ -216,24 +262,28 @@ def test_mla_decode_attention_kernel_matches_float32_attention(heads, latent, ro
     for b, n in enumerate(lengths.tolist()):
         slots[b, :n] = torch.randperm(slots_total, generator=g)[:n]
     q = torch.randn(3, heads, width, generator=g).bfloat16()
-    out = bf16_kernels().mla_decode_attention(q, cache, slots, lengths, 0.1, latent)
+    out = ops.mla_cache_attention(q, cache, slots, lengths, 0.1, latent)
     for b, n in enumerate(lengths.tolist()):
         keys = cache[slots[b, :n]].float()
         ref = (q[b].float() @ keys.T * 0.1).softmax(-1) @ keys[:, :latent]
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
-@needs_kernels
-def test_small_products_beyond_the_decode_row_limit_run_on_the_kernel():
-    from nanoseek.model.cpu_kernels import SMALL_ROWS, small_linear
+def test_small_products_beyond_the_decode_row_limit_go_to_the_kernel():
+    # 64 x 256 x 192: oneDNN's fixed cost would dominate; 64 x 4096 x 400: oneDNN's.
+    assert 64 > decode.SMALL_ROWS and decode.small_product(64, 256, 192)
+    assert not decode.small_product(64, 4096, 400)
+    assert not decode.small_product(decode.SMALL_PRODUCT_ROWS + 1, 16, 16)
 
-    layer = torch.nn.Linear(192, 256, bias=False).bfloat16()
-    pack_model(layer)
-    x = torch.randn(64, 192).bfloat16()
-    assert 64 > SMALL_ROWS
-    y = small_linear(x, layer.small_packed, 256)
-    assert y is not None  # 64 x 256 x 192: oneDNN's fixed cost would dominate
-    torch.testing.assert_close(y.float(), (x.float() @ layer.weight.float().T), rtol=0.02, atol=0.02)
-    big = torch.nn.Linear(400, 4096, bias=False).bfloat16()
-    pack_model(big)
-    assert small_linear(torch.randn(64, 400).bfloat16(), big.small_packed, 4096) is None  # oneDNN's
+
+def test_bf16_products_are_widened_where_bf16_is_emulated(monkeypatch):
+    """On a CPU without native bf16 a bf16 product runs in float32 (else ~45x slower); the result is the float32
+    product rounded once."""
+    x, w = torch.randn(7, 48).bfloat16(), torch.randn(24, 48).bfloat16()
+    calls = []
+    original = F.linear
+    monkeypatch.setattr(F, "linear", lambda a, b, c=None: calls.append(a.dtype) or original(a, b, c))
+    y = ops.linear(x, w)
+    assert calls == ([torch.bfloat16] if runtime.cpu().bf16_native else [torch.float32])
+    if not runtime.cpu().bf16_native:
+        assert torch.equal(y, (x.float() @ w.float().T).bfloat16())

@@ -1,7 +1,6 @@
 """Data parallelism on CPU (gloo, 2 processes): the loss curve and the expert-balancing biases match one
 process with the same global batch, under DDP and under FSDP2."""
 
-import subprocess
 import sys
 
 import pytest
@@ -9,6 +8,7 @@ import torch
 
 from nanoseek.checkpoint import load_model
 from nanoseek.train.metrics import read_metrics
+import procs
 from recipes import write_tiny_recipe
 from serving import free_port
 
@@ -21,7 +21,7 @@ def _run(recipe, nproc, *overrides):
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
                *CLI, "--recipe", str(recipe), *overrides]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    r = procs.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
 
 

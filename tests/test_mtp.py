@@ -1,6 +1,5 @@
 """Multi-Token Prediction: loading, the embedding-first concat, and agreement with transformers' MtpModel."""
 
-import subprocess
 import sys
 
 import torch
@@ -8,6 +7,7 @@ import torch
 import nanoseek
 from nanoseek.config import ModelConfig
 from nanoseek.model.transformer import Transformer
+import procs
 from tiny import randomize_
 
 
@@ -97,6 +97,6 @@ def test_checkpoint_without_mtp_tensors_loads_with_mtp_off_and_inspect_says_so(h
     assert ModelConfig.from_pretrained(directory).num_nextn_predict_layers == 1  # what transformers writes
     model = nanoseek.load_model(directory)
     assert len(model.mtp) == 0 and "no MTP tensors" in model.mtp_note
-    r = subprocess.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(directory)], capture_output=True,
+    r = procs.run([sys.executable, "-m", "nanoseek.cli", "inspect", str(directory)], capture_output=True,
                        text=True, check=True)
     assert "no MTP tensors" in r.stdout and "MTP is off" in r.stdout

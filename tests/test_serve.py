@@ -14,6 +14,7 @@ import pytest
 from nanoseek.serve.app import ServeConfig
 from nanoseek.serve.policy import Policy
 from nanoseek.serve.pricing import Prices
+import procs
 from serving import free_port, live_server, wait_until
 
 MSG = [{"role": "user", "content": "What is 2 + 2?"}]
@@ -272,15 +273,15 @@ pattern = {json.dumps(__import__("re").escape(secret))}
 def test_sigterm_shuts_down_cleanly(chat_checkpoint):
     directory, _ = chat_checkpoint("deepseek_v3")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port",
-                             str(port), "--kv-cache-memory", "64MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    base = f"http://127.0.0.1:{port}"
-    assert wait_until(lambda: _up(base), timeout=60)
-    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
-    assert r.status_code == 200
-    proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=60)
+    with procs.spawn([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
+                      "--kv-cache-memory", "64MiB"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                     env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _up(base), timeout=60)
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
 

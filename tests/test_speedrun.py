@@ -3,17 +3,21 @@
 import json
 import os
 import shutil
-import subprocess
 from pathlib import Path
+
+import pytest
+
+import procs
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.timeout(900)  # the whole pipeline, and on a fresh machine the first build of the CPU kernels
 def test_speedrun_smoke_runs_every_stage_and_writes_the_report(tmp_path):
     run = ROOT / "runs" / "speedrun_smoke"
     shutil.rmtree(run, ignore_errors=True)
-    r = subprocess.run(["bash", "scripts/speedrun.sh", "--smoke"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=900, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    r = procs.run(["bash", "scripts/speedrun.sh", "--smoke"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=880, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
     assert "nanoseek chat --model" in r.stdout
     for path in ("tokenizer/tokenizer.json", "pretrain/model/config.json", "sft/model/config.json",

@@ -1,7 +1,6 @@
 """Synthetic tasks, verifiers, sources, tokenizer training and token shards."""
 
 import json
-import re
 
 import numpy as np
 import pytest

@@ -1,8 +1,11 @@
-"""The fused CPU training path (model/train_kernels.py, csrc/train_ops.cpp) against the eager modules it replaces.
+"""The fused CPU training path (model/kernels/training.py, csrc/train_ops.cpp) against the eager modules it
+replaces.
 
-Each op is compared with the eager computation in the same precision (bf16 autocast over float32 weights):
-forward values and every gradient within bf16 rounding. The whole model is compared too, and the fused path is
-checked to run in training mode only.
+Each op is compared with the eager computation in the same precision, in both compute dtypes the path runs in:
+bf16 autocast over float32 weights (CPUs with native bf16) and plain float32 (the others) -- forward values and
+every gradient within that dtype's rounding. The whole model is compared too, and the fused path is checked to
+run in training mode only. .ci/run runs this file natively and under the AVX2 ceiling (NANOSEEK_ISA=avx2): each
+ISA's build of the kernels is checked against eager float32.
 """
 
 import shutil
@@ -11,25 +14,41 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from nanoseek import runtime
 from nanoseek.checkpoint import load_model
-from nanoseek.model import train_kernels as tk
+from nanoseek.model.kernels import training as tk
 from nanoseek.train.trainer import LossModule
 
-pytestmark = pytest.mark.skipif(not shutil.which("c++"), reason="the training kernels need a C++ compiler")
+pytestmark = pytest.mark.skipif(not (shutil.which("c++") and runtime.cpu().isa in tk.TRAIN_KERNELS.isas),
+                                reason=f"the training kernels need a C++ compiler and an x86 CPU with AVX2 or more "
+                                       f"({runtime.cpu().isa} here)")
 
 BF16 = dict(device_type="cpu", dtype=torch.bfloat16)
+# Relative tolerance per compute dtype: bf16 results rounded in different places differ by a few ulps; float32
+# ones only by the order of summation.
+REL = {torch.bfloat16: 0.02, torch.float32: 2e-4}
+
+
+@pytest.fixture(params=[torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def compute(request):
+    return request.param
 
 
 def _close(a, b, rel=0.02):
-    """Within `rel` of the larger magnitude: bf16 results rounded in different places differ by a few ulps."""
+    """Within `rel` of the larger magnitude."""
     scale = max(a.abs().max().item(), b.abs().max().item(), 1e-6)
     assert (a.float() - b.float()).abs().max().item() <= rel * scale, ((a.float() - b.float()).abs().max(), scale)
 
 
-def _run(fn, inputs, upstream_seed=0):
-    """fn(*inputs) under bf16 autocast, backward against a fixed random upstream gradient -> (out, grads)."""
+def _autocast(compute):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute == torch.bfloat16)
+
+
+def _run(fn, inputs, compute=torch.bfloat16, upstream_seed=0):
+    """fn(*inputs) in `compute` (bf16 autocast or float32), backward against a fixed random upstream gradient
+    -> (out, grads)."""
     leaves = [t.detach().clone().requires_grad_(t.is_floating_point()) for t in inputs]
-    with torch.autocast(**BF16):
+    with _autocast(compute):
         out = fn(*leaves)
     # bf16-representable, as every upstream gradient in a bf16 model is: a bf16 output rounds it on the way in
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(upstream_seed)).bfloat16().float()
@@ -37,22 +56,24 @@ def _run(fn, inputs, upstream_seed=0):
     return out.detach().float(), [t.grad for t in leaves if t.requires_grad]
 
 
-def _compare(fused, eager, inputs, rel=0.02):
-    out_f, grads_f = _run(fused, inputs)
+def _compare(fused, eager, inputs, compute=torch.bfloat16, rel=None):
+    rel = rel or REL[compute]
+    out_f, grads_f = _run(fused, inputs, compute)
     with tk.eager():
-        out_e, grads_e = _run(eager, inputs)
+        out_e, grads_e = _run(eager, inputs, compute)
     _close(out_f, out_e, rel)
     assert len(grads_f) == len(grads_e)
     for gf, ge in zip(grads_f, grads_e):
         _close(gf, ge, rel)
 
 
-def test_the_kernels_build():
-    assert tk.train_kernels() is not None
+def test_the_kernels_build_for_this_cpu_s_isa():
+    kernels = tk.train_kernels()
+    assert kernels is not None and kernels.isa == ("avx2" if runtime.cpu().isa == "avx2" else "avx512")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_eager(dtype):
+def test_rms_norm_matches_eager(dtype, compute):
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(37, 72, generator=g).to(dtype), 1 + 0.1 * torch.randn(72, generator=g)
 
@@ -60,19 +81,20 @@ def test_rms_norm_matches_eager(dtype):
         n = F.rms_norm(x.float(), (72,), eps=1e-6)
         return w * (n if x.dtype == torch.float32 else n.to(x.dtype))
 
-    _compare(lambda x, w: tk.rms_norm(x, w, 1e-6), eager, [x, w])
+    _compare(lambda x, w: tk.rms_norm(x, w, 1e-6), eager, [x, w], compute,
+             rel=0.02 if torch.bfloat16 in (dtype, compute) else None)
 
 
-def test_swiglu_mlp_matches_eager():
+def test_swiglu_mlp_matches_eager(compute):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 19, 48, generator=g)
     wg, wu, wd = (torch.randn(s, generator=g) * 0.2 for s in [(40, 48), (40, 48), (48, 40)])
     _compare(tk.swiglu_mlp, lambda x, a, b, c: F.linear(F.silu(F.linear(x, a)) * F.linear(x, b), c),
-             [x, wg, wu, wd])
+             [x, wg, wu, wd], compute)
 
 
 @pytest.mark.parametrize("tokens", [5, 70])  # 5 tokens leave experts empty; 70 pad most experts' rows
-def test_routed_experts_match_the_eager_experts(tokens):
+def test_routed_experts_match_the_eager_experts(tokens, compute):
     g = torch.Generator().manual_seed(tokens)
     E, H, I, k = 6, 32, 24, 2
     x = torch.randn(tokens, H, generator=g)
@@ -92,14 +114,14 @@ def test_routed_experts_match_the_eager_experts(tokens):
         return out
 
     fused = lambda x, weights, a, b: tk.routed_experts(x, weights, indices, a, b)  # noqa: E731
-    _compare(fused, eager, [x, scores, w_gate_up, w_down])
+    _compare(fused, eager, [x, scores, w_gate_up, w_down], compute)
     if tokens == 5:  # an expert no token chose gets a zero gradient, not garbage
         unused = sorted(set(range(E)) - set(indices.flatten().tolist()))
-        _, grads = _run(fused, [x, scores, w_gate_up, w_down])
+        _, grads = _run(fused, [x, scores, w_gate_up, w_down], compute)
         assert unused and all(grads[2][e].abs().max() == 0 for e in unused)
 
 
-def test_causal_attention_matches_sdpa():
+def test_causal_attention_matches_sdpa(compute):
     g = torch.Generator().manual_seed(2)
     q, k = torch.randn(2, 33, 3, 24, generator=g), torch.randn(2, 33, 3, 24, generator=g)
     v = torch.randn(2, 33, 3, 16, generator=g)
@@ -108,13 +130,14 @@ def test_causal_attention_matches_sdpa():
         return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True, scale=0.3).transpose(1, 2)
 
-    _compare(lambda q, k, v: tk.causal_attention(q, k, v, 0.3), eager, [q, k, v], rel=0.03)
+    _compare(lambda q, k, v: tk.causal_attention(q, k, v, 0.3), eager, [q, k, v], compute,
+             rel=0.03 if compute == torch.bfloat16 else None)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-def test_linear_cross_entropy_matches_eager_with_mask_and_ignored_targets(chunked, monkeypatch):
+def test_linear_cross_entropy_matches_eager_with_mask_and_ignored_targets(chunked, compute, monkeypatch):
     if chunked:  # several row chunks: the weight gradient summed across them
-        monkeypatch.setattr(tk, "CE_CHUNK_BYTES", 2 * 50 * 7)
+        monkeypatch.setattr(tk, "CE_CHUNK_BYTES", compute.itemsize * 50 * 7)
     g = torch.Generator().manual_seed(3)
     hidden, weight = torch.randn(3, 20, 32, generator=g), torch.randn(50, 32, generator=g) * 0.3
     targets = torch.randint(0, 50, (3, 20), generator=g)
@@ -127,7 +150,7 @@ def test_linear_cross_entropy_matches_eager_with_mask_and_ignored_targets(chunke
 
     def run(fn):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        with torch.autocast(**BF16):
+        with _autocast(compute):
             loss = fn(h, w)
         (loss * 0.37).backward()
         return loss.detach(), h.grad, w.grad
@@ -136,7 +159,7 @@ def test_linear_cross_entropy_matches_eager_with_mask_and_ignored_targets(chunke
     with tk.eager():
         ref = run(eager)
     for a, b in zip(fused, ref):
-        _close(a, b)
+        _close(a, b, REL[compute])
 
 
 def test_linear_cross_entropy_refuses_a_second_backward():
@@ -149,7 +172,7 @@ def test_linear_cross_entropy_refuses_a_second_backward():
 
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_match_log_softmax(temperature):
+def test_token_logprobs_match_log_softmax(temperature, compute):
     g = torch.Generator().manual_seed(4)
     hidden, weight = torch.randn(30, 32, generator=g), torch.randn(45, 32, generator=g) * 0.4
     targets = torch.randint(0, 45, (30,), generator=g)
@@ -160,7 +183,7 @@ def test_token_logprobs_match_log_softmax(temperature):
 
     def run(fn):
         h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-        with torch.autocast(**BF16):
+        with _autocast(compute):
             logp, entropy = fn(h, w)
         (logp * torch.linspace(-1, 1, 30)).sum().backward()
         return logp.detach(), entropy.detach(), h.grad, w.grad
@@ -169,7 +192,7 @@ def test_token_logprobs_match_log_softmax(temperature):
     with tk.eager():
         ref = run(eager)
     for a, b in zip(fused, ref):
-        _close(a, b)
+        _close(a, b, REL[compute])
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen2"])
@@ -193,9 +216,12 @@ def test_a_whole_training_step_is_as_accurate_as_eager_autocast(arch, hf_checkpo
         return float(main.detach()), grads
 
     fused = step(True)
+    fused32 = step(False)  # the float32 fused path (CPUs without native bf16)
     with tk.eager():
         eager, reference = step(True), step(False)
-    assert fused[1].shape == eager[1].shape == reference[1].shape
+    assert fused[1].shape == eager[1].shape == reference[1].shape == fused32[1].shape
+    assert abs(fused32[0] - reference[0]) <= 1e-4 * reference[0]
+    assert F.cosine_similarity(fused32[1], reference[1], dim=0).item() > 0.9999
     loss_error = {name: abs(run[0] - reference[0]) / reference[0] for name, run in [("fused", fused), ("eager", eager)]}
     assert loss_error["fused"] <= 2 * loss_error["eager"] + 2e-3, loss_error
     cos = {name: F.cosine_similarity(run[1], reference[1], dim=0).item() for name, run in [("fused", fused),

@@ -14,6 +14,7 @@ from nanoseek.train.metrics import read_metrics
 from nanoseek.train.recipe import load_recipe, stage_config
 from nanoseek.train.stages import run_stage
 from nanoseek.train.trainer import TrainingError, lr_factor
+import procs
 from recipes import write_tiny_recipe
 
 CLI = [sys.executable, "-m", "nanoseek.cli"]
@@ -76,20 +77,20 @@ def _state(path):
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     steps = ["pretrain.steps=14", "pretrain.save_every=3", "train.keep_checkpoints=5"]
     ref_recipe = write_tiny_recipe(tmp_path, "ref")
-    subprocess.run(CLI + ["train", "pretrain", "--recipe", str(ref_recipe), "--no-progress", *steps], check=True,
+    procs.run(CLI + ["train", "pretrain", "--recipe", str(ref_recipe), "--no-progress", *steps], check=True,
                    capture_output=True)
     killed_recipe = write_tiny_recipe(tmp_path, "killed")
     run = tmp_path / "runs" / "killed" / "pretrain"
-    proc = subprocess.Popen(CLI + ["train", "pretrain", "--recipe", str(killed_recipe), "--no-progress", *steps,
-                                   "train.lr=3e-3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while time.time() < deadline and not (run / "checkpoints" / "step_000006").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    with procs.spawn(CLI + ["train", "pretrain", "--recipe", str(killed_recipe), "--no-progress", *steps,
+                            "train.lr=3e-3"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) as proc:
+        deadline = time.time() + 120
+        while time.time() < deadline and not (run / "checkpoints" / "step_000006").exists():
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
     assert proc.returncode == -signal.SIGKILL
     assert not (run / "model").exists()  # it really died mid-run
-    subprocess.run(CLI + ["train", "pretrain", "--recipe", str(killed_recipe), "--no-progress", "--resume", *steps],
+    procs.run(CLI + ["train", "pretrain", "--recipe", str(killed_recipe), "--no-progress", "--resume", *steps],
                    check=True, capture_output=True)
     a, b = _state(tmp_path / "runs" / "ref" / "pretrain" / "model"), _state(run / "model")
     assert a.keys() == b.keys()
@@ -141,9 +142,9 @@ def test_sft_trains_only_on_assistant_tokens(tmp_path):
 
 
 def test_bad_recipe_keys_and_overrides_are_clear_errors(tmp_path):
-    r = subprocess.run(CLI + ["train", "pretrain", "--recipe", str(write_tiny_recipe(tmp_path)), "pretrain.stepz=3"],
+    r = procs.run(CLI + ["train", "pretrain", "--recipe", str(write_tiny_recipe(tmp_path)), "pretrain.stepz=3"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "stepz" in r.stderr and "Traceback" not in r.stderr
-    r = subprocess.run(CLI + ["train", "pretrain", "--recipe", str(tmp_path / "missing.toml")], capture_output=True,
+    r = procs.run(CLI + ["train", "pretrain", "--recipe", str(tmp_path / "missing.toml")], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "does not exist" in r.stderr

@@ -17,10 +17,10 @@ import torch
 
 from ..checkpoint import load_model
 from ..config import ModelConfig
-from ..device import resolve_device, resolve_dtype
 from ..errors import ConfigError
-from ..model.cpu_kernels import pack_model, packing_available
+from ..model import ops
 from ..model.transformer import Transformer
+from ..runtime import inference_precision, notify, resolve_device
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cache import BlockManager, KVCache
 from .runner import ModelRunner
@@ -56,23 +56,29 @@ class LLMEngine:
             source = Path(model)
             config = ModelConfig.from_pretrained(source)
             dev = resolve_device(device)
-            self.model = load_model(source, dev, resolve_dtype(dtype, dev, config.torch_dtype))
+            precision = inference_precision(dtype, dev, config.torch_dtype)
+            if precision.note:
+                notify(precision.note)
+            self.model = load_model(source, dev, precision.weights).set_precision(precision.weights,
+                                                                                  precision.compute)
         if tokenizer is None and source is not None and (Path(source) / "tokenizer.json").exists():
             tokenizer = source
         self.tokenizer = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, Path)) else tokenizer
         config = self.model.config
         self.config = config
-        self.pack_weights = pack_weights and packing_available(self.model)
+        self.pack_weights = pack_weights
         self._derive_weights()
 
         slot_shape = self.model.kv_cache_shape()
-        self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, slot_shape, self.model.dtype)
+        # The cache holds what the activations are (float32 where bf16 weights compute in float32): exact.
+        cache_dtype = self.model.compute_dtype
+        self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, slot_shape, cache_dtype)
         budget = parse_memory(kv_cache_memory)
         num_blocks = budget // (self.kv_bytes_per_token * block_size)
         if num_blocks < 2:
             raise ConfigError(f"kv_cache_memory {budget:,} bytes holds fewer than 2 blocks of {block_size} tokens "
                               f"({self.kv_bytes_per_token:,} bytes per token): raise kv_cache_memory")
-        self.cache = KVCache(config.num_hidden_layers, num_blocks, block_size, slot_shape, self.model.dtype,
+        self.cache = KVCache(config.num_hidden_layers, num_blocks, block_size, slot_shape, cache_dtype,
                              self.model.device)
         self.max_cached_tokens = num_blocks * block_size
         limit = min(config.max_position_embeddings, self.max_cached_tokens)
@@ -238,7 +244,7 @@ class LLMEngine:
     def update_weights(self, weights: torch.nn.Module | dict[str, torch.Tensor]) -> None:
         """Loads new weights (a model or its state_dict, nanoseek names) without touching disk. Every cached
         block is dropped, the prefix cache included, and running sequences are recomputed with the new weights;
-        derived tensors (the absorbed MLA projections) are views of the weights and follow automatically."""
+        derived tensors (packed copies, absorbed MLA projections) are rebuilt."""
         state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
         own = self.model.state_dict()
         missing = [k for k in own if k not in state]
@@ -259,9 +265,7 @@ class LLMEngine:
 
     def _derive_weights(self) -> None:
         """(Re)builds every tensor computed from the weights: absorbed MLA projections, packed CPU kernels."""
-        self.model.cache_derived_weights()
-        if self.pack_weights:
-            pack_model(self.model)
+        ops.derive_weights(self.model, "auto" if self.pack_weights else None)
 
     # ---- observability ----
     def stats(self) -> dict:

@@ -18,74 +18,13 @@ attention over a sequence that is its own context (T == S).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import train_kernels
-from .layers import RMSNorm
+from . import ops
+from .layers import Linear, RMSNorm
 from .paged import PagedBatch
 from .rope import Rope
-
-
-def _sdpa(q, k, v, mask, scale):
-    """q [B,T,H,D], k/v [B,S,Hkv,D] -> [B,T,H,Dv]."""
-    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
-    gqa = k.shape[1] != q.shape[1]
-    dv = v.shape[-1]
-    if dv != q.shape[-1]:
-        # MLA's value heads are narrower than its query/key heads; PyTorch's fused (flash) kernels need equal
-        # widths and otherwise fall back to the unfused math path, ~1.7x slower here in bf16. Zero columns
-        # cost little and leave the result unchanged.
-        v = F.pad(v, (0, q.shape[-1] - dv))
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
-    return out[..., :dv].transpose(1, 2)
-
-
-def _attention(q, k, v, mask, scale, training: bool):
-    """Self-attention of a batch of sequences, q [B,T,H,D], k/v [B,T,Hkv,D] -> [B,T,H,Dv]: in CPU training the
-    fused batched kernel (causal, no padding, scores small enough to keep), else SDPA."""
-    B, T, H, _ = q.shape
-    if (mask is None and k.shape[1] == T and train_kernels.fused_training(q, training)
-            and train_kernels.batched_attention_fits(B * H, T)):
-        if k.shape[2] != H:  # GQA: each KV head serves H / Hkv query heads (autograd sums their gradients)
-            k, v = (t.repeat_interleave(H // t.shape[2], dim=2) for t in (k, v))
-        return train_kernels.causal_attention(q, k, v, scale)
-    return _sdpa(q, k, v, mask, scale)
-
-
-def _decode_attention(q, k, v, mask, scale, latent_width: int = 0, out_dtype=None):
-    """One query per sequence: q [B, H, D]; GQA k/v [B, S, Hkv, D]; or MLA k [B, S, D] with v None, the value
-    being the first `latent_width` columns of k -> [B, H, Dv].
-
-    A few float32 batched matmuls: for a single query PyTorch's fused SDPA costs ~10x more in fixed overhead
-    on CPU, and float32 keeps the scores exact for bf16 caches. The mask enters as an additive bias of the
-    score product (one kernel instead of scale + masked_fill).
-    """
-    B, H, _ = q.shape
-    if v is None:  # MLA: one key head shared by all query heads; the value is the key's latent prefix
-        keys = values = k.float()  # [B, S, D]
-        hkv = 1
-    else:  # GQA: fold the KV heads into the batch, [B * Hkv, S, D]
-        hkv = k.shape[2]
-        keys, values = (t.transpose(1, 2).flatten(0, 1).float() for t in (k, v))
-    qf = q.float().reshape(B * hkv, H // hkv, -1)
-    if mask is None:
-        scores = torch.bmm(qf, keys.transpose(1, 2)).mul_(scale)
-    else:
-        bias = torch.zeros(mask.shape[0], 1, keys.shape[1], device=q.device)
-        bias.masked_fill_(~mask.reshape(mask.shape[0], 1, -1), float("-inf"))
-        scores = torch.baddbmm(bias.repeat_interleave(hkv, 0) if hkv > 1 else bias, qf, keys.transpose(1, 2),
-                               alpha=scale)
-    # MLA: the product with the whole contiguous [c_kv | k_r] row, then the latent columns: ~1.8x faster
-    # than multiplying by the strided latent view, for 12% more arithmetic.
-    out = torch.bmm(scores.softmax(-1), values)
-    if v is None:
-        out = out[..., :latent_width]
-    return out.reshape(B, H, -1).to(out_dtype or q.dtype)
 
 
 class MLAttention(nn.Module):
@@ -98,19 +37,17 @@ class MLAttention(nn.Module):
         self.q_lora_rank = c.q_lora_rank
         qk_dim = self.nope_dim + self.rope_dim
         if c.q_lora_rank:
-            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
+            self.q_a_proj = Linear(c.hidden_size, c.q_lora_rank, bias=c.attention_bias)
             self.q_a_layernorm = RMSNorm(c.q_lora_rank)
-            self.q_b_proj = nn.Linear(c.q_lora_rank, self.n_heads * qk_dim, bias=False)
+            self.q_b_proj = Linear(c.q_lora_rank, self.n_heads * qk_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(c.hidden_size, self.n_heads * qk_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
+            self.q_proj = Linear(c.hidden_size, self.n_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.attention_bias)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
-        self.kv_b_proj = nn.Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
+        self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
+        self.o_proj = Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = c.softmax_scale()
-        self._absorbed: tuple[torch.Tensor, torch.Tensor] | None = None
-        # W_UK and W_UV packed for the CPU small-batch bf16 kernel, set by cpu_kernels.pack_model.
-        self.absorbed_small: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.derived: ops.AbsorbedPack | None = None  # inference: the absorbed projections (ops.pack_absorbed)
 
     # ---- shared first half: project and rotate ----
     def compress(self, x: torch.Tensor, rope: Rope):
@@ -129,23 +66,13 @@ class MLAttention(nn.Module):
         return q_nope, q_rope, latent, k_rope
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """W_UK [H, nope, L] and W_UV^T [H, L, v], the two halves of kv_b_proj per head.
-
-        Views of the weight by default (training: nothing derived can go stale). An inference engine calls
-        `cache_absorbed_weights()` to keep contiguous float32 copies (tiny per-head matmuls are several times
-        faster in float32 on CPU, and decode attention runs in float32 anyway), and calls it again whenever
-        the weights change.
-        """
-        if self._absorbed is not None:
-            return self._absorbed
+        """W_UK [H, nope, L] and W_UV^T [H, L, v], the two halves of kv_b_proj per head, as views of the weight
+        (training: nothing derived can go stale; inference keeps copies in `derived`)."""
         w = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_lora_rank)
         return w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
 
-    def cache_absorbed_weights(self, enabled: bool = True) -> None:
-        self._absorbed = None
-        if enabled:
-            w_uk, w_uv_t = self.absorbed_weights()
-            self._absorbed = (w_uk.detach().float().contiguous(), w_uv_t.detach().float().contiguous())
+    def derive(self, plan: ops.Plan | None) -> None:
+        self.derived = None if plan is None else ops.pack_absorbed(*self.absorbed_weights(), plan)
 
     # ---- second half, two interchangeable ways; `cached` is [B, S, kv_lora + rope] = [c_kv | k_r] ----
     def heads_full(self, q_nope, q_rope, cached, mask):
@@ -156,7 +83,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)
         k = torch.cat((k_nope, k_rope.unsqueeze(2).expand(B, S, self.n_heads, self.rope_dim)), dim=-1)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        return _attention(q, k, v, mask, self.scale, self.training).flatten(2)
+        return ops.attention(q, k, v, mask, self.scale, self.training).flatten(2)
 
     def heads_absorbed(self, q_nope, q_rope, cached, mask):
         """Attention straight against the latent cache. Returns per-head outputs [B, T, H * v].
@@ -168,35 +95,24 @@ class MLAttention(nn.Module):
         """
         B, T, H, _ = q_nope.shape
         dtype = q_nope.dtype
-        small = self.absorbed_small
-        if small is not None and not torch.is_grad_enabled() and dtype == torch.bfloat16 and B * T <= 64:
-            # CPU decoding: both per-head products through the small-batch bf16 kernel, one call each.
-            from .cpu_kernels import per_head_linear  # (imported late: cpu_kernels imports this module)
-
-            q_latent = per_head_linear(q_nope.reshape(B * T, H, -1), small[0], self.kv_lora_rank)
-            q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope), dim=-1)
-            out_latent = self._latent_attention(q, cached, mask, dtype)
-            out = per_head_linear(out_latent.reshape(B * T, H, -1).to(dtype), small[1], self.v_dim)
-            return out.reshape(B, T, H * self.v_dim)
         w_uk, w_uv_t = self.absorbed_weights()
-        # Per-head matmuls as one bmm over heads: [H, B*T, nope] @ [H, nope, L].
-        q_latent = torch.bmm(q_nope.reshape(B * T, H, -1).transpose(0, 1).to(w_uk.dtype), w_uk).transpose(0, 1)
-        q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope.to(w_uk.dtype)), dim=-1)
+        q_latent = ops.absorbed_query(q_nope.reshape(B * T, H, -1), self.derived, w_uk)
+        q = torch.cat((q_latent.reshape(B, T, H, -1), q_rope.to(q_latent.dtype)), dim=-1)
         out_latent = self._latent_attention(q, cached, mask, dtype)
-        out = torch.bmm(out_latent.reshape(B * T, H, -1).transpose(0, 1).to(w_uv_t.dtype), w_uv_t)  # [H, BT, v]
-        return out.transpose(0, 1).reshape(B, T, H * self.v_dim).to(dtype)
+        out = ops.absorbed_output(out_latent.reshape(B * T, H, -1), self.derived, w_uv_t, dtype)
+        return out.reshape(B, T, H * self.v_dim)
 
     def _latent_attention(self, q, cached, mask, dtype):
         """q [B, T, H, kv_lora + rope] against the latent cache -> [B, T, H, kv_lora]."""
         if q.shape[1] == 1:
-            return _decode_attention(q[:, 0], cached, None, mask, self.scale, self.kv_lora_rank)[:, None]
+            return ops.decode_attention(q[:, 0], cached, None, mask, self.scale, self.kv_lora_rank)[:, None]
         kv = cached.unsqueeze(2)  # [B, S, 1, kv_lora + rope]
-        return _sdpa(q.to(dtype), kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
+        return ops.sdpa(q.to(dtype), kv, kv, mask, self.scale)[..., : self.kv_lora_rank]
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
         B, T, _ = x.shape
-        if (mask is None and not absorbed and train_kernels.fused_training(x, self.training)
-                and train_kernels.batched_attention_fits(B * self.n_heads, T)):
+        if (mask is None and not absorbed and ops.fused_training(x, self.training)
+                and ops.training_fits(B * self.n_heads, T, x)):
             return self._forward_fused(x, rope)
         q_nope, q_rope, latent, k_rope = self.compress(x, rope)
         cached = torch.cat((latent, k_rope), dim=-1)
@@ -204,14 +120,14 @@ class MLAttention(nn.Module):
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
 
     def _forward_fused(self, x, rope: Rope):
-        """Causal self-attention in CPU training (model/train_kernels.py): the same projections, then queries,
+        """Causal self-attention in CPU training (model/kernels/training.py): the same projections, then queries,
         keys and values assembled and rotated in one pass and attention as batched GEMMs."""
         B, T, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         kv = self.kv_b_proj(self.kv_a_layernorm(latent))
-        heads = train_kernels.mla_attention(q.view(B, T, self.n_heads, -1), kv.view(B, T, self.n_heads, -1), k_rope,
-                                            rope, self.nope_dim, self.scale)
+        heads = ops.mla_training_attention(q.view(B, T, self.n_heads, -1), kv.view(B, T, self.n_heads, -1), k_rope,
+                                           rope, self.nope_dim, self.scale)
         return self.o_proj(heads)
 
     def forward_paged(self, x, rope: Rope, cache: torch.Tensor, batch: PagedBatch):
@@ -240,25 +156,23 @@ class MLAttention(nn.Module):
         return self.o_proj(out)
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
-        """Whether the CPU kernels run this step's decodes: bf16 inference with packed absorbed weights, and few
-        sequences or not too many heads. Reading the cache in place saves the gather and its float32 copy (2x
-        faster at batch 1; bench/engine.py's 32 sequences of 12 heads 1,088 -> 1,188 tokens/s; the speedrun
-        model's 64 of 4 heads 6.5 -> 5.9 ms a step). With very many heads per sequence (V3's 128) oneDNN's
-        batched products over the gathered rows are the better kernel."""
-        return (self.absorbed_small is not None and cache.dtype == torch.bfloat16 and cache.is_contiguous()
-                and not torch.is_grad_enabled() and batch.decode_lengths is not None
+        """Whether the AVX512-BF16 kernel runs this step's decodes reading the cache in place: bf16 inference
+        with packed absorbed weights, and few sequences or not too many heads. It saves the gather and its
+        float32 copy (2x faster at batch 1; bench/engine.py's 32 sequences of 12 heads 1,088 -> 1,188
+        tokens/s; the speedrun model's 64 of 4 heads 6.5 -> 5.9 ms a step). With very many heads per sequence
+        (V3's 128) oneDNN's batched products over the gathered rows are the better kernel."""
+        return (self.derived is not None and self.derived.cache_kernel and cache.dtype == torch.bfloat16
+                and cache.is_contiguous() and not torch.is_grad_enabled() and batch.decode_lengths is not None
                 and (batch.decode_slots.shape[0] <= 4 or self.n_heads <= 32))
 
     def _decode_from_cache(self, q_nope, q_rope, cache, batch: PagedBatch):
         """Absorbed decode of B single tokens ([B, H, *] queries) with attention read straight from the paged
         latent cache (no gathered or float32 copy of the context). Returns [B, H * v]."""
-        from .cpu_kernels import bf16_kernels, per_head_linear  # (imported late: cpu_kernels imports this)
-
-        w_uk, w_uv = self.absorbed_small
-        q = torch.cat((per_head_linear(q_nope, w_uk, self.kv_lora_rank), q_rope), dim=-1)
-        out_latent = bf16_kernels().mla_decode_attention(q, cache, batch.decode_slots, batch.decode_lengths,
-                                                         self.scale, self.kv_lora_rank)
-        return per_head_linear(out_latent.to(q_nope.dtype), w_uv, self.v_dim).flatten(1)
+        w_uk, w_uv_t = self.absorbed_weights()
+        q = torch.cat((ops.absorbed_query(q_nope, self.derived, w_uk), q_rope), dim=-1)
+        out_latent = ops.mla_cache_attention(q, cache, batch.decode_slots, batch.decode_lengths, self.scale,
+                                             self.kv_lora_rank)
+        return ops.absorbed_output(out_latent, self.derived, w_uv_t, q_nope.dtype).flatten(1)
 
 
 class GQAttention(nn.Module):
@@ -268,10 +182,10 @@ class GQAttention(nn.Module):
         super().__init__()
         c = config
         self.n_heads, self.n_kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
-        self.q_proj = nn.Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
-        self.k_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
-        self.v_proj = nn.Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
+        self.q_proj = Linear(c.hidden_size, self.n_heads * self.head_dim, bias=c.qkv_bias)
+        self.k_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.v_proj = Linear(c.hidden_size, self.n_kv_heads * self.head_dim, bias=c.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = c.softmax_scale()
 
     def project(self, x, rope: Rope):
@@ -283,7 +197,7 @@ class GQAttention(nn.Module):
         return q, k, v
 
     def attend(self, q, k, v, mask):
-        return self.o_proj(_attention(q, k, v, mask, self.scale, self.training).flatten(2))
+        return self.o_proj(ops.attention(q, k, v, mask, self.scale, self.training).flatten(2))
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
         q, k, v = self.project(x, rope)
@@ -297,10 +211,10 @@ class GQAttention(nn.Module):
         for span in batch.prefills:
             rows = slice(span.start, span.end)
             kv = cache[span.context_slots].to(x.dtype)
-            out[rows] = _sdpa(q[rows][None], kv[None, :, 0], kv[None, :, 1], span.mask, self.scale)[0].flatten(1)
+            out[rows] = ops.sdpa(q[rows][None], kv[None, :, 0], kv[None, :, 1], span.mask, self.scale)[0].flatten(1)
         if batch.decode_rows is not None:
             rows = batch.decode_rows
             kv = cache[batch.decode_slots].to(x.dtype)  # [B, S, 2, kv_heads, head_dim]
-            out[rows] = _decode_attention(q[rows], kv[:, :, 0], kv[:, :, 1], batch.decode_mask,
-                                          self.scale).flatten(1)
+            out[rows] = ops.decode_attention(q[rows], kv[:, :, 0], kv[:, :, 1], batch.decode_mask,
+                                             self.scale).flatten(1)
         return self.o_proj(out)

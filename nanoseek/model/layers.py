@@ -1,4 +1,5 @@
-"""Small building blocks shared by every architecture: RMSNorm and the gated MLP."""
+"""Small building blocks shared by every architecture: the linear layer, RMSNorm and the gated MLP. Each runs
+through model/ops.py, which picks eager, CPU-training or CPU-inference kernels."""
 
 from __future__ import annotations
 
@@ -7,8 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import train_kernels
-from .train_kernels import fused_training
+from . import ops
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -20,6 +20,19 @@ def activation(name: str):
         raise ConfigError(f"unsupported hidden_act {name!r}: use one of {', '.join(ACTIVATIONS)}") from None
 
 
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, same checkpoint names) whose product runs through ops.linear; `derived`
+    holds its packed copies for inference."""
+
+    derived: ops.LinearPack | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.linear(x, self.weight, self.bias, self.derived)
+
+    def derive(self, plan: ops.Plan | None) -> None:
+        self.derived = ops.pack_linear(self.weight, plan)
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 and cast back before the weight, as the reference implementations do."""
 
@@ -27,17 +40,17 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
-        # The fused training path hands the next products a bf16 result; a consumer that reads float32 (the MoE
-        # router) sets this to get eager RMSNorm's float32 result instead.
+        # The fused training path hands the next products its compute dtype; a consumer that reads float32
+        # (the MoE router) sets this to get eager RMSNorm's float32 result instead.
         self.float_output = False
+        self.derived = False  # inference: the decode kernel's one-pass norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_training(x, self.training) and self.weight.dtype == torch.float32:
-            return train_kernels.rms_norm(x, self.weight, self.eps, self.float_output)
-        if x.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
-        # Low precision: normalise in float32 and round once, then scale (transformers' order of rounding).
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        return ops.rms_norm(x, self.weight, self.eps, training=self.training, float_output=self.float_output,
+                            fused=self.derived)
+
+    def derive(self, plan: ops.Plan | None) -> None:
+        self.derived = plan is not None and plan.fused
 
 
 class MLP(nn.Module):
@@ -45,23 +58,17 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: int, intermediate: int, act: str = "silu", bias: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=bias)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, intermediate, bias=bias)
+        self.up_proj = Linear(hidden, intermediate, bias=bias)
+        self.down_proj = Linear(intermediate, hidden, bias=bias)
         self.act = activation(act)
-        # gate_proj and up_proj stacked and packed for the small-batch CPU kernel, set by an inference engine
-        # (model/cpu_kernels.py): one weight stream instead of two at decode batch sizes.
-        self.small_gate_up = None
+        self.derived = None  # inference: gate and up stacked for the decode kernel (one weight stream, not two)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if fused_training(x, self.training) and self.act is F.silu and self.gate_proj.bias is None and self.up_proj.bias is None \
-                and self.down_proj.bias is None:
-            return train_kernels.swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
-        if self.small_gate_up is not None and not torch.is_grad_enabled() and x.dtype == torch.bfloat16:
-            from .cpu_kernels import small_linear  # (imported late: it imports this module)
+        return ops.swiglu_mlp(x, self.gate_proj, self.up_proj, self.down_proj, self.act, training=self.training,
+                              gate_up_small=self.derived)
 
-            gate_up = small_linear(x, self.small_gate_up, 2 * self.gate_proj.out_features)
-            if gate_up is not None:
-                gate, up = gate_up.chunk(2, dim=-1)
-                return self.down_proj(self.act(gate) * up)
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+    def derive(self, plan: ops.Plan | None) -> None:
+        no_bias = self.gate_proj.bias is None and self.up_proj.bias is None
+        wanted = plan is not None and plan.small and no_bias
+        self.derived = ops.pack_stack(torch.cat((self.gate_proj.weight, self.up_proj.weight)), plan) if wanted else None

@@ -18,9 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import train_kernels
+from . import ops
 from .layers import MLP, activation
-from .train_kernels import fused_training
 
 
 @torch.no_grad()
@@ -47,16 +46,18 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        # Set by an inference engine (model/cpu_kernels.py): select experts with the compiled CPU kernel, one
-        # call instead of ~10 small ops.
-        self.fused_select = False
+        self.derived = False  # inference: select experts with the decode kernel, one call instead of ~10 ops
 
     def _apply(self, fn, recurse=True):
-        # Keep routing parameters in float32 when the model is cast (model.to(bfloat16)).
+        # Routing parameters keep their float32 values when the model is cast (model.to(bfloat16)): a bf16 round
+        # trip would move the scores, and with them which experts win. Moves to another device still apply.
+        names = ["weight"] + (["e_score_correction_bias"] if self.e_score_correction_bias is not None else [])
+        originals = {name: getattr(self, name).data for name in names}
         super()._apply(fn, recurse)
-        self.weight.data = self.weight.data.float()
-        if self.e_score_correction_bias is not None:
-            self.e_score_correction_bias.data = self.e_score_correction_bias.data.float()
+        for name, original in originals.items():
+            current = getattr(self, name)
+            if current.dtype != torch.float32:
+                current.data = original.to(current.device)
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -64,27 +65,15 @@ class Router(nn.Module):
         logits = F.linear(x.float(), self.weight)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        grouped_rule = {"noaux_tc": 1, "group_limited_greedy": 2}.get(self.method, 0) if self.n_group > 1 else 0
-        if self.fused_select and not torch.is_grad_enabled() and choice.device.type == "cpu":
-            from .cpu_kernels import bf16_kernels  # (imported late: cpu_kernels imports this module)
-
-            indices = bf16_kernels().select_experts(choice, self.n_group, self.topk_group, self.top_k, grouped_rule)
-        else:
-            if grouped_rule:
-                grouped = choice.view(-1, self.n_group, self.n_experts // self.n_group)
-                if grouped_rule == 1:
-                    group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)
-                else:
-                    group_scores = grouped.amax(dim=-1)
-                keep = group_scores.topk(self.topk_group, dim=-1).indices
-                group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-                # -inf, not 0: biased sigmoid scores can be negative, and a masked expert must never win.
-                choice = grouped.masked_fill(~group_mask.unsqueeze(-1), float("-inf")).flatten(1)
-            indices = choice.topk(self.top_k, dim=-1).indices
+        rule = {"noaux_tc": 1, "group_limited_greedy": 2}.get(self.method, 0) if self.n_group > 1 else 0
+        indices = ops.select_experts(choice, self.n_group, self.topk_group, self.top_k, rule, fused=self.derived)
         weights = scores.gather(1, indices)
         if self.normalize and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         return weights * self.scaling, indices, scores
+
+    def derive(self, plan: ops.Plan | None) -> None:
+        self.derived = plan is not None and plan.fused
 
 
 class Experts(nn.Module):
@@ -100,61 +89,14 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(config.hidden_act)
-        # Optional weights in kernel-specific layouts, set by an inference engine (model/cpu_kernels.py):
-        # per expert (gate_up list, down list) for `packed_linear`; and all experts stacked (gate_up, down) for
-        # `grouped_linear`, the small-batch bf16 kernel that runs every expert of the layer in one call.
-        self.packed = None
-        self.small_packed = None
-
-    def expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """One expert's SwiGLU on its tokens."""
-        if self.packed is not None and not torch.is_grad_enabled() and x.dtype == self.gate_up_proj.dtype:
-            from .cpu_kernels import packed_linear  # (imported late: cpu_kernels imports this module)
-
-            gate, up = packed_linear(x, self.packed[0][e]).chunk(2, dim=-1)
-            return packed_linear(self.act(gate) * up, self.packed[1][e])
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        return F.linear(self.act(gate) * up, self.down_proj[e])
-
-    def _small_batch(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor | None:
-        """The whole layer in one call of the small-batch kernel when it applies: inference, its dtype, a SwiGLU,
-        and few rows per expert (decoding). None otherwise."""
-        if (self.small_packed is None or torch.is_grad_enabled() or x.dtype != self.gate_up_proj.dtype
-                or self.act is not F.silu):
-            return None
-        from .cpu_kernels import SMALL_ROWS_PER_EXPERT, bf16_kernels
-
-        # Rows per expert, were every routed copy spread evenly (no host sync to count the experts in use).
-        if indices.numel() > SMALL_ROWS_PER_EXPERT * min(indices.numel(), self.n_experts):
-            return None
-        return bf16_kernels().moe_swiglu(x, weights, indices, *self.small_packed, self.intermediate)
+        self.derived: ops.ExpertsPack | None = None  # inference: packed copies (ops.pack_experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        if fused_training(x, self.training) and self.act is F.silu:
-            return train_kernels.routed_experts(x, weights, indices, self.gate_up_proj, self.down_proj)
-        fused = self._small_batch(x, weights, indices)
-        if fused is not None:
-            return fused
-        N, k = indices.shape
-        if N == 1:  # batch-1 decoding: no sorting to do, just the k chosen experts
-            out = None
-            for e, w in zip(indices[0].tolist(), weights[0].to(x.dtype)):
-                y = self.expert(x, e) * w
-                out = y if out is None else out + y
-            return out
-        flat = indices.flatten()
-        order = flat.argsort(stable=True)
-        counts = torch.bincount(flat, minlength=self.n_experts).tolist()
-        token_of = order // k
-        xs = x[token_of]
-        outputs, start = [], 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            outputs.append(self.expert(xs[start:start + n], e))
-            start += n
-        ys = torch.cat(outputs) * weights.flatten()[order].unsqueeze(-1).to(x.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, ys)
+        return ops.routed_experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.act,
+                                  training=self.training, derived=self.derived)
+
+    def derive(self, plan: ops.Plan | None) -> None:
+        self.derived = ops.pack_experts(self.gate_up_proj, self.down_proj, plan)
 
 
 class MoE(nn.Module):

@@ -105,6 +105,15 @@ class RotaryEmbedding(nn.Module):
         self.amplitude = amplitude
         self.interleaved = config.rope_interleave
 
+    def _apply(self, fn, recurse=True):
+        # The frequencies stay float32 when the model is cast (model.to(bfloat16)): bf16 would move the angles
+        # of far positions by whole radians.
+        original = self.inv_freq
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = original.to(self.inv_freq.device)
+        return self
+
     def forward(self, positions: torch.Tensor) -> Rope:
-        freqs = positions.to(torch.float32)[..., None] * self.inv_freq.float()
+        freqs = positions.to(torch.float32)[..., None] * self.inv_freq
         return Rope(freqs, self.amplitude, self.interleaved)

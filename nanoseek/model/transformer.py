@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from .attention import GQAttention, MLAttention
-from .layers import MLP, RMSNorm
+from .layers import MLP, Linear, RMSNorm
 from .moe import MoE
 from .paged import PagedBatch
 from .rope import RotaryEmbedding
@@ -52,7 +52,7 @@ class MTPModule(nn.Module):
         super().__init__()
         self.enorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.hnorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * config.hidden_size, config.hidden_size, bias=False)
+        self.eh_proj = Linear(2 * config.hidden_size, config.hidden_size, bias=False)
         self.block = DecoderLayer(config, layer_idx)
         self.shared_head_norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
@@ -90,12 +90,15 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Backbone(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         L = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
         self.rotary = RotaryEmbedding(config)
+        # Activations' dtype when it differs from the weights' (bf16 weights computed in float32 on a CPU
+        # without native bf16: runtime.inference_precision); None: the weights' own.
+        self.activation_dtype: torch.dtype | None = None
 
     # ---- helpers ----
     def positions_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -111,7 +114,7 @@ class Transformer(nn.Module):
             positions = self.positions_for(input_ids, attention_mask)
         mask = None if attention_mask is None else causal_padding_mask(attention_mask)
         rope = self.rotary(positions)
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer in self.model.layers:
             x = layer(x, rope, mask, absorbed)
         return x if pre_norm else self.model.norm(x)
@@ -125,17 +128,20 @@ class Transformer(nn.Module):
         """Engine forward over N flattened tokens ([N] ids and positions) with a paged cache per layer.
         Returns logits [M, vocab] for `batch.logits_rows` only: a prefill needs just its last row's."""
         rope = self.rotary(positions)
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         for layer, cache in zip(self.model.layers, caches):
             x = layer.forward_paged(x, rope, cache, batch)
         return self.lm_head(self.model.norm(x[batch.logits_rows]))
 
-    def cache_derived_weights(self, enabled: bool = True) -> None:
-        """Precomputes (or drops) tensors derived from the weights for inference: MLA's absorbed projections.
-        Call again after changing weights."""
-        for layer in [*self.model.layers, *(m.block for m in self.mtp)]:
-            if isinstance(layer.self_attn, MLAttention):
-                layer.self_attn.cache_absorbed_weights(enabled)
+    def set_precision(self, weights: torch.dtype, compute: torch.dtype | None = None) -> "Transformer":
+        """Stores the weights in `weights` and computes in `compute` (default: the same); returns self."""
+        self.to(weights)
+        self.activation_dtype = None if compute in (None, weights) else compute
+        return self
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.model.embed_tokens(input_ids)
+        return x if self.activation_dtype is None else x.to(self.activation_dtype)
 
     def kv_cache_shape(self) -> tuple[int, ...]:
         """Per-slot shape of one layer's cache: MLA holds [c_kv | k_r]; GQA holds K and V per KV head."""
@@ -158,7 +164,7 @@ class Transformer(nn.Module):
         h = hidden
         for k, module in enumerate(self.mtp, start=1):
             h = h[:, : T - k]
-            embeds = self.model.embed_tokens(input_ids[:, k:])
+            embeds = self.embed(input_ids[:, k:])
             h = module(h, embeds, self.rotary(positions[:, : T - k]))
             outs.append(h)
         return outs
@@ -174,7 +180,13 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
+        """The weights' dtype."""
         return self.model.embed_tokens.weight.dtype
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The activations' dtype."""
+        return self.activation_dtype or self.dtype
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Fresh random weights for training from scratch: normal(0, std) matrices, unit norms, zero biases."""

@@ -20,6 +20,7 @@ from ..data.tasks import Problem
 from ..data.verify import verify
 from ..engine.text import THINK_CLOSE
 from ..errors import ConfigError
+from ..runtime import fast_precision
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 
 # keep: "correct" is rejection sampling (the verifier keeps correct traces only); "all" is plain sequence-level
@@ -27,6 +28,11 @@ from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 DISTILL_DEFAULTS = {"k": 4, "temperature": 0.8, "problems": 2000, "max_tokens": 256, "levels": None,
                     "student": "", "teacher": "", "eval_problems": 500, "with_reasoning": True, "keep": "correct"}
 STAGE_EXTRA_KEYS["distill"] = set(DISTILL_DEFAULTS)
+
+
+def _engine_dtype() -> torch.dtype:
+    """The teacher's and the evaluations' engines: bf16 where bf16 is native, float32 elsewhere."""
+    return fast_precision("auto", torch.device("cpu")).weights
 
 
 def teacher_traces(teacher: str, problems: list[Problem], k: int, temperature: float, max_tokens: int,
@@ -49,7 +55,7 @@ def teacher_traces(teacher: str, problems: list[Problem], k: int, temperature: f
         return out
     from ..engine import LLM, SamplingParams
 
-    llm = LLM(teacher, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
+    llm = LLM(teacher, dtype=_engine_dtype(), kv_cache_memory="512MiB", max_num_seqs=256)
     results = llm.generate([chat_prompt(p) for p in problems],
                            SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=0))
     for p, r in zip(problems, results):
@@ -143,7 +149,7 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     for name, source in (("teacher", teacher), ("student", str(student_path))):
         if source.startswith("http"):
             continue
-        llm = LLM(source, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
+        llm = LLM(source, dtype=_engine_dtype(), kv_cache_memory="512MiB", max_num_seqs=256)
         results[name] = evaluate(llm, eval_set, max_tokens=cfg["max_tokens"])
         results[name]["active_params"] = model_cost(llm.engine.config).active_params
     # acceptance: the verifier's pass rate over all traces; kept: distinct accepted traces (a confident teacher

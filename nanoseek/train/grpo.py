@@ -31,8 +31,9 @@ from ..data.sources import chat_prompt, task_problems
 from ..data.tasks import Problem
 from ..engine import LLM, SamplingParams
 from ..errors import ConfigError
-from ..model.train_kernels import fused_training, token_logprobs
+from ..model import ops
 from ..model.transformer import Transformer
+from ..runtime import fast_precision
 from ..tokenizer import load_tokenizer
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 from .rewards import build_rewards, combine, score
@@ -42,7 +43,7 @@ GRPO_DEFAULTS = {
     "prompts_per_step": 16, "group_size": 8, "max_completion_tokens": 256, "temperature": 1.0, "top_p": 1.0,
     "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.0, "mu": 1, "loss_type": "dapo", "scale_rewards": "auto",
     "dynamic_sampling": True, "max_refills": 2, "mask_truncated": True, "tis_cap": 2.0, "rewards": None,
-    "levels": None, "problems": 20000, "rollout_dtype": "bfloat16", "overlong_buffer": 0, "samples_to_log": 2,
+    "levels": None, "problems": 20000, "rollout_dtype": "auto", "overlong_buffer": 0, "samples_to_log": 2,
     "ignore_eos": False,  # every completion runs to max_completion_tokens (benchmarks: equal work per step)
 }
 STAGE_EXTRA_KEYS["grpo"] = set(GRPO_DEFAULTS)
@@ -142,17 +143,11 @@ def sequence_logprobs(model: Transformer, sequences: list[list[int]], starts: li
     targets = ids.gather(1, (index + 1).clamp(max=width - 1))
     mask = torch.arange(T, device=device)[None, :] < torch.tensor(lengths, device=device)[:, None]
     hidden = model.hidden_states(ids[:, :-1])
-    if fused_training(hidden, model.training):  # the LM head on the scored rows only, log-softmax and entropy fused
-        rows = (index + torch.arange(len(sequences), device=device)[:, None] * (width - 1)).flatten()
-        logp, entropy = token_logprobs(hidden.flatten(0, 1).index_select(0, rows), model.lm_head.weight,
-                                       targets.flatten(), temperature)
-        return logp.view(-1, T), entropy.view(-1, T), mask
-    logits = model.lm_head(hidden).float() / temperature
-    picked = logits.gather(1, index[..., None].expand(-1, -1, logits.shape[-1]))
-    logsm = picked.log_softmax(-1)
-    logp = logsm.gather(-1, targets[..., None]).squeeze(-1)
-    entropy = -(logsm.exp() * logsm).sum(-1)
-    return logp, entropy.detach(), mask
+    # The LM head on the scored rows only (fused with log-softmax and entropy in CPU training).
+    rows = (index + torch.arange(len(sequences), device=device)[:, None] * (width - 1)).flatten()
+    logp, entropy = ops.token_logprobs(hidden.flatten(0, 1).index_select(0, rows), model.lm_head,
+                                       targets.flatten(), temperature, training=model.training)
+    return logp.view(-1, T), entropy.view(-1, T), mask
 
 
 class GRPOTrainer(Trainer):
@@ -174,8 +169,10 @@ class GRPOTrainer(Trainer):
             self.ref.train().requires_grad_(False)
         rollout = Transformer(model.config)
         rollout.load_state_dict(model.state_dict())
-        dtype = torch.bfloat16 if cfg["rollout_dtype"] == "bfloat16" else torch.float32
-        self.llm = LLM(rollout.to(dtype).eval(), tokenizer=self.tokenizer, kv_cache_memory="512MiB",
+        # bf16 rollouts where bf16 is native, float32 elsewhere ("auto"; runtime.fast_precision).
+        precision = fast_precision(cfg["rollout_dtype"], self.device)
+        rollout.set_precision(precision.weights, precision.compute)
+        self.llm = LLM(rollout.eval(), tokenizer=self.tokenizer, kv_cache_memory="512MiB",
                        max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"] * (1 + cfg["max_refills"]),
                        max_num_batched_tokens=4096)
         self.samples_logged = []

@@ -19,6 +19,7 @@ from ..data.sources import doc_text, file_chats, file_documents, is_task_file, s
 from ..errors import ConfigError
 from ..model.transformer import Transformer
 from ..presets import load_preset
+from ..runtime import fast_precision
 from ..tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 from .distributed import Distributed
 from .recipe import run_dir, stage_config
@@ -162,7 +163,8 @@ def make_evaluator(recipe: dict, tok_dir: Path):
 
         copy_ = Transformer(config)
         copy_.load_state_dict(state)
-        copy_ = copy_.to(torch.bfloat16 if ev.get("dtype", "bfloat16") == "bfloat16" else torch.float32).eval()
+        precision = fast_precision(ev.get("dtype", "auto"), torch.device("cpu"))
+        copy_ = copy_.set_precision(precision.weights, precision.compute).eval()
         llm = LLM(copy_, tokenizer=load_tokenizer(tok_dir), kv_cache_memory=ev.get("kv_cache_memory", "256MiB"),
                   max_num_seqs=ev.get("max_num_seqs", 128))
         result = evaluate(llm, problems, max_tokens=ev.get("max_tokens", 256))

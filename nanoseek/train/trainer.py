@@ -20,13 +20,13 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NanoseekError
 from ..model.accounting import model_cost
 from ..model.moe import MoE, update_balance_bias
-from ..model.train_kernels import fused_training, linear_cross_entropy
+from ..model import ops
+from ..runtime import notify, peak_flops, training_autocast
 from ..model.transformer import Transformer
 from . import checkpointing
 from .distributed import Distributed
@@ -65,11 +65,7 @@ class LossModule(nn.Module):
 
     def summed_loss(self, hidden, y, mask):
         """Next-token cross-entropy of the LM head over hidden [B, T, H], summed over (masked) positions."""
-        head = self.model.lm_head
-        if fused_training(hidden, self.training) and head.bias is None:
-            return linear_cross_entropy(hidden, head.weight, y, mask)
-        ce = F.cross_entropy(head(hidden).float().flatten(0, 1), y.flatten(), reduction="none").view_as(y)
-        return (ce * mask).sum() if mask is not None else ce.sum()
+        return ops.summed_cross_entropy(hidden, self.model.lm_head, y, mask, training=self.training)
 
 
 def lr_factor(step: int, cfg: dict) -> float:
@@ -103,28 +99,6 @@ def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
     return bool(params) and all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
 
 
-_PEAK_CACHE: dict[str, float] = {}
-
-
-def measured_peak_flops(dtype: torch.dtype, device: torch.device) -> float:
-    """Matmul FLOP/s this machine reaches in `dtype` (a square 2048 product, best of 5), the MFU denominator."""
-    key = f"{device}/{dtype}"
-    if key not in _PEAK_CACHE:
-        n = 2048
-        a = torch.randn(n, n, device=device).to(dtype)
-        b = torch.randn(n, n, device=device).to(dtype)
-        a @ b
-        best = float("inf")
-        for _ in range(5):
-            t = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            best = min(best, time.perf_counter() - t)
-        _PEAK_CACHE[key] = 2 * n ** 3 / best
-    return _PEAK_CACHE[key]
-
-
 def training_flops_per_token(model: Transformer, seq_len: int, with_mtp: bool) -> float:
     """6 x active non-embedding parameters (MTP's too when trained) + causal attention at the mean context."""
     config = model.config
@@ -150,11 +124,14 @@ class Trainer:
         self.seed = seed
         self.show_progress = show_progress and self.dist.is_main
         self.device = model.device
-        self.autocast_dtype = torch.bfloat16 if cfg["dtype"] in ("bfloat16", "bf16") else None
+        # bf16 autocast over float32 weights where bf16 is native (train.dtype = "auto"), float32 elsewhere.
+        self.autocast_dtype, note = training_autocast(cfg["dtype"], self.device)
+        if note and self.dist.is_main:
+            notify(note)
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
         for m in self.moe_layers:
             m.aux_alpha = cfg["seq_aux_alpha"]
-        model.train()  # the training numerics (model/train_kernels.py) follow the module's mode
+        model.train()  # the training numerics (model/kernels/training.py) follow the module's mode
         self.module = self.dist.wrap(LossModule(model), cfg["parallel"])
         self.optimizer = build_optimizer(self.module, cfg)
         self.step = 0
@@ -163,8 +140,7 @@ class Trainer:
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
         self.with_mtp = cfg["mtp_lambda"] > 0 and len(model.mtp) > 0
         self.flops_per_token = training_flops_per_token(model, cfg["seq_len"], self.with_mtp)
-        peak_dtype = self.autocast_dtype or torch.float32
-        self.peak_flops = measured_peak_flops(peak_dtype, self.device)
+        self.peak_flops = peak_flops(self.autocast_dtype or torch.float32, self.device)
 
     # ---- checkpoints ----
     def checkpoint_dir(self) -> Path:

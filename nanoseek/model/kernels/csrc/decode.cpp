@@ -1,30 +1,44 @@
-// Small-batch bf16 linear layers for CPU decoding: y = x @ W^T with few rows of x, memory-bound.
+// CPU decoding kernels: small-batch linear layers y = x @ W^T over bf16 weights (few rows of x: memory-bound),
+// every routed expert of a layer in one call, fused RMSNorm and expert selection, and (AVX512-BF16) MLA decode
+// attention read in place from the paged latent cache.
 //
-// Built on first use by torch.utils.cpp_extension (model/cpu_kernels.py), only on CPUs with AVX512-BF16.
-// Why by hand: for a few rows oneDNN streams this machine's ~0.5-2 MB decode weights at ~15 GB/s (under half
-// of what a tensor sum reads); this kernel streams them ~1.7x faster, a large weight at ~32 GB/s on 2 threads,
-// and runs every routed expert of a layer in one call (one parallel region over the experts' concatenated
-// weights instead of 2 oneDNN calls per expert). Built with -fopenmp: at::parallel_for runs serially without.
+// Built on first use by torch.utils.cpp_extension (model/kernels/build.py) for the CPU's ISA level, with
+// -fopenmp (at::parallel_for runs serially without). Why by hand: for a few rows oneDNN streams decode weights
+// at under half of what a tensor sum reads, and on AVX2 it cannot use bf16 weights at all; these kernels stream
+// them at ~1.7x oneDNN's rate (AVX512-BF16) and run every routed expert of a layer in one parallel region
+// instead of 2 oneDNN calls per expert.
 //
 // Layout: each weight W [N, K] is packed as [N/16][K/2][16][2] bf16, so one 64-byte load holds 16 outputs x 2
-// inputs: exactly the operand of vdpbf16ps, which multiplies bf16 pairs and accumulates in float32. Each
-// output row block is a contiguous run of memory that the hardware prefetcher streams (software prefetching
-// measured slower). Rows of x are processed 8 at a time against a block still in L1/L2.
+// inputs. With AVX512-BF16 that is exactly the operand of vdpbf16ps (bf16 pairs multiplied, float32 sums) for
+// bf16 activations. Everywhere else -- AVX2, AVX-512 without bf16, and float32 activations (models that keep
+// bf16 weights but compute in float32) -- the pairs are widened in registers (a bf16 is float32's upper half:
+// one shift or one mask) and multiplied in float32 FMAs: the bytes streamed stay half of float32's. Each output
+// row block is a contiguous run of memory that the hardware prefetcher streams (software prefetching measured
+// slower). Rows of x are processed a few at a time against a block still in L1/L2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
-#include <immintrin.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
+#include "simd.h"
+
 namespace {
 
+using namespace simd;
+
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) { return bf16_scalar(v); }
+
+#if defined(__AVX512BF16__)
+// bf16 activations on vdpbf16ps: two accumulator chains per row hide the instruction's latency.
 template <int MC>
-inline void block_rows(const uint16_t* x, int64_t K, const uint16_t* wb, uint16_t* y, int64_t ldy) {
-  __m512 a0[MC], a1[MC];  // two accumulator chains per row hide the instruction's latency
+inline void block_rows_dp(const uint16_t* x, int64_t K, const uint16_t* wb, uint16_t* y, int64_t ldy) {
+  __m512 a0[MC], a1[MC];
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
     a0[m] = _mm512_setzero_ps();
@@ -56,38 +70,94 @@ inline void block_rows(const uint16_t* x, int64_t K, const uint16_t* wb, uint16_
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), (__m256i)r);
   }
 }
+#endif
 
-void rows(int64_t M, const uint16_t* x, int64_t K, const uint16_t* wb, uint16_t* y, int64_t ldy) {
+// The widening path. NV vectors of W lanes cover a block's 16 outputs; piece v of a pair's 64 bytes holds
+// outputs v*W.. as (even input, odd input) 32-bit pairs: the even one is the low half, widened by a shift, the
+// odd one the high half, widened by a mask.
+constexpr int NV = int(16 / W);
+#if defined(__AVX512F__)
+inline void widen_pairs(const uint16_t* p, int v, vf& even, vf& odd) {
+  const __m512i w = _mm512_loadu_si512(reinterpret_cast<const __m512i*>(p) + v);
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  odd = _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32(int(0xFFFF0000u))));
+}
+#elif defined(__AVX2__)
+inline void widen_pairs(const uint16_t* p, int v, vf& even, vf& odd) {
+  const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p) + v);
+  even = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+  odd = _mm256_castsi256_ps(_mm256_and_si256(w, _mm256_set1_epi32(int(0xFFFF0000u))));
+}
+#endif
+
+template <int MC, typename X, typename Y>
+inline void block_rows_widen(const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ldy) {
+  vf acc[MC][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
+  const int64_t pairs = K / 2;
+  for (int64_t kp = 0; kp < pairs; ++kp) {
+    vf even[NV], odd[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) widen_pairs(wb + kp * 32, v, even[v], odd[v]);
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+      const vf xe = set1(as_float(x[m * K + 2 * kp])), xo = set1(as_float(x[m * K + 2 * kp + 1]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(odd[v], xo, fmadd(even[v], xe, acc[m][v]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, acc[m][v]);
+}
+
+// Rows per register block: enough to reuse each widened weight pair, few enough to keep the sums in registers.
+constexpr int ROWS = W == 16 ? 8 : 4;
+
+template <typename X, typename Y>
+void rows(int64_t M, const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ldy) {
+#if defined(__AVX512BF16__)
+  if constexpr (std::is_same<X, uint16_t>::value && std::is_same<Y, uint16_t>::value) {
+    int64_t m = 0;
+    for (; m + 8 <= M; m += 8) block_rows_dp<8>(x + m * K, K, wb, y + m * ldy, ldy);
+    x += m * K;
+    y += m * ldy;
+    switch (M - m) {
+      case 1: block_rows_dp<1>(x, K, wb, y, ldy); break;
+      case 2: block_rows_dp<2>(x, K, wb, y, ldy); break;
+      case 3: block_rows_dp<3>(x, K, wb, y, ldy); break;
+      case 4: block_rows_dp<4>(x, K, wb, y, ldy); break;
+      case 5: block_rows_dp<5>(x, K, wb, y, ldy); break;
+      case 6: block_rows_dp<6>(x, K, wb, y, ldy); break;
+      case 7: block_rows_dp<7>(x, K, wb, y, ldy); break;
+      default: break;
+    }
+    return;
+  }
+#endif
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) block_rows<8>(x + m * K, K, wb, y + m * ldy, ldy);
+  for (; m + ROWS <= M; m += ROWS) block_rows_widen<ROWS>(x + m * K, K, wb, y + m * ldy, ldy);
   x += m * K;
   y += m * ldy;
   switch (M - m) {
-    case 1: block_rows<1>(x, K, wb, y, ldy); break;
-    case 2: block_rows<2>(x, K, wb, y, ldy); break;
-    case 3: block_rows<3>(x, K, wb, y, ldy); break;
-    case 4: block_rows<4>(x, K, wb, y, ldy); break;
-    case 5: block_rows<5>(x, K, wb, y, ldy); break;
-    case 6: block_rows<6>(x, K, wb, y, ldy); break;
-    case 7: block_rows<7>(x, K, wb, y, ldy); break;
+    case 1: block_rows_widen<1>(x, K, wb, y, ldy); break;
+    case 2: block_rows_widen<2>(x, K, wb, y, ldy); break;
+    case 3: block_rows_widen<3>(x, K, wb, y, ldy); break;
+    case 4: block_rows_widen<4>(x, K, wb, y, ldy); break;
+    case 5: block_rows_widen<5>(x, K, wb, y, ldy); break;
+    case 6: block_rows_widen<6>(x, K, wb, y, ldy); break;
+    case 7: block_rows_widen<7>(x, K, wb, y, ldy); break;
     default: break;
   }
 }
 
-}  // namespace
-
-// Weights [E, N, K] (or [N, K]) -> the packed layout [E, N/16, K/2, 16, 2].
-torch::Tensor pack(torch::Tensor w) {
-  if (w.dim() == 2) w = w.unsqueeze(0);
-  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 2 == 0,
-              "pack needs bf16 weights with rows divisible by 16 and an even input width");
-  return w.reshape({E, N / 16, 16, K / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
-}
-
 // y [T, N] = rows off[e]..off[e+1] of x [T, K] times packed weight e, for every expert e with rows.
-void grouped(const uint16_t* xp, int64_t K, const uint16_t* wp, int64_t E, const int64_t* off, int64_t N,
-             uint16_t* yp) {
+template <typename X, typename Y>
+void grouped(const X* xp, int64_t K, const uint16_t* wp, int64_t E, const int64_t* off, int64_t N, Y* yp) {
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
@@ -101,11 +171,35 @@ void grouped(const uint16_t* xp, int64_t K, const uint16_t* wp, int64_t E, const
   });
 }
 
-inline const uint16_t* bits(const torch::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr()); }
+// Calls f with a null pointer of x's storage type (bf16 -> uint16_t, float32 -> float).
+template <typename F>
+void dispatch(const torch::Tensor& x, F f) {
+  if (x.scalar_type() == at::kBFloat16) {
+    f(static_cast<uint16_t*>(nullptr));
+  } else {
+    TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be bf16 or float32");
+    f(static_cast<float*>(nullptr));
+  }
+}
 
-// x [T, K] with the rows of expert e at offsets[e]..offsets[e+1]; w packed [E, ...] -> y [T, N].
+template <typename T>
+T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
+
+}  // namespace
+
+// Weights [E, N, K] (or [N, K]) -> the packed layout [E, N/16, K/2, 16, 2].
+torch::Tensor pack(torch::Tensor w) {
+  if (w.dim() == 2) w = w.unsqueeze(0);
+  const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 2 == 0,
+              "pack needs bf16 weights with rows divisible by 16 and an even input width");
+  return w.reshape({E, N / 16, 16, K / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
+}
+
+// x [T, K] (bf16 or float32) with the rows of expert e at offsets[e]..offsets[e+1]; w packed [E, ...] ->
+// y [T, N] in x's dtype.
 torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor offsets, int64_t N) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 only");
+  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "packed weights are bf16");
   x = x.contiguous();
   offsets = offsets.to(torch::kLong).contiguous();
   const int64_t T = x.size(0), K = x.size(1), E = w.size(0);
@@ -113,17 +207,20 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor off
   const int64_t* off = offsets.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[E] == T, "offsets must span the rows of x");
   auto y = torch::empty({T, N}, x.options());
-  grouped(bits(x), K, bits(w), E, off, N, reinterpret_cast<uint16_t*>(y.data_ptr()));
+  dispatch(x, [&](auto* tx) {
+    using X = std::remove_pointer_t<decltype(tx)>;
+    grouped(ptr<X>(x), K, ptr<uint16_t>(w), E, off, N, ptr<X>(y));
+  });
   return y;
 }
 
-// A routed-expert SwiGLU layer in one call: x [N, H] bf16, routing weights [N, k] float32 and expert indices
-// [N, k]; gate_up packed [E, 2I, H], down packed [E, H, I] -> sum over k of weight * expert(x), [N, H] bf16.
-// Rounds where the eager layer does (silu, its product with up, each expert's output, its routing weight);
-// the k weighted outputs are summed in float32 and rounded once.
+// A routed-expert SwiGLU layer in one call: x [N, H] (bf16 or float32), routing weights [N, k] float32 and
+// expert indices [N, k]; gate_up packed [E, 2I, H], down packed [E, H, I] -> sum over k of weight * expert(x),
+// [N, H] in x's dtype. For bf16 x it rounds where the eager layer does (silu, its product with up, each
+// expert's output, its routing weight); the k weighted outputs are summed in float32 and rounded once.
 torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
                          torch::Tensor down, int64_t I) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weights.scalar_type() == at::kFloat, "bf16 x, float32 weights");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, "float32 routing weights");
   x = x.contiguous();
   weights = weights.contiguous();
   indices = indices.to(torch::kLong).contiguous();
@@ -138,57 +235,79 @@ torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor i
   for (int64_t e = 0; e < E; ++e) off[e + 1] += off[e];
   for (int64_t e = 0; e < E; ++e) pos[e] = off[e];
   for (int64_t t = 0; t < T; ++t) pair_of[pos[idx[t]]++] = t;
-  auto opts = x.options();
-  auto xs = torch::empty({T, H}, opts), ys = torch::empty({T, H}, opts);
-  auto* xsp = reinterpret_cast<uint16_t*>(xs.data_ptr());
-  const uint16_t* xp = bits(x);
-  for (int64_t r = 0; r < T; ++r) std::memcpy(xsp + r * H, xp + (pair_of[r] / k) * H, H * sizeof(uint16_t));
-  auto gu = torch::empty({T, 2 * I}, opts);
-  grouped(xsp, H, bits(gate_up), E, off.data(), 2 * I, reinterpret_cast<uint16_t*>(gu.data_ptr()));
-  // ATen's vectorised silu and product, with the eager layer's bf16 roundings.
-  auto h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
-  grouped(bits(h), I, bits(down), E, off.data(), H, reinterpret_cast<uint16_t*>(ys.data_ptr()));
   std::vector<int64_t> row_of(T);
   for (int64_t r = 0; r < T; ++r) row_of[pair_of[r]] = r;
+  auto opts = x.options();
+  auto xs = torch::empty({T, H}, opts), ys = torch::empty({T, H}, opts);
+  auto gu = torch::empty({T, 2 * I}, opts);
   auto acc = torch::zeros({N, H}, x.options().dtype(at::kFloat));
   float* ap = acc.data_ptr<float>();
-  const auto* ysp = ys.data_ptr<at::BFloat16>();
   const float* wp = weights.data_ptr<float>();
-  at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t j = 0; j < k; ++j) {
-        const int64_t t = n * k + j, r = row_of[t];
-        const float w = static_cast<float>(at::BFloat16(wp[t]));
-        for (int64_t d = 0; d < H; ++d)
-          ap[n * H + d] += static_cast<float>(at::BFloat16(static_cast<float>(ysp[r * H + d]) * w));
+  dispatch(x, [&](auto* tx) {
+    using X = std::remove_pointer_t<decltype(tx)>;
+    constexpr bool rounded = std::is_same<X, uint16_t>::value;
+    X* xsp = ptr<X>(xs);
+    const X* xp = ptr<X>(x);
+    for (int64_t r = 0; r < T; ++r) std::memcpy(xsp + r * H, xp + (pair_of[r] / k) * H, H * sizeof(X));
+    grouped(xsp, H, ptr<uint16_t>(gate_up), E, off.data(), 2 * I, ptr<X>(gu));
+    // ATen's vectorised silu and product, with the eager layer's roundings.
+    auto h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
+    grouped(ptr<X>(h), I, ptr<uint16_t>(down), E, off.data(), H, ptr<X>(ys));
+    const X* ysp = ptr<X>(ys);
+    at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
+      for (int64_t n = n0; n < n1; ++n) {
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t t = n * k + j, r = row_of[t];
+          if constexpr (rounded) {
+            const float w = static_cast<float>(at::BFloat16(wp[t]));
+            for (int64_t d = 0; d < H; ++d)
+              ap[n * H + d] += static_cast<float>(at::BFloat16(as_float(ysp[r * H + d]) * w));
+          } else {
+            const vf w = set1(wp[t]);
+            for_lanes(H, [&](int64_t d, int64_t m) {
+              store(ap + n * H + d, fmadd(w, load(ysp + r * H + d, m), load(ap + n * H + d, m)), m);
+            });
+          }
+        }
       }
-    }
+    });
   });
-  return acc.to(at::kBFloat16);
+  return x.scalar_type() == at::kFloat ? acc : acc.to(x.scalar_type());
 }
 
-// RMSNorm of bf16 rows in one pass, with transformers' rounding: normalise in float32, round to bf16, then
-// multiply by the bf16 weight (one more rounding). Eager PyTorch spends ~9 small ops on this per call.
+// RMSNorm of rows in one pass. bf16 x: transformers' rounding (normalise in float32, round to bf16, then
+// multiply by the weight, one more rounding); float32 x: w * x * rsqrt(mean(x^2) + eps) in float32, the weight
+// bf16 or float32. Eager PyTorch spends ~9 small ops on the bf16 case per call.
 torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16, "bf16 only");
   x = x.contiguous();
   const int64_t D = x.size(-1), R = x.numel() / D;
   TORCH_CHECK(weight.numel() == D && weight.is_contiguous(), "weight must match the last dimension");
   auto y = torch::empty_like(x);
-  const auto* xp = x.data_ptr<at::BFloat16>();
-  const auto* wp = weight.data_ptr<at::BFloat16>();
-  auto* yp = y.data_ptr<at::BFloat16>();
-  at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const at::BFloat16* xr = xp + r * D;
-      float sum = 0.f;
-      for (int64_t d = 0; d < D; ++d) sum += static_cast<float>(xr[d]) * static_cast<float>(xr[d]);
-      const float inv = 1.f / std::sqrt(sum / static_cast<float>(D) + static_cast<float>(eps));
-      for (int64_t d = 0; d < D; ++d) {
-        const at::BFloat16 normed(static_cast<float>(xr[d]) * inv);
-        yp[r * D + d] = at::BFloat16(static_cast<float>(wp[d]) * static_cast<float>(normed));
-      }
-    }
+  dispatch(x, [&](auto* tx) {
+    using X = std::remove_pointer_t<decltype(tx)>;
+    dispatch(weight, [&](auto* tw) {
+      using Wt = std::remove_pointer_t<decltype(tw)>;
+      const X* xp = ptr<X>(x);
+      const Wt* wp = ptr<Wt>(weight);
+      X* yp = ptr<X>(y);
+      at::parallel_for(0, R, 16, [&](int64_t r0, int64_t r1) {
+        std::vector<uint16_t> normed(D);
+        for (int64_t r = r0; r < r1; ++r) {
+          const X* xr = xp + r * D;
+          vf ss = set1(0.0f);
+          for_lanes(D, [&](int64_t d, int64_t n) { const vf v = load(xr + d, n); ss = fmadd(v, v, ss); });
+          const vf inv = set1(1.f / std::sqrt(sum(ss) / static_cast<float>(D) + static_cast<float>(eps)));
+          for_lanes(D, [&](int64_t d, int64_t n) {
+            vf v = mul(load(xr + d, n), inv);
+            if constexpr (std::is_same<X, uint16_t>::value) {
+              store(normed.data() + d, v, n);
+              v = load(normed.data() + d, n);
+            }
+            store(yp + r * D + d, mul(load(wp + d, n), v), n);
+          });
+        }
+      });
+    });
   });
   return y;
 }
@@ -242,6 +361,7 @@ torch::Tensor select_experts(torch::Tensor choice, int64_t n_group, int64_t topk
   return out;
 }
 
+#if defined(__AVX512BF16__)
 namespace {
 
 inline __m512 load_bf16(const uint16_t* p, __mmask16 m = 0xFFFF) {  // up to 16 bf16 -> float32
@@ -407,8 +527,16 @@ torch::Tensor mla_decode_attention(torch::Tensor q, torch::Tensor cache, torch::
   return out;
 }
 
+#endif  // __AVX512BF16__
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.attr("isa") = simd::kIsa;
+#if defined(__AVX512BF16__)
+  m.attr("native_bf16") = true;
   m.def("mla_decode_attention", &mla_decode_attention);
+#else
+  m.attr("native_bf16") = false;
+#endif
   m.def("select_experts", &select_experts);
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
