@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -39,11 +41,16 @@ from nanoseek.engine import LLM  # noqa: E402
 from nanoseek.eval import evaluate  # noqa: E402
 from nanoseek.train.grpo import run_grpo  # noqa: E402
 from nanoseek.train.recipe import load_recipe  # noqa: E402
+from nanoseek.runtime import fast_precision  # noqa: E402
 from nanoseek.train.stages import run_stage  # noqa: E402
 
 
+# bf16 where bf16 is native, float32 elsewhere (the engines inside training use the same rule).
+ENGINE_DTYPE = fast_precision("auto", torch.device("cpu")).weights
+
+
 def score(model_dir: Path, problems, seed: int) -> dict:
-    llm = LLM(model_dir, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
+    llm = LLM(model_dir, dtype=ENGINE_DTYPE, kv_cache_memory="512MiB", max_num_seqs=256)
     greedy = evaluate(llm, problems, n=1, temperature=0.0, max_tokens=320)
     sampled = evaluate(llm, problems, n=8, temperature=1.0, max_tokens=320, seed=seed, ks=[1, 8])
     return {"pass@1": greedy["overall"]["pass@1"], "pass@1_ci95": greedy["overall"]["pass@1_ci95"],
@@ -53,7 +60,7 @@ def score(model_dir: Path, problems, seed: int) -> dict:
 
 def probe_hard_levels(cold: Path, task: str, candidates: list[int], out: Path) -> list[int]:
     """Rule 2: the hard levels are the candidates where the cold start's pass@8 (T = 1) lies in [10%, 60%]."""
-    llm = LLM(cold, dtype="bfloat16", kv_cache_memory="512MiB", max_num_seqs=256)
+    llm = LLM(cold, dtype=ENGINE_DTYPE, kv_cache_memory="512MiB", max_num_seqs=256)
     probe = evaluate(llm, task_problems(task, candidates, 100 * max(len(candidates), 1), 99, "test"), n=8,
                      temperature=1.0, max_tokens=320, ks=[1, 8])
     hard = [int(k) for k, v in probe["levels"].items() if 0.10 <= v.get("pass@8", 0) <= 0.60]

@@ -20,7 +20,7 @@ TRAIN_DEFAULTS = {
     "steps": 100, "batch_size": 32, "micro_batch_size": 16, "seq_len": 256,
     "lr": 1e-3, "min_lr_ratio": 0.1, "warmup_steps": 20, "schedule": "cosine", "decay_fraction": 0.2,
     "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95, "eps": 1e-8, "grad_clip": 1.0,
-    "dtype": "bfloat16", "bias_update_gamma": 0.001, "seq_aux_alpha": 0.0001, "mtp_lambda": 0.3,
+    "dtype": "auto", "bias_update_gamma": 0.001, "seq_aux_alpha": 0.0001, "mtp_lambda": 0.3,
     "log_every": 10, "save_every": 0, "eval_every": 0, "max_bad_steps": 5, "parallel": "ddp",
     "init_from": "", "keep_checkpoints": 2, "max_seconds": 0,
 }
