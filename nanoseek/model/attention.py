@@ -138,8 +138,8 @@ class MLAttention(nn.Module):
         """
         q_nope, q_rope, latent, k_rope = (t[0] for t in self.compress(x[None], rope[None]))
         cache.index_copy_(0, batch.slot_mapping, torch.cat((latent, k_rope), dim=-1).to(cache.dtype))
-        if not batch.prefills and self._decodes_from_cache(cache, batch):  # decoding only: rows are in order
-            return self.o_proj(self._decode_from_cache(q_nope, q_rope, cache, batch))
+        if not batch.prefills:  # decoding only: every row is one sequence's token, in order (no scatter)
+            return self.o_proj(self._decode(q_nope, q_rope, cache, batch))
         out = x.new_empty(x.shape[0], self.n_heads * self.v_dim)
         for span in batch.prefills:
             rows = slice(span.start, span.end)
@@ -147,13 +147,16 @@ class MLAttention(nn.Module):
             out[rows] = self.heads_full(q_nope[rows][None], q_rope[rows][None], cached, span.mask)[0]
         if batch.decode_rows is not None:
             rows = batch.decode_rows
-            if self._decodes_from_cache(cache, batch):
-                out[rows] = self._decode_from_cache(q_nope[rows], q_rope[rows], cache, batch)
-            else:
-                cached = cache[batch.decode_slots].to(x.dtype)
-                heads = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], cached, batch.decode_mask)
-                out[rows] = heads[:, 0]
+            out[rows] = self._decode(q_nope[rows], q_rope[rows], cache, batch)
         return self.o_proj(out)
+
+    def _decode(self, q_nope, q_rope, cache, batch: PagedBatch):
+        """The absorbed path for B single-token decodes ([B, H, *] queries) -> [B, H * v]: read in place from the
+        paged cache where the kernel applies, else over the gathered context rows."""
+        if self._decodes_from_cache(cache, batch):
+            return self._decode_from_cache(q_nope, q_rope, cache, batch)
+        cached = cache[batch.decode_slots].to(q_nope.dtype)
+        return self.heads_absorbed(q_nope[:, None], q_rope[:, None], cached, batch.decode_mask)[:, 0]
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
         """Whether the AVX512-BF16 kernel runs this step's decodes reading the cache in place: bf16 inference

@@ -13,6 +13,7 @@ import tomllib
 from pathlib import Path
 
 from ..errors import ConfigError
+from .budget import budget, scale_stage
 
 STAGES = ("pretrain", "sft", "grpo", "distill")
 
@@ -79,7 +80,8 @@ def stage_config(recipe: dict, stage: str) -> dict:
                           f"({cfg['micro_batch_size']})")
     if cfg["schedule"] not in ("cosine", "wsd", "constant"):
         raise ConfigError(f"schedule {cfg['schedule']!r}: use cosine, wsd or constant")
-    return cfg
+    record = budget(recipe, run_dir(recipe))  # the compute dial (train/budget.py), when the recipe has one
+    return scale_stage(cfg, record["scale"]) if record else cfg
 
 
 # Keys only some stages understand (GRPO's and distillation's are added by their modules).

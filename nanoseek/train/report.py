@@ -26,6 +26,16 @@ def write_report(run: str | Path) -> Path:
                   f"- parameters: {cost.total_params:,} total, {cost.active_params:,} active per token "
                   f"(+{cost.mtp_params:,} MTP)", f"- KV cache: {cost.kv_cache_bytes_per_token} bytes per token (bf16)",
                   ""]
+    dial = run / "budget.json"
+    if dial.exists():
+        b = json.loads(dial.read_text())
+        lines += ["## Machine and budget", "",
+                  f"- CPU class {b['isa']}, training in {b['dtype']}: measured {b['measured_gflops']} GFLOP/s",
+                  f"- compute dial: every stage's steps x {b['scale']} (= min(1, {b['minutes']} min / "
+                  f"{b['reference_minutes']} min x {b['measured_gflops']} / {b['reference_gflops']} GFLOP/s), "
+                  "train/budget.py)" if b["scale"] < 1 else
+                  f"- compute dial: the recipe as written (this machine is at least as fast as its reference, "
+                  f"{b['reference_gflops']} GFLOP/s)", ""]
     tok_stats = run / "tokenizer" / "stats.json"
     if tok_stats.exists():
         s = json.loads(tok_stats.read_text())

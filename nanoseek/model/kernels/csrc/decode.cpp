@@ -92,11 +92,14 @@ inline void widen_pairs(const uint16_t* p, int v, vf& even, vf& odd) {
 
 template <int MC, typename X, typename Y>
 inline void block_rows_widen(const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ldy) {
-  vf acc[MC][NV];
+  // Few rows (batch-1 decoding): even and odd inputs sum into separate accumulators, so no FMA waits for
+  // another; more rows: one accumulator each, their independent chains hide the latency.
+  constexpr bool split = MC * NV <= 4;
+  vf acc[MC][NV], acc_odd[MC][NV];
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
+    for (int v = 0; v < NV; ++v) acc[m][v] = acc_odd[m][v] = set1(0.0f);
   const int64_t pairs = K / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
     vf even[NV], odd[NV];
@@ -106,13 +109,19 @@ inline void block_rows_widen(const X* x, int64_t K, const uint16_t* wb, Y* y, in
     for (int m = 0; m < MC; ++m) {
       const vf xe = set1(as_float(x[m * K + 2 * kp])), xo = set1(as_float(x[m * K + 2 * kp + 1]));
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(odd[v], xo, fmadd(even[v], xe, acc[m][v]));
+      for (int v = 0; v < NV; ++v) {
+        acc[m][v] = fmadd(even[v], xe, acc[m][v]);
+        if (split)
+          acc_odd[m][v] = fmadd(odd[v], xo, acc_odd[m][v]);
+        else
+          acc[m][v] = fmadd(odd[v], xo, acc[m][v]);
+      }
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, acc[m][v]);
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, split ? add(acc[m][v], acc_odd[m][v]) : acc[m][v]);
 }
 
 // Rows per register block: enough to reuse each widened weight pair, few enough to keep the sums in registers.
