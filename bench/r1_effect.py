@@ -45,8 +45,8 @@ from nanoseek.runtime import fast_precision  # noqa: E402
 from nanoseek.train.stages import run_stage  # noqa: E402
 
 
-# bf16 where bf16 is native, float32 elsewhere (the engines inside training use the same rule).
-ENGINE_DTYPE = fast_precision("auto", torch.device("cpu")).weights
+# The engines inside training use the same precision (runtime.fast_precision).
+ENGINE_DTYPE = fast_precision("auto", torch.device("cpu"))
 
 
 def score(model_dir: Path, problems, seed: int) -> dict:

@@ -5,7 +5,8 @@ CPU classes (docs/LOG.md and ../REFERENCE figures, 2-core VMs):
   * avx2 (most laptops, AMD Zen 2 servers): bf16 arithmetic is emulated, ~45x slower than float32 in a GEMM,
     and oneDNN refuses to pack bf16 weights. Compute in float32; bf16 checkpoints keep their bf16 weights,
     which nanoseek's kernels widen to float32 in registers (half the bytes streamed per decoded token).
-  * avx512 (no bf16 instructions): oneDNN runs bf16 GEMMs, but its native dtype is still float32.
+  * avx512 (no bf16 instructions): oneDNN runs bf16 GEMMs, but emulated: measured 34 vs 91 GFLOP/s in float32
+    (an AVX512-BF16 host capped with NANOSEEK_ISA=avx512). Compute in float32, as on AVX2.
   * avx512_bf16 / amx: bf16 is native (~6x float32's GEMM rate): compute in bf16.
   * neon (arm64) and scalar (anything else): float32, eager PyTorch; kernels that need x86 are simply absent.
 
@@ -266,8 +267,8 @@ def inference_precision(requested, device: torch.device, checkpoint_dtype: str |
         note = None
         if explicit:
             note = (f"--dtype bfloat16 on this {device.type.upper()} ({cpu().isa if device.type == 'cpu' else device}, "
-                    "no native bf16): weights stay bf16 (half the memory), arithmetic runs in float32 (bf16 "
-                    "would be emulated, ~45x slower); prefill widens each weight per call")
+                    "no native bf16): weights stay bf16 (half the memory), arithmetic runs in float32 (emulated "
+                    "bf16 GEMMs are several times slower, ~45x on AVX2); prefill widens each weight per call")
         return Precision(torch.float32, torch.bfloat16, note)
     return Precision(wanted, wanted)
 
@@ -281,12 +282,16 @@ def _known(name) -> bool:
 
 def fast_precision(requested, device: torch.device) -> Precision:
     """Precision of the engines nanoseek runs inside training (GRPO rollouts, the evaluator, distillation
-    teachers) over float32 master weights: "auto" is bf16 where bf16 is native, float32 elsewhere."""
+    teachers) over float32 master weights: "auto" is bf16 where bf16 is native, and elsewhere bf16 weights
+    computed in float32 -- the decode kernels stream half the bytes, and the trainer's importance-sampling
+    correction absorbs the rounding, as it does bf16's on native CPUs. A dtype given explicitly is taken as
+    inference_precision takes it."""
     import torch
 
     wanted = dtype_from_name(requested)
     if wanted is None:
-        wanted = torch.bfloat16 if bf16_native(device) else torch.float32
+        native = bf16_native(device)
+        return Precision(torch.bfloat16 if native else torch.float32, torch.bfloat16)
     return inference_precision(wanted, device)
 
 
@@ -306,8 +311,8 @@ def training_autocast(requested, device: torch.device) -> tuple[torch.dtype | No
     note = None
     if not bf16_native(device):
         note = (f"train.dtype={str(wanted).removeprefix('torch.')} on this {device.type.upper()} "
-                f"({cpu().isa if device.type == 'cpu' else device}): its GEMMs are emulated, ~45x slower than "
-                "float32; train.dtype=auto picks float32 here")
+                f"({cpu().isa if device.type == 'cpu' else device}, no native bf16): its GEMMs are emulated, several "
+                "times slower than float32 (~45x on AVX2); train.dtype=auto picks float32 here")
     return wanted, note
 
 

@@ -94,7 +94,8 @@ def test_the_dtype_policy_follows_the_hardware(monkeypatch):
         assert explicit.weights == torch.bfloat16 and (explicit.note is None) == native
         assert runtime.inference_precision("auto", cpu, "float32") == runtime.Precision(torch.float32, torch.float32)
         assert runtime.inference_precision("auto", cpu, "float16").weights == torch.bfloat16
-        assert runtime.fast_precision("auto", cpu).compute == (torch.bfloat16 if native else torch.float32)
+        fast = runtime.fast_precision("auto", cpu)
+        assert fast.compute == (torch.bfloat16 if native else torch.float32) and fast.weights == torch.bfloat16
         autocast, note = runtime.training_autocast("auto", cpu)
         assert autocast == (torch.bfloat16 if native else None) and note is None
         autocast, note = runtime.training_autocast("bfloat16", cpu)

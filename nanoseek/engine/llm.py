@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import ops
 from ..model.transformer import Transformer
-from ..runtime import inference_precision, notify, resolve_device
+from ..runtime import Precision, inference_precision, notify, resolve_device
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cache import BlockManager, KVCache
 from .runner import ModelRunner
@@ -45,7 +45,7 @@ def parse_memory(value: int | str) -> int:
 
 class LLMEngine:
     def __init__(self, model: str | Path | Transformer, tokenizer: Tokenizer | str | Path | None = None, *,
-                 device: str | None = "cpu", dtype: str | torch.dtype = "auto", max_num_seqs: int = 64,
+                 device: str | None = "cpu", dtype: str | torch.dtype | Precision = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, kv_cache_memory: int | str = "1GiB",
                  enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int | None = None,
                  pack_weights: bool = True):
@@ -56,7 +56,7 @@ class LLMEngine:
             source = Path(model)
             config = ModelConfig.from_pretrained(source)
             dev = resolve_device(device)
-            precision = inference_precision(dtype, dev, config.torch_dtype)
+            precision = dtype if isinstance(dtype, Precision) else inference_precision(dtype, dev, config.torch_dtype)
             if precision.note:
                 notify(precision.note)
             self.model = load_model(source, dev, precision.weights).set_precision(precision.weights,

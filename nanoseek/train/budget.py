@@ -26,12 +26,13 @@ from ..runtime import cpu, dtype_name, peak_flops, resolve_device, training_auto
 SCALED_KEYS = ("steps", "warmup_steps", "save_every", "eval_every", "max_seconds", "problems")
 
 
-def budget(recipe: dict, run: Path) -> dict | None:
+def budget(recipe: dict) -> dict | None:
     """The run's scale record ({"scale", "measured_gflops", "dtype", "isa", ...}), measured on first use; None
     when the recipe has no dial."""
     spec = recipe.get("run", {})
     if not spec.get("minutes") or not spec.get("reference_minutes") or not spec.get("reference_gflops"):
         return None
+    run = Path(spec.get("out_dir", "runs")) / spec["name"]
     path = run / "budget.json"
     if path.exists():
         return json.loads(path.read_text())

@@ -30,9 +30,9 @@ DISTILL_DEFAULTS = {"k": 4, "temperature": 0.8, "problems": 2000, "max_tokens": 
 STAGE_EXTRA_KEYS["distill"] = set(DISTILL_DEFAULTS)
 
 
-def _engine_dtype() -> torch.dtype:
-    """The teacher's and the evaluations' engines: bf16 where bf16 is native, float32 elsewhere."""
-    return fast_precision("auto", torch.device("cpu")).weights
+def _engine_dtype():
+    """The teacher's and the evaluations' engines (runtime.fast_precision)."""
+    return fast_precision("auto", torch.device("cpu"))
 
 
 def teacher_traces(teacher: str, problems: list[Problem], k: int, temperature: float, max_tokens: int,

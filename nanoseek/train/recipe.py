@@ -80,7 +80,7 @@ def stage_config(recipe: dict, stage: str) -> dict:
                           f"({cfg['micro_batch_size']})")
     if cfg["schedule"] not in ("cosine", "wsd", "constant"):
         raise ConfigError(f"schedule {cfg['schedule']!r}: use cosine, wsd or constant")
-    record = budget(recipe, run_dir(recipe))  # the compute dial (train/budget.py), when the recipe has one
+    record = budget(recipe)  # the compute dial (train/budget.py), when the recipe has one
     return scale_stage(cfg, record["scale"]) if record else cfg
 
 
