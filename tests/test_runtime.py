@@ -126,3 +126,29 @@ def test_nanoseek_env_prints_the_machine_and_its_choices():
     assert report["cpu_policy"]["training"]
     text = procs.run([sys.executable, "-m", "nanoseek.cli", "env"], capture_output=True, text=True, timeout=300)
     assert text.returncode == 0 and "ISA" in text.stdout and "bf16" in text.stdout
+
+
+def test_a_cpu_without_x86_kernels_runs_everything_eager(hf_checkpoint):
+    """What an arm64 laptop gets (NANOSEEK_ISA=scalar stands in): no kernel build is attempted, a bf16 checkpoint
+    loads as bf16 weights computed in float32, the engine generates and a training step runs on eager PyTorch."""
+    directory, _ = hf_checkpoint("deepseek_v3")
+    code = f"""
+import json, torch, nanoseek
+from nanoseek import LLM, SamplingParams, runtime
+from nanoseek.model import kernels
+from nanoseek.train.trainer import LossModule
+llm = LLM({str(directory)!r}, dtype="bfloat16", kv_cache_memory="4MiB")
+out = llm.generate([[5, 9, 13]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))[0]
+model = nanoseek.load_model({str(directory)!r}).train()
+ids = torch.randint(0, model.config.vocab_size, (2, 9))
+main, _, _ = LossModule(model)(ids[:, :-1], ids[:, 1:], None, 0.0)
+main.backward()
+print(json.dumps([runtime.cpu().isa, kernels.status(), len(out.outputs[0].token_ids), str(llm.engine.model.dtype),
+                  str(llm.engine.model.compute_dtype), bool(torch.isfinite(main))]))
+"""
+    out = _run(code, NANOSEEK_ISA="scalar")
+    assert out.returncode == 0, out.stderr[-3000:]
+    isa, status, tokens, weights, compute, finite = json.loads(out.stdout.splitlines()[-1])
+    assert isa == "scalar" and all(s.startswith("not for this CPU") for s in status.values())
+    assert (tokens, weights, compute, finite) == (4, "torch.bfloat16", "torch.float32", True)
+    assert "nanoseek: --dtype bfloat16 on this CPU (scalar, no native bf16)" in out.stderr  # its one line

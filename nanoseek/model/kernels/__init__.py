@@ -4,10 +4,10 @@ fused training path. model/ops.py is their only caller."""
 
 from __future__ import annotations
 
+from .decode import DECODE_KERNELS
+from .training import TRAIN_KERNELS
+
 
 def status() -> dict:
     """Which kernel sets apply here and for which ISA level (built or not yet)."""
-    from .decode import DECODE_KERNELS
-    from .training import TRAIN_KERNELS
-
     return {"decode": DECODE_KERNELS.status(), "training": TRAIN_KERNELS.status()}

@@ -127,41 +127,31 @@ inline void block_rows_widen(const X* x, int64_t K, const uint16_t* wb, Y* y, in
 // Rows per register block: enough to reuse each widened weight pair, few enough to keep the sums in registers.
 constexpr int ROWS = W == 16 ? 8 : 4;
 
+// Calls block(rows, first row) over M rows: blocks of MAX rows, then one block of the 1..MAX-1 rows left (the
+// row count a compile-time constant, so each block size keeps its sums in registers).
+template <typename F, int... I>
+inline void tail_block(int64_t n, int64_t m, F& block, std::integer_sequence<int, I...>) {
+  ((n == I + 1 ? block(std::integral_constant<int, I + 1>{}, m) : void()), ...);
+}
+
+template <int MAX, typename F>
+inline void in_blocks(int64_t M, F block) {
+  int64_t m = 0;
+  for (; m + MAX <= M; m += MAX) block(std::integral_constant<int, MAX>{}, m);
+  tail_block(M - m, m, block, std::make_integer_sequence<int, MAX - 1>{});
+}
+
 template <typename X, typename Y>
 void rows(int64_t M, const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ldy) {
 #if defined(__AVX512BF16__)
   if constexpr (std::is_same<X, uint16_t>::value && std::is_same<Y, uint16_t>::value) {
-    int64_t m = 0;
-    for (; m + 8 <= M; m += 8) block_rows_dp<8>(x + m * K, K, wb, y + m * ldy, ldy);
-    x += m * K;
-    y += m * ldy;
-    switch (M - m) {
-      case 1: block_rows_dp<1>(x, K, wb, y, ldy); break;
-      case 2: block_rows_dp<2>(x, K, wb, y, ldy); break;
-      case 3: block_rows_dp<3>(x, K, wb, y, ldy); break;
-      case 4: block_rows_dp<4>(x, K, wb, y, ldy); break;
-      case 5: block_rows_dp<5>(x, K, wb, y, ldy); break;
-      case 6: block_rows_dp<6>(x, K, wb, y, ldy); break;
-      case 7: block_rows_dp<7>(x, K, wb, y, ldy); break;
-      default: break;
-    }
+    in_blocks<8>(M, [&](auto mc, int64_t m) { block_rows_dp<decltype(mc)::value>(x + m * K, K, wb, y + m * ldy, ldy); });
     return;
   }
 #endif
-  int64_t m = 0;
-  for (; m + ROWS <= M; m += ROWS) block_rows_widen<ROWS>(x + m * K, K, wb, y + m * ldy, ldy);
-  x += m * K;
-  y += m * ldy;
-  switch (M - m) {
-    case 1: block_rows_widen<1>(x, K, wb, y, ldy); break;
-    case 2: block_rows_widen<2>(x, K, wb, y, ldy); break;
-    case 3: block_rows_widen<3>(x, K, wb, y, ldy); break;
-    case 4: block_rows_widen<4>(x, K, wb, y, ldy); break;
-    case 5: block_rows_widen<5>(x, K, wb, y, ldy); break;
-    case 6: block_rows_widen<6>(x, K, wb, y, ldy); break;
-    case 7: block_rows_widen<7>(x, K, wb, y, ldy); break;
-    default: break;
-  }
+  in_blocks<ROWS>(M, [&](auto mc, int64_t m) {
+    block_rows_widen<decltype(mc)::value>(x + m * K, K, wb, y + m * ldy, ldy);
+  });
 }
 
 // y [T, N] = rows off[e]..off[e+1] of x [T, K] times packed weight e, for every expert e with rows.
