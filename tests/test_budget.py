@@ -16,26 +16,37 @@ def _recipe(tmp_path, **run):
 
 
 def test_a_slower_machine_scales_every_stage_and_keeps_the_scale_for_the_run(tmp_path, monkeypatch):
-    monkeypatch.setattr(dial, "peak_flops", lambda dtype, device: 100e9)
-    recipe = _recipe(tmp_path, minutes=60, reference_minutes=15, reference_gflops=800)
+    monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 100.0)
+    recipe = _recipe(tmp_path, minutes=60, reference_minutes=15, reference_tokens_per_second=800)
     cfg = stage_config(recipe, "pretrain")  # 60/15 x 100/800 = 0.5
     assert (cfg["steps"], cfg["warmup_steps"], cfg["save_every"]) == (450, 25, 125)
     assert cfg["batch_size"] == stage_config({"run": {"name": "x"}}, "pretrain")["batch_size"]  # sizes, not shapes
     record = json.loads((tmp_path / "r" / "budget.json").read_text())
-    assert record["scale"] == 0.5 and record["measured_gflops"] == 100.0
+    assert record["scale"] == 0.5 and record["tokens_per_second"] == 100
     # Later stages (and resumes) read the recorded scale, whatever the machine measures now.
-    monkeypatch.setattr(dial, "peak_flops", lambda dtype, device: 1e9)
+    monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 1.0)
     distill = stage_config(recipe, "distill")
     assert (distill["steps"], distill["problems"]) == (1200, 8000)
 
 
 def test_a_machine_as_fast_as_the_reference_runs_the_recipe_as_written(tmp_path, monkeypatch):
-    monkeypatch.setattr(dial, "peak_flops", lambda dtype, device: 900e9)
-    cfg = stage_config(_recipe(tmp_path, minutes=60, reference_minutes=15, reference_gflops=800), "pretrain")
+    monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 900.0)
+    cfg = stage_config(_recipe(tmp_path, minutes=60, reference_minutes=15, reference_tokens_per_second=800), "pretrain")
     assert cfg["steps"] == 900
 
 
-@pytest.mark.parametrize("run", [{}, {"minutes": 0, "reference_minutes": 15, "reference_gflops": 800}])
+@pytest.mark.parametrize("run", [{}, {"minutes": 0, "reference_minutes": 15, "reference_tokens_per_second": 800}])
 def test_no_dial_leaves_the_recipe_alone(tmp_path, run):
     assert stage_config(_recipe(tmp_path, **run), "pretrain")["steps"] == 900
     assert not (tmp_path / "r" / "budget.json").exists()
+
+
+def test_the_training_rate_probe_trains_the_recipe_s_own_model(tmp_path):
+    import torch
+
+    recipe = {"model": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 2,
+                        "num_key_value_heads": 2, "n_routed_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 32, "kv_lora_rank": 16, "q_lora_rank": 32, "qk_nope_head_dim": 16,
+                        "qk_rope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1},
+              "tokenizer": {"vocab_size": 100}, "train": {"micro_batch_size": 2, "seq_len": 32}}
+    assert dial.training_rate(recipe, torch.device("cpu"), None) > 0

@@ -30,12 +30,13 @@ def write_report(run: str | Path) -> Path:
     if dial.exists():
         b = json.loads(dial.read_text())
         lines += ["## Machine and budget", "",
-                  f"- CPU class {b['isa']}, training in {b['dtype']}: measured {b['measured_gflops']} GFLOP/s",
+                  f"- CPU class {b['isa']}, training in {b['dtype']}: {b['tokens_per_second']:,} training tokens/s "
+                  "measured before the run",
                   f"- compute dial: every stage's steps x {b['scale']} (= min(1, {b['minutes']} min / "
-                  f"{b['reference_minutes']} min x {b['measured_gflops']} / {b['reference_gflops']} GFLOP/s), "
-                  "train/budget.py)" if b["scale"] < 1 else
-                  f"- compute dial: the recipe as written (this machine is at least as fast as its reference, "
-                  f"{b['reference_gflops']} GFLOP/s)", ""]
+                  f"{b['reference_minutes']} min x {b['tokens_per_second']:,} / {b['reference_tokens_per_second']:,} "
+                  "tokens/s), train/budget.py)" if b["scale"] < 1 else
+                  "- compute dial: the recipe as written (this machine trains at least as fast as its reference, "
+                  f"{b['reference_tokens_per_second']:,} tokens/s)", ""]
     tok_stats = run / "tokenizer" / "stats.json"
     if tok_stats.exists():
         s = json.loads(tok_stats.read_text())
