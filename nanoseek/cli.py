@@ -95,8 +95,8 @@ def cmd_env(args) -> int:
     return 0
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="model directory (HF format)")
+def _engine_args(p: argparse.ArgumentParser, model_help: str = "model directory (HF format)") -> None:
+    p.add_argument("--model", required=True, help=model_help)
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps, xpu or auto")
     p.add_argument("--dtype", default="auto",
                    help="auto (the checkpoint's; on a CPU without native bf16, float32 arithmetic over bf16 "
@@ -184,7 +184,7 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .data.sources import task_problems
-    from .engine import LLM
+    from .endpoint import Endpoint, is_endpoint
     from .eval import evaluate, format_table
 
     levels = [int(x) for x in args.levels.split(",")] if args.levels else []
@@ -192,7 +192,7 @@ def cmd_eval(args) -> int:
         levels = [1, 2, 3]
     split = args.split or ("all" if Path(args.task).exists() else "test")
     problems = task_problems(args.task, levels, args.problems, args.seed, split)
-    llm = LLM(args.model, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory)
+    llm = Endpoint(args.model) if is_endpoint(args.model) else _llm(args)
     results = {}
     if args.greedy or args.n == 1:
         results["greedy"] = evaluate(llm, problems, n=1, temperature=0.0, max_tokens=args.max_tokens)
@@ -274,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="pass@1 / pass@k / maj@k on held-out verifiable problems")
-    _engine_args(p)
+    _engine_args(p, "model directory (HF format), or the URL of an OpenAI-compatible server (OPENAI_API_KEY "
+                    "from the environment)")
     p.add_argument("--task", default="arithmetic",
                    help="task family (arithmetic, carries, products, linear, countdown) or a JSONL file")
     p.add_argument("--levels", default="", help="comma-separated difficulty levels (default 1-3, the default task)")

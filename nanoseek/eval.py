@@ -13,6 +13,7 @@ from collections import Counter, defaultdict
 from .data.sources import chat_prompt
 from .data.tasks import Problem
 from .data.verify import final_answer_text, parse_number, verify
+from .endpoint import Endpoint
 from .engine import LLM, SamplingParams
 
 
@@ -74,19 +75,24 @@ def summarize(correct: list[list[bool]], answers: list[list[str]], problems: lis
     return out
 
 
-def evaluate(llm: LLM, problems: list[Problem], n: int = 1, temperature: float = 0.0, max_tokens: int = 256,
-             top_p: float = 1.0, seed: int = 0, ks: list[int] | None = None, keep_samples: int = 4) -> dict:
-    """Runs every problem through the engine's chat template and scores it. Result: overall and per-level
-    metrics plus a few sample completions."""
+def evaluate(llm: LLM | Endpoint, problems: list[Problem], n: int = 1, temperature: float = 0.0,
+             max_tokens: int = 256, top_p: float = 1.0, seed: int = 0, ks: list[int] | None = None,
+             keep_samples: int = 4) -> dict:
+    """Runs every problem through the engine's chat template (or an OpenAI-compatible endpoint) and scores it.
+    Result: overall and per-level metrics plus a few sample completions."""
     if not problems:
         return {"overall": {"problems": 0}, "levels": {}, "samples": []}
     ks = ks or ([1, n] if n > 1 else [1])
-    params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens,
-                            seed=None if temperature == 0 else seed)
-    outs = llm.generate([chat_prompt(p) for p in problems], params)
+    prompts = [chat_prompt(p) for p in problems]
+    seed = None if temperature == 0 else seed
+    if isinstance(llm, Endpoint):
+        outs = [[text for text, _ in choices] for choices in
+                llm.chat(prompts, n=n, temperature=temperature, max_tokens=max_tokens, top_p=top_p, seed=seed)]
+    else:
+        params = SamplingParams(n=n, temperature=temperature, top_p=top_p, max_tokens=max_tokens, seed=seed)
+        outs = [[o.text for o in out.outputs] for out in llm.generate(prompts, params)]
     correct, answers, samples = [], [], []
-    for p, out in zip(problems, outs):
-        texts = [o.text for o in out.outputs]
+    for p, texts in zip(problems, outs):
         correct.append([verify(t, p.answer, p.verifier, p.question) for t in texts])
         answers.append([_answer_key(t, p) for t in texts])
         if len(samples) < keep_samples:

@@ -14,11 +14,15 @@ EVAL_PROBLEMS=500
 R1=1
 for arg in "$@"; do
     if [ "$arg" = "--smoke" ]; then
+        # Every stage runs, on a few problems: the in-training evaluator included. A smoke teacher trained for
+        # seconds solves nothing, so distillation reads recorded traces instead (3 in 4 correct): rejection
+        # sampling must drop the wrong ones.
         OVERRIDES+=(run.name=speedrun_smoke pretrain.steps=12 sft.steps=6 data.train_problems=600
-                    data.val_problems=20 train.save_every=0 eval.problems=0 tokenizer.train_docs=800)
+                    data.val_problems=20 train.save_every=0 eval.problems=4 eval.max_tokens=24
+                    tokenizer.train_docs=800)
         OVERRIDES+=(grpo.steps=2 grpo.prompts_per_step=2 grpo.group_size=2 grpo.max_completion_tokens=24
-                    grpo.save_every=0 distill.problems=40 distill.k=1 distill.max_tokens=24 distill.steps=3
-                    distill.eval_problems=6 distill.keep=all)
+                    grpo.save_every=0 distill.teacher=recipes/smoke_teacher_traces.jsonl distill.steps=3
+                    distill.max_tokens=24 distill.eval_problems=6)
         EVAL_PROBLEMS=20
     elif [ "$arg" = "--no-r1" ]; then
         R1=0

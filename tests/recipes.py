@@ -74,3 +74,14 @@ def write_tiny_recipe(directory: Path, name: str = "tiny", extra: str = "") -> P
     path = Path(directory) / f"{name}.toml"
     path.write_text(TINY_RECIPE.format(name=name, out=str(Path(directory) / "runs")) + extra)
     return path
+
+
+def policy_dtypes() -> list[str]:
+    """train.dtype values to test: float32 (exact numerics), plus "auto" where the runtime policy picks something
+    else on this machine (bf16 where it is native): what users' runs compute in."""
+    import torch
+
+    from nanoseek.runtime import training_autocast
+
+    autocast, _ = training_autocast("auto", torch.device("cpu"))
+    return ["float32"] + (["auto"] if autocast is not None else [])

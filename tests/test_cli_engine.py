@@ -29,10 +29,22 @@ def test_generate_plain_text_and_bad_model(chat_checkpoint, tmp_path):
     directory, _ = chat_checkpoint("deepseek_v3")
     r = procs.run(CLI + ["generate", "--model", str(directory), "--prompt", "Hi", "--max-tokens", "4",
                               "--temperature", "0"], capture_output=True, text=True, check=True)
-    assert r.stdout.strip() != "" or r.stdout == "\n"
+    expected = LLM(directory).generate("Hi", SamplingParams(temperature=0, max_tokens=4))[0].outputs[0].text
+    assert r.stdout == expected + "\n"
     r = procs.run(CLI + ["generate", "--model", str(tmp_path), "--prompt", "Hi"], capture_output=True,
                        text=True)
     assert r.returncode == 2 and "config.json" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_eval_honours_the_engine_options(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    base = CLI + ["eval", "--model", str(directory), "--problems", "2", "--max-tokens", "4"]
+    r = procs.run(base + ["--device", "nosuch"], capture_output=True, text=True)
+    assert r.returncode == 2 and "unknown device 'nosuch'" in r.stderr, r.stderr[-500:]
+    r = procs.run(base + ["--max-model-len", "4"], capture_output=True, text=True)
+    assert r.returncode == 2 and "context is 4" in r.stderr and "Traceback" not in r.stderr, r.stderr[-500:]
+    r = procs.run(base + ["--max-model-len", "256", "--json"], capture_output=True, text=True)
+    assert r.returncode == 0 and json.loads(r.stdout.splitlines()[-1])["greedy"]["problems"] == 2, r.stderr[-500:]
 
 
 def test_chat_reset_and_exit(chat_checkpoint):

@@ -9,7 +9,7 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.train.metrics import read_metrics
 import procs
-from recipes import write_tiny_recipe
+from recipes import policy_dtypes, write_tiny_recipe
 from serving import free_port
 
 CLI = ["-m", "nanoseek.cli", "train", "pretrain", "--no-progress"]
@@ -30,9 +30,10 @@ def _biases(path):
     return torch.stack([m.gate.e_score_correction_bias for m in model.modules() if hasattr(m, "gate")])
 
 
+@pytest.mark.parametrize("dtype", policy_dtypes())
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(tmp_path, parallel):
-    steps = ["pretrain.steps=5", "train.micro_batch_size=2", f"train.parallel={parallel}"]
+def test_two_processes_match_one(tmp_path, parallel, dtype):
+    steps = ["pretrain.steps=5", "train.micro_batch_size=2", f"train.parallel={parallel}", f"train.dtype={dtype}"]
     single, double = write_tiny_recipe(tmp_path, "one"), write_tiny_recipe(tmp_path, "two")
     _run(single, 1, *steps)
     _run(double, 2, *steps)

@@ -71,6 +71,25 @@ def test_rewards():
     assert combine(rewards, per) == [1.5, 0.0]
 
 
+def test_a_recipe_names_its_own_reward_function(tmp_path, monkeypatch):
+    from nanoseek.errors import ConfigError
+
+    (tmp_path / "house_rewards.py").write_text(
+        "def digit_match(prompt, completion, reference, meta):\n"
+        "    return float(sum(a == b for a, b in zip(completion[-len(reference):], reference)) / len(reference))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    rewards = build_rewards([{"name": "house_rewards:digit_match", "weight": 2.0}, {"name": "accuracy"}])
+    per = score(rewards, [("q", "The answer is 124", "123", {}), ("q", "The answer is 123.", "123", {})])
+    assert per["house_rewards:digit_match"] == pytest.approx([2 / 3, 0.0])
+    assert combine(rewards, per) == pytest.approx([4 / 3, 1.0])
+    with pytest.raises(ConfigError, match="cannot import no_such_module"):
+        build_rewards([{"name": "no_such_module:f"}])
+    with pytest.raises(ConfigError, match="house_rewards has no function 'nope'"):
+        build_rewards([{"name": "house_rewards:nope"}])
+    with pytest.raises(ConfigError, match="unknown reward 'acuracy'.*package.module:function"):
+        build_rewards([{"name": "acuracy"}])
+
+
 def test_async_reward_functions_are_awaited():
     from nanoseek.train.rewards import Reward
 
@@ -175,9 +194,15 @@ mask_truncated = false
         trainer.rewards = [Reward("parity", lambda p, c, r, m: float(zlib.crc32(c.encode()) % 2), 1.0)]
         record = trainer.train_step()
         assert record["reward_std"] > 0
+        assert record["clip_fraction"] == 0  # mu = 1: the ratio is 1 by construction, nothing can clip
         weights.append({k: v.detach().clone() for k, v in model.state_dict().items()})
     moved = sum(float((weights[0][k] - v).abs().max()) for k, v in load_model(model_dir).state_dict().items())
     assert moved > 0
+    # With mu = 2 the second pass sees a moved policy: the clip fraction now measures how far it moved.
+    trainer = GRPOTrainer(load_model(model_dir), {**cfg, "mu": 2}, ProblemSampler(problems, 0), tmp_path / "mu2",
+                          tokenizer_dir=tokenizer_dir(recipe), show_progress=False)
+    trainer.rewards = [Reward("parity", lambda p, c, r, m: float(zlib.crc32(c.encode()) % 2), 1.0)]
+    assert trainer.train_step()["clip_fraction"] > 0
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], rtol=1e-5, atol=1e-6)
 

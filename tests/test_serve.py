@@ -11,6 +11,7 @@ import httpx
 import openai
 import pytest
 
+from nanoseek.errors import ConfigError
 from nanoseek.serve.app import ServeConfig
 from nanoseek.serve.policy import Policy
 from nanoseek.serve.pricing import Prices
@@ -46,12 +47,13 @@ def test_chat_completion_fields_and_usage(server):
     assert u["prompt_cache_hit_tokens"] + u["prompt_cache_miss_tokens"] == u["prompt_tokens"]
     assert u["completion_tokens"] == 8 or choice.finish_reason == "stop"
     assert "reasoning_tokens" in u["completion_tokens_details"] and u["cost"] > 0
-    # A repeated long prompt hits the prefix cache (whole 16-token blocks).
+    # A repeated long prompt hits the prefix cache.
     long = [{"role": "system", "content": "You are a careful assistant who explains every step. " * 3}] + MSG
     first = client(base).chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
     again = client(base).chat.completions.create(model="tiny", messages=long, max_tokens=2, temperature=0)
     assert first.usage.model_dump()["prompt_cache_hit_tokens"] == 0
-    assert again.usage.model_dump()["prompt_cache_hit_tokens"] >= 16
+    # Every whole block but the one holding the last prompt token (which must be computed for its logits).
+    assert again.usage.model_dump()["prompt_cache_hit_tokens"] == (again.usage.prompt_tokens - 1) // 16 * 16 > 0
 
 
 def test_streaming_with_usage_and_the_async_client(server):
@@ -148,10 +150,12 @@ def test_models_metrics_pricing_health(server):
     assert "nanoseek" in httpx.get(base + "/").text
 
 
-def test_disconnects_free_every_block(server):
+def test_disconnects_abort_the_request_and_free_every_block(server):
     base, llm, _ = server
     free = llm.engine.blocks.num_free
-    body = {"model": "tiny", "messages": MSG, "max_tokens": 1000, "temperature": 1.0, "ignore_eos": True}
+    before = llm.engine.stats()
+    max_tokens = 4000  # far more than the seconds below can generate: only an abort ends these requests in time
+    body = {"model": "tiny", "messages": MSG, "max_tokens": max_tokens, "temperature": 1.0, "ignore_eos": True}
 
     async def disconnect_midway(stream: bool):
         async with httpx.AsyncClient(base_url=base, timeout=30) as c:
@@ -172,8 +176,11 @@ def test_disconnects_free_every_block(server):
         await asyncio.gather(*(disconnect_midway(i % 2 == 0) for i in range(6)))
 
     asyncio.run(run())
-    assert wait_until(lambda: llm.engine.blocks.num_free == free and not llm.engine.requests), \
+    assert wait_until(lambda: llm.engine.blocks.num_free == free and not llm.engine.requests, timeout=10), \
         (llm.engine.blocks.num_free, free, list(llm.engine.requests))
+    after = llm.engine.stats()
+    assert after["requests_aborted"] - before["requests_aborted"] == 6
+    assert after["generation_tokens"] - before["generation_tokens"] < 6 * max_tokens // 4
 
 
 def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
@@ -229,15 +236,17 @@ def test_policy_filters_input_and_output_and_audits(chat_checkpoint, tmp_path):
     directory, _ = chat_checkpoint("deepseek_v3")
     # Find text the model will produce, to write an output rule that must fire.
     with live_server(directory) as (base, _, _):
-        probe = client(base).chat.completions.create(model="nanoseek", messages=MSG, max_tokens=30, temperature=0)
+        probe = client(base).chat.completions.create(model="nanoseek", messages=MSG, max_tokens=40, temperature=0)
         m = probe.choices[0].message
         produced = (m.model_extra.get("reasoning_content") or "") + (m.content or "")
-    assert len(produced) > 12
-    secret = produced[6:10]
+    assert len(produced) > 24
+    # A secret longer than holdback_chars: streaming must hold back for the longest match, not only 4 characters.
+    secret = produced[6:20]
+    before = produced[:produced.index(secret)]
     (tmp_path / "policy.toml").write_text(f'''
 name = "house"
 audit_log = "audit.jsonl"
-holdback_chars = 8
+holdback_chars = 4
 [[input]]
 name = "no-passwords"
 pattern = "(?i)password"
@@ -246,28 +255,62 @@ name = "no-secret"
 pattern = {json.dumps(__import__("re").escape(secret))}
 ''')
     policy = Policy.from_file(tmp_path / "policy.toml")
+    assert policy.holdback == len(secret)
     with live_server(directory, ServeConfig(policy=policy)) as (base, _, _):
         r = httpx.post(base + "/v1/chat/completions", json={"messages": [{"role": "user", "content": "my password is x"}]})
         assert r.json()["choices"][0]["finish_reason"] == "content_filter"
         assert r.headers["x-nanoseek-policy"] == "house/no-passwords"
-        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 30, "temperature": 0})
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 40, "temperature": 0})
         choice = r.json()["choices"][0]
         text = (choice["message"]["reasoning_content"] or "") + (choice["message"]["content"] or "")
-        assert choice["finish_reason"] == "content_filter" and secret not in text and produced.startswith(text)
+        assert choice["finish_reason"] == "content_filter" and text == before
         assert r.headers["x-nanoseek-policy"] == "house/no-secret"
-        streamed = ""
+        streamed, chunks = "", []
         with httpx.stream("POST", base + "/v1/chat/completions",
-                          json={"messages": MSG, "max_tokens": 30, "temperature": 0, "stream": True}) as s:
+                          json={"messages": MSG, "max_tokens": 40, "temperature": 0, "stream": True}) as s:
             for line in s.iter_lines():
                 if line.startswith("data: {"):
                     for c in json.loads(line[6:])["choices"]:
                         d = c["delta"]
                         streamed += (d.get("reasoning_content") or "") + (d.get("content") or "")
+                        chunks.append(streamed)
                         last_finish = c["finish_reason"] or None
-        assert secret not in streamed and last_finish == "content_filter"
+        # Not one character of the match was ever sent, and the text before it was (streamed, not withheld).
+        assert streamed == before and last_finish == "content_filter"
+        assert all(before.startswith(sent) for sent in chunks)
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert {a["rule"] for a in audit} == {"no-passwords", "no-secret"}
     assert all("text" not in a for a in audit) and all(a["request_id"] for a in audit)
+
+
+def test_an_output_rule_of_unbounded_length_is_refused(tmp_path):
+    (tmp_path / "policy.toml").write_text('[[output]]\nname = "ids"\npattern = "id-\\\\d+"\n')
+    with pytest.raises(ConfigError, match=r"output rule ids can match text of any length.*\\w\{1,40\}"):
+        Policy.from_file(tmp_path / "policy.toml")
+
+
+def test_policy_system_prompt_goes_first_and_keeps_the_clients_own(chat_checkpoint, tmp_path):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    (tmp_path / "policy.toml").write_text('name = "house"\naudit_log = "audit.jsonl"\n'
+                                          'system_prompt = "Answer in one line."\n')
+    policy = Policy.from_file(tmp_path / "policy.toml")
+    own = [{"role": "system", "content": "You are a pirate."}] + MSG
+    with live_server(directory, ServeConfig(policy=policy)) as (base, llm, _):
+        tok = llm.tokenizer
+
+        def prompt_tokens(messages):
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            return len(tok.encode(text, add_special_tokens=False))
+
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": own, "max_tokens": 1})
+        merged = [{"role": "system", "content": "Answer in one line.\n\nYou are a pirate."}] + MSG
+        assert r.json()["usage"]["prompt_tokens"] == prompt_tokens(merged)
+        assert r.headers["x-nanoseek-policy"] == "house/system_prompt"
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 1})
+        assert r.json()["usage"]["prompt_tokens"] == prompt_tokens([{"role": "system",
+                                                                      "content": "Answer in one line."}] + MSG)
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert [(a["rule"], a["action"]) for a in audit] == [("system_prompt", "merged"), ("system_prompt", "prepended")]
 
 
 def test_sigterm_shuts_down_cleanly(chat_checkpoint):

@@ -35,6 +35,16 @@ def test_speedrun_smoke_runs_every_stage_and_writes_the_report(tmp_path):
         assert json.loads((run / stage / "summary.json").read_text())["wall_seconds"] > 0, stage
     student = json.loads((run / "distill" / "student" / "model" / "config.json").read_text())
     assert student["model_type"] == "qwen2"  # a dense student, from the recipe's [student] section
+    for stage in ("pretrain", "sft", "grpo"):  # the in-training evaluator ran on its 4 held-out problems
+        summary = json.loads((run / stage / "summary.json").read_text())
+        assert 0 <= summary["task_pass@1"] <= 1 and any(k.startswith("task_pass@1_level") for k in summary), stage
+    # Rejection sampling judged the recorded smoke teacher: its 10 wrong traces of 40 were dropped.
+    traces = [json.loads(line) for line in (ROOT / "recipes" / "smoke_teacher_traces.jsonl").read_text().splitlines()]
+    distill = json.loads((run / "distill" / "summary.json").read_text())
+    assert (distill["traces"], distill["kept"], distill["acceptance"]) == (40, 30, 0.75)
+    kept = [json.loads(line) for line in (run / "distill" / "traces.jsonl").read_text().splitlines()]
+    assert all(t["messages"][-1]["content"].endswith(f"The answer is {r['answer']}.")
+               for t, r in zip(kept, [r for i, r in enumerate(traces) if i % 4 != 3]))
     result = json.loads((run / "eval_sft.json").read_text())["greedy"]
     assert result["overall"]["problems"] == 20 and set(result["levels"]) == {"1", "2", "3"}
     shutil.rmtree(run, ignore_errors=True)

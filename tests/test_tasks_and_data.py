@@ -141,6 +141,12 @@ def test_chat_shards_mask_only_the_assistant_completion(trained_tokenizer, tmp_p
     assert tokens[:n].tolist() == first_prompt + completion
     assert mask[:n].tolist() == [0] * len(first_prompt) + [1] * len(completion)
     assert tok.decode(tokens[len(first_prompt):n].tolist()).startswith(problems[0].solution.split("\n")[0])
+    # Bits per byte divide the loss (averaged over completion tokens) by completion bytes per completion token.
+    meta = json.loads((tmp_path / "c" / "meta.json").read_text())
+    completions = [completion_text(p) for p in problems]
+    trained = sum(len(tok.encode(c, add_special_tokens=False)) + 1 for c in completions)
+    assert meta["bytes_per_token"] == pytest.approx(sum(len(c.encode()) for c in completions) / trained)
+    assert int(mask.sum()) == trained
 
 
 def test_loader_batch_targets_are_shifted_inputs(trained_tokenizer, tmp_path):

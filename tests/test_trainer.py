@@ -15,9 +15,10 @@ from nanoseek.train.recipe import load_recipe, stage_config
 from nanoseek.train.stages import run_stage
 from nanoseek.train.trainer import TrainingError, lr_factor
 import procs
-from recipes import write_tiny_recipe
+from recipes import policy_dtypes, write_tiny_recipe
 
 CLI = [sys.executable, "-m", "nanoseek.cli"]
+POLICY_DTYPES = policy_dtypes()
 
 
 def _losses(run_dir, stage="pretrain"):
@@ -74,8 +75,9 @@ def _state(path):
     return load_model(path).state_dict()
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
-    steps = ["pretrain.steps=14", "pretrain.save_every=3", "train.keep_checkpoints=5"]
+@pytest.mark.parametrize("dtype", POLICY_DTYPES)
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, dtype):
+    steps = ["pretrain.steps=14", "pretrain.save_every=3", "train.keep_checkpoints=5", f"train.dtype={dtype}"]
     ref_recipe = write_tiny_recipe(tmp_path, "ref")
     procs.run(CLI + ["train", "pretrain", "--recipe", str(ref_recipe), "--no-progress", *steps], check=True,
                    capture_output=True)

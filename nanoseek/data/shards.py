@@ -37,6 +37,7 @@ class ShardWriter:
         self.buffered = 0
         self.shards: list[dict] = []
         self.total_tokens = self.total_bytes = self.docs = 0
+        self.trained_tokens = 0  # the tokens the loss is averaged over (mask 1): bits per byte divides by these
 
     def add(self, ids: list[int], text_bytes: int, mask: list[int] | None = None) -> None:
         self.tokens.append(np.asarray(ids, dtype=self.dtype))
@@ -44,6 +45,7 @@ class ShardWriter:
             self.masks.append(np.asarray(mask if mask is not None else [1] * len(ids), dtype=np.uint8))
         self.buffered += len(ids)
         self.total_tokens += len(ids)
+        self.trained_tokens += len(ids) if mask is None else int(sum(mask))
         self.total_bytes += text_bytes
         self.docs += 1
         if self.buffered >= self.shard_tokens:
@@ -76,19 +78,20 @@ def write_documents(directory, tokenizer, texts: Iterable[str], shard_tokens: in
     eos = tokenizer.eos_token_id
     for text in texts:
         writer.add(tokenizer.encode(text) + [eos], len(text.encode()))
-    return writer.close(bytes_per_token=writer.total_bytes / max(writer.total_tokens, 1))
+    return writer.close(bytes_per_token=writer.total_bytes / max(writer.trained_tokens, 1))
 
 
 def write_chats(directory, tokenizer, examples: Iterable[tuple[list[dict], str]],
                 shard_tokens: int = 1 << 24) -> dict:
-    """SFT shards: the chat-templated prompt (masked out) then the assistant completion and EOS (trained on)."""
+    """SFT shards: the chat-templated prompt (masked out) then the assistant completion and EOS (trained on).
+    bytes_per_token counts completion bytes over completion tokens: the loss is averaged over those only."""
     writer = ShardWriter(directory, tokenizer.vocab_size, with_mask=True, shard_tokens=shard_tokens)
     eos = tokenizer.eos_token_id
     for messages, completion in examples:
         prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
         answer = tokenizer.encode(completion, add_special_tokens=False) + [eos]
         writer.add(prompt + answer, len(completion.encode()), [0] * len(prompt) + [1] * len(answer))
-    return writer.close(bytes_per_token=writer.total_bytes / max(writer.total_tokens, 1))
+    return writer.close(bytes_per_token=writer.total_bytes / max(writer.trained_tokens, 1))
 
 
 @dataclass

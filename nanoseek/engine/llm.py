@@ -103,7 +103,8 @@ class LLMEngine:
             eos = json.loads((Path(source) / "generation_config.json").read_text()).get("eos_token_id")
             self.eos_ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.reasoning = self.tokenizer is not None and self.tokenizer.token_to_id(THINK_CLOSE) is not None
-        self.totals = {"prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "generation_tokens": 0, "requests": 0}
+        self.totals = {"prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "generation_tokens": 0, "requests": 0,
+                       "requests_aborted": 0}
 
     # ---- requests ----
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -167,6 +168,7 @@ class LLMEngine:
             if request is None:
                 return False
             request.aborted = True
+            self.totals["requests_aborted"] += 1
             for seq in request.seqs:
                 if not seq.finished:
                     self.scheduler.remove(seq)

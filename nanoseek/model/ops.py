@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..runtime import cpu
 from .kernels import decode
 from .kernels import training as train_ops
-from .kernels.training import compute_dtype, fused_training  # noqa: F401  (part of the seam)
+from .kernels.training import compute_dtype, fused_training
 
 
 def eager():

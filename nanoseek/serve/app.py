@@ -31,7 +31,7 @@ from ..engine.text import split_reasoning
 from ..errors import NanoseekError
 from .json_mode import JsonObjectProcessor
 from .metrics import ServerMetrics
-from .policy import Policy
+from .policy import SYSTEM_PROMPT, Policy
 from .pricing import Prices
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body
 
@@ -39,6 +39,8 @@ log = logging.getLogger("nanoseek.serve")
 WEB_DIR = Path(__file__).parent / "web"
 OPEN_PATHS = ("/health", "/", "/index.html", "/favicon.ico")
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
+# How often a request whose tokens keep coming asks whether its client is still connected.
+DISCONNECT_CHECK_SECONDS = 0.25
 
 
 @dataclass
@@ -253,8 +255,9 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
 
     async def run_request(request: Request, prompt, params: SamplingParams, request_id: str):
         """Engine outputs of one request, with None whenever `keepalive_seconds` pass without one (a chance to
-        send keep-alives). Checks for a disconnected client while idle, and aborts the request (freeing its
-        blocks) whenever iteration stops early: disconnect, cancellation, policy cut."""
+        send keep-alives). Checks for a disconnected client while idle and every DISCONNECT_CHECK_SECONDS
+        while tokens flow (a non-streaming client that hangs up is noticed only by asking), and aborts the
+        request (freeing its blocks) whenever iteration stops early: disconnect, cancellation, policy cut."""
         try:
             stream = llm.submit(prompt, params, request_id)
         except EngineDeadError:
@@ -262,11 +265,14 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
         except InvalidRequestError as e:
             raise APIError(422, str(e), "invalid_request_error") from None
         try:
+            checked = time.monotonic()
             while True:
                 out = await stream.next(timeout=config.keepalive_seconds)
-                if out is None:
+                if out is None or time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
+                    checked = time.monotonic()
                     if await request.is_disconnected():
                         return
+                if out is None:
                     yield None
                     continue
                 yield out
@@ -289,7 +295,8 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                 break
         rule = next((c.rule for c in choices if c.rule), None)
         if last is not None and rule is not None:
-            headers["X-Nanoseek-Policy"] = policy.header(rule)
+            earlier = headers.get("X-Nanoseek-Policy")
+            headers["X-Nanoseek-Policy"] = f"{earlier}, {policy.header(rule)}" if earlier else policy.header(rule)
             policy.audit(request_id, rule, "cut", "output", None)
         return last
 
@@ -327,9 +334,10 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
             raise APIError(422, "this model has no chat template: use /v1/completions", "invalid_request_error")
         request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        interventions = []
         if policy and policy.system_prompt:
-            messages = [{"role": "system", "content": policy.system_prompt}] + [m for m in messages
-                                                                                  if m["role"] != "system"]
+            messages = policy.with_system_prompt(messages, request_id)
+            interventions.append(SYSTEM_PROMPT)
         prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
         processors = []
@@ -342,7 +350,8 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
         created = int(time.time())
         model = req.model or config.model_name
         blocked = input_filter("\n".join(m["content"] for m in messages), request_id)
-        headers = {"X-Nanoseek-Policy": policy.header(blocked)} if blocked else {}
+        interventions += [blocked] if blocked else []
+        headers = {"X-Nanoseek-Policy": policy.header(*interventions)} if interventions else {}
         from ..engine.text import starts_in_reasoning
 
         reasoning_start = starts_in_reasoning(prompt_text[-64:])

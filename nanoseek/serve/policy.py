@@ -3,13 +3,13 @@
 Off by default. A policy is a TOML file:
 
     name = "house-rules"
-    system_prompt = "You are a helpful assistant."   # prepended to every chat
+    system_prompt = "You are a helpful assistant."   # put before every chat's own system message
     allowed_models = ["nanoseek"]                      # other model names get a 404
     max_prompt_tokens = 2048
     max_tokens = 512
     audit_log = "audit.jsonl"
     log_prompts = false                                # audit entries carry no prompt text unless true
-    holdback_chars = 64                                # streamed text held back while output rules may match
+    holdback_chars = 64                                # at least this much streamed text held back (see below)
 
     [[input]]
     name = "no-credentials"
@@ -19,9 +19,17 @@ Off by default. A policy is a TOML file:
     name = "no-internal-hosts"
     pattern = "\\binternal\\.example\\.com\\b"
 
+The policy's system prompt comes first; a client's own system messages follow it in the same system message
+(chat templates keep one), separated by a blank line, so nothing the client sent is dropped. Each chat the
+policy changed this way carries the header `<policy>/system_prompt` and one audit entry (action `prepended`,
+or `merged` when the client sent a system message of its own).
+
 Patterns are Python regular expressions. An input rule that fires answers at once with finish_reason
 `content_filter`; an output rule cuts the answer before the match, so blocked text never reaches a client
-(streamed text is held back `holdback_chars` characters until it can no longer become part of a match).
+(streamed text is held back until it can no longer become part of a match: by `holdback_chars`, or by the
+longest text an output rule can match where that is longer). An output rule must therefore match text of
+bounded length (`\\w{1,40}`, not `\\w+`); a lookahead reaching past the match is not held back for, so put
+such context inside the match.
 Responses carry the header `X-Nanoseek-Policy: <policy>/<rule>` where headers are still unsent, and every
 intervention is appended to the audit log as one JSON line (time, request id, rule, action).
 """
@@ -30,6 +38,7 @@ from __future__ import annotations
 
 import json
 import re
+import re._parser as re_parser  # the stdlib's own regex parser: the widest text a pattern can match
 import threading
 import time
 import tomllib
@@ -43,6 +52,16 @@ from ..errors import ConfigError
 class Rule:
     name: str
     pattern: re.Pattern
+
+
+def widest_match(pattern: re.Pattern) -> int | None:
+    """The most characters `pattern` can match, or None where a repeat is unbounded."""
+    widest = re_parser.parse(pattern.pattern, pattern.flags).getwidth()[1]
+    return None if widest >= re_parser.MAXREPEAT else widest
+
+
+# Not a pattern rule: names the system-prompt intervention in headers and the audit log.
+SYSTEM_PROMPT = Rule("system_prompt", re.compile(r"(?!)"))
 
 
 @dataclass
@@ -74,10 +93,14 @@ class Policy:
             for i, r in enumerate(data.get(kind, [])):
                 if "pattern" not in r:
                     raise ConfigError(f"policy {path}: [[{kind}]] rule {i + 1} has no pattern")
+                name = r.get("name", f"{kind}-{i + 1}")
                 try:
-                    out.append(Rule(r.get("name", f"{kind}-{i + 1}"), re.compile(r["pattern"])))
+                    out.append(Rule(name, re.compile(r["pattern"])))
                 except re.error as e:
-                    raise ConfigError(f"policy {path}: rule {r.get('name', i + 1)} pattern is invalid ({e})") from None
+                    raise ConfigError(f"policy {path}: rule {name} pattern is invalid ({e})") from None
+                if kind == "output" and widest_match(out[-1].pattern) is None:
+                    raise ConfigError(f"policy {path}: output rule {name} can match text of any length, so no "
+                                      "hold-back keeps it from streaming: bound its repeats (e.g. \\w{1,40} for \\w+)")
             return out
 
         audit = data.get("audit_log")
@@ -102,14 +125,31 @@ class Policy:
                 best = (r, m.start())
         return best
 
+    @property
+    def holdback(self) -> int:
+        """Characters of streamed text held back: enough for the longest text an output rule can match."""
+        return max([self.holdback_chars] + [widest_match(r.pattern) or 0 for r in self.output_rules])
+
     def visible(self, text: str, final: bool) -> str:
-        """Text safe to stream now: without output rules, all of it; otherwise all but the last holdback_chars."""
+        """Text safe to stream now: without output rules, all of it; otherwise all but the last `holdback`."""
         if final or not self.output_rules:
             return text
-        return text[: max(0, len(text) - self.holdback_chars)]
+        return text[: max(0, len(text) - self.holdback)]
 
-    def header(self, rule: Rule) -> str:
-        return f"{self.name}/{rule.name}"
+    def with_system_prompt(self, messages: list[dict], request_id: str) -> list[dict]:
+        """`messages` with the policy's system prompt first and the client's system messages merged after it,
+        audited. Unchanged without a policy system prompt."""
+        if not self.system_prompt:
+            return messages
+        own = [m["content"] for m in messages if m["role"] == "system"]
+        system = "\n\n".join([self.system_prompt, *own])
+        self.audit(request_id, SYSTEM_PROMPT, "merged" if own else "prepended", "input",
+                   system if own else None)
+        return [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+
+    def header(self, *rules: Rule) -> str:
+        """The X-Nanoseek-Policy value naming every intervention on one request."""
+        return ", ".join(f"{self.name}/{rule.name}" for rule in rules)
 
     def audit(self, request_id: str, rule: Rule, action: str, stage: str, text: str | None = None) -> None:
         if self.audit_log is None:

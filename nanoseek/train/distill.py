@@ -1,7 +1,7 @@
 """Rejection sampling and distillation (the R1 recipe's last step).
 
 The teacher (a local nanoseek model directory, or any OpenAI-compatible endpoint URL) writes K reasoning traces per
-training problem; the task's verifier keeps the correct ones (rejection sampling); a student (an existing
+training problem (or they come recorded, from a JSONL file); the task's verifier keeps the correct ones (rejection sampling); a student (an existing
 checkpoint, or a fresh model from a config: possibly dense and much smaller) is trained on them by SFT with the
 shared trainer. Teacher and student are then evaluated side by side on held-out problems.
 """
@@ -18,13 +18,14 @@ from ..data import shards
 from ..data.sources import chat_prompt, task_problems
 from ..data.tasks import Problem
 from ..data.verify import verify
+from ..endpoint import Endpoint, is_endpoint
 from ..engine.text import THINK_CLOSE
 from ..errors import ConfigError
 from ..runtime import fast_precision
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 
 # keep: "correct" is rejection sampling (the verifier keeps correct traces only); "all" is plain sequence-level
-# distillation of every non-empty trace (tasks without a usable verifier, or a smoke run's untrained teacher).
+# distillation of every non-empty trace (tasks without a usable verifier).
 DISTILL_DEFAULTS = {"k": 4, "temperature": 0.8, "problems": 2000, "max_tokens": 256, "levels": None,
                     "student": "", "teacher": "", "eval_problems": 500, "with_reasoning": True, "keep": "correct"}
 STAGE_EXTRA_KEYS["distill"] = set(DISTILL_DEFAULTS)
@@ -37,31 +38,39 @@ def _engine_dtype():
 
 def teacher_traces(teacher: str, problems: list[Problem], k: int, temperature: float, max_tokens: int,
                    tokenizer=None) -> list[tuple[list[dict], str, bool]]:
-    """(messages, completion after the opened <think>, correct) for K samples of every problem."""
+    """(messages, completion after the opened <think>, correct) for K samples of every problem, from a local
+    model directory or an OpenAI-compatible endpoint. A trace counts as correct only if the teacher finished
+    it (a cut-off trace teaches the student to stop mid-thought)."""
+    prompts = [chat_prompt(p) for p in problems]
+    if is_endpoint(teacher):
+        samples = Endpoint(teacher).chat(prompts, n=k, temperature=temperature, max_tokens=max_tokens, seed=0)
+    else:
+        from ..engine import LLM, SamplingParams
+
+        llm = LLM(teacher, dtype=_engine_dtype(), kv_cache_memory="512MiB", max_num_seqs=256)
+        results = llm.generate(prompts, SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=0))
+        samples = [[(o.text, o.finish_reason == "stop") for o in r.outputs] for r in results]
+    return [(prompt, text, done and verify(text, p.answer, p.verifier, p.question))
+            for p, prompt, choices in zip(problems, prompts, samples) for text, done in choices]
+
+
+def recorded_traces(path: Path, verifier: str) -> list[tuple[list[dict], str, bool]]:
+    """Traces written earlier by any teacher (a dump of API answers, another run): one JSON object per line,
+    {"question", "answer", "completion"[, "verifier"]}, the completion being the text after the opened <think>.
+    The verifier judges each against its answer, as it judges a live teacher's."""
     out = []
-    if teacher.startswith(("http://", "https://")):
-        import openai
-
-        client = openai.OpenAI(base_url=teacher.rstrip("/") + ("" if teacher.rstrip("/").endswith("/v1") else "/v1"),
-                               api_key="none", max_retries=2)
-        model = client.models.list().data[0].id
-        for p in problems:
-            r = client.chat.completions.create(model=model, messages=chat_prompt(p), n=k, temperature=temperature,
-                                               max_tokens=max_tokens)
-            for c in r.choices:
-                reasoning = (c.message.model_extra or {}).get("reasoning_content") or ""
-                text = f"{reasoning}{THINK_CLOSE}{c.message.content or ''}"
-                out.append((chat_prompt(p), text, verify(text, p.answer, p.verifier, p.question)))
-        return out
-    from ..engine import LLM, SamplingParams
-
-    llm = LLM(teacher, dtype=_engine_dtype(), kv_cache_memory="512MiB", max_num_seqs=256)
-    results = llm.generate([chat_prompt(p) for p in problems],
-                           SamplingParams(n=k, temperature=temperature, max_tokens=max_tokens, seed=0))
-    for p, r in zip(problems, results):
-        for o in r.outputs:
-            ok = o.finish_reason == "stop" and verify(o.text, p.answer, p.verifier, p.question)
-            out.append((chat_prompt(p), o.text, ok))
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            r = json.loads(line)
+            question, answer, completion = r["question"], str(r["answer"]), r["completion"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ConfigError(f"teacher traces {path} line {n}: need a JSON object with question, answer and "
+                              f"completion ({type(e).__name__}: {e})") from None
+        check = r.get("verifier", verifier)
+        out.append(([{"role": "user", "content": question}], completion,
+                    verify(completion, answer, check, question)))
     return out
 
 
@@ -112,11 +121,17 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     device = torch.device("cpu")
     out_dir = run_dir(recipe) / "distill"
     out_dir.mkdir(parents=True, exist_ok=True)
-    tok_dir = Path(teacher) if not teacher.startswith("http") else tokenizer_dir(recipe)
+    recorded = teacher.endswith(".jsonl")
+    if recorded and not Path(teacher).is_file():
+        raise ConfigError(f"teacher traces {teacher} do not exist: give a JSONL file, a model directory or a URL")
+    tok_dir = Path(teacher) if Path(teacher).is_dir() else tokenizer_dir(recipe)
     tokenizer = load_tokenizer(tok_dir)
     start = time.time()
     problems = task_problems(task, levels, cfg["problems"], recipe["run"]["seed"], "train")
-    traces = teacher_traces(teacher, problems, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer)
+    if recorded:
+        traces = recorded_traces(Path(teacher), problems[0].verifier if problems else "numeric")
+    else:
+        traces = teacher_traces(teacher, problems, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer)
     kept, seen = [], set()
     for messages, text, ok in traces:
         key = (messages[-1]["content"], text)
@@ -147,7 +162,10 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     eval_set = task_problems(task, levels, cfg["eval_problems"], recipe["run"]["seed"], "test")
     results = {}
     for name, source in (("teacher", teacher), ("student", str(student_path))):
-        if source.startswith("http"):
+        if recorded and name == "teacher":
+            continue  # recorded traces: no model to ask
+        if is_endpoint(source):  # a served teacher: accuracy through its API; its size is not ours to know
+            results[name] = evaluate(Endpoint(source), eval_set, max_tokens=cfg["max_tokens"])
             continue
         llm = LLM(source, dtype=_engine_dtype(), kv_cache_memory="512MiB", max_num_seqs=256)
         results[name] = evaluate(llm, eval_set, max_tokens=cfg["max_tokens"])
@@ -158,7 +176,7 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
                "acceptance": sum(ok for _, _, ok in traces) / max(len(traces), 1),
                "wall_seconds": time.time() - start, "task": task, "levels": levels,
                **{f"{k}_pass@1": v["overall"]["pass@1"] for k, v in results.items()},
-               **{f"{k}_active_params": v["active_params"] for k, v in results.items()}}
+               **{f"{k}_active_params": v["active_params"] for k, v in results.items() if "active_params" in v}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     (run_dir(recipe) / "eval_distill.json").write_text(json.dumps({"task": task, **results}, indent=2))
     return summary

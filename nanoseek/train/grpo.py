@@ -13,6 +13,8 @@ One step:
      max tokens): no length bias), dapo (mean over all tokens of the batch); completions cut by max_tokens are
      masked out when `mask_truncated`;
   5. the new weights go to the engine in memory (update_weights), never through disk.
+The clip fraction is logged per step, but with mu = 1 the updated policy is the sampling one (rho = 1 for every
+token), so it is 0 by construction: it measures something only when mu > 1.
 No reference copy of the model exists when beta = 0.
 """
 

@@ -8,12 +8,15 @@ Several are combined with weights. Built-ins:
     `<think>`), then a non-empty answer;
   * `overlong`: DAPO's soft length penalty, 0 up to `max_tokens - buffer` tokens, then linearly down to -1 at
     `max_tokens`.
+A recipe names a user's own function as `package.module:function` (as TRL accepts any callable):
+    rewards = [{name = "accuracy", weight = 1.0}, {name = "mypkg.rewards:digit_match", weight = 0.5}]
 """
 
 from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Awaitable, Callable
 
@@ -55,15 +58,38 @@ class Reward:
 
 
 def build_rewards(spec: list[dict] | None) -> list[Reward]:
-    """[{name, weight}] of built-ins (default: accuracy 1.0, format 0.1)."""
+    """[{name, weight}] of built-ins or of a user's own callables named `package.module:function` (default:
+    accuracy 1.0, format 0.1). A callable takes (prompt, completion, reference, meta) and returns a float, or
+    an awaitable of one."""
     spec = spec or [{"name": "accuracy", "weight": 1.0}, {"name": "format", "weight": 0.1}]
     out = []
     for item in spec:
         name = item["name"]
-        if name not in BUILTIN:
-            raise ConfigError(f"unknown reward {name!r}: built-ins are {', '.join(BUILTIN)}")
-        out.append(Reward(name, BUILTIN[name], float(item.get("weight", 1.0))))
+        fn = load_reward(name) if ":" in name else BUILTIN.get(name)
+        if fn is None:
+            raise ConfigError(f"unknown reward {name!r}: built-ins are {', '.join(BUILTIN)}, or name your own "
+                              "function as package.module:function")
+        out.append(Reward(name, fn, float(item.get("weight", 1.0))))
     return out
+
+
+def load_reward(name: str) -> RewardFn:
+    """The function `module:attribute` names (the module importable from the working directory or sys.path)."""
+    import importlib
+    import sys
+
+    module_name, _, attribute = name.partition(":")
+    if "" not in sys.path and os.getcwd() not in sys.path:  # `nanoseek train` run from a project folder
+        sys.path.insert(0, os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ConfigError(f"reward {name!r}: cannot import {module_name} ({e}); put it on PYTHONPATH or in the "
+                          "working directory") from None
+    fn = getattr(module, attribute, None)
+    if not callable(fn):
+        raise ConfigError(f"reward {name!r}: {module_name} has no function {attribute!r}")
+    return fn
 
 
 async def _score_one(reward: Reward, prompt, completion, reference, meta) -> float:
