@@ -401,3 +401,65 @@ def test_logprobs_of_requests_asking_different_k_and_modes_in_one_batch(chat_che
     assert outs[2].logprobs[0]["logprob"] == pytest.approx(raw[outs[2].token_ids[0]].item(), abs=1e-4)
     top = outs[1].logprobs[0]["top_logprobs"]
     assert [t["logprob"] for t in top] == sorted((t["logprob"] for t in top), reverse=True)
+
+
+def test_forks_count_against_max_num_seqs(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory, max_num_seqs=4)
+    params = SamplingParams(n=3, temperature=1.0, max_tokens=6, ignore_eos=True, seed=1)
+    for i, prompt in enumerate(_prompts(lengths=(5, 7, 9))):
+        llm.engine.add(llm.engine.make_request(prompt, params, f"r{i}"))
+    peak = 0
+    while llm.engine.has_unfinished():
+        llm.engine.step()
+        peak = max(peak, len(llm.engine.scheduler.running))
+    assert peak == 3  # one n = 3 request at a time: a second would fork past the cap of 4
+    with pytest.raises(InvalidRequestError, match="n=5 exceeds this engine's max_num_seqs 4"):
+        llm.engine.make_request([5, 6], SamplingParams(n=5))
+
+
+def test_seeds_at_the_edges_of_64_bits(hf_checkpoint):
+    directory, _ = hf_checkpoint("llama")
+    llm = LLM(directory)
+    top = SamplingParams(n=2, temperature=1.0, max_tokens=4, seed=(1 << 64) - 1)  # sibling 1 wraps to seed 0
+    out = llm.generate([[5, 6, 7]], top)[0]
+    assert len(out.outputs) == 2 and all(len(o.token_ids) == 4 for o in out.outputs)
+    for seed in (1 << 64, -(1 << 63) - 1, 1.5, True):
+        with pytest.raises(InvalidRequestError, match="seed=.* is out of range"):
+            SamplingParams(seed=seed)
+
+
+def test_a_fault_inside_a_step_fails_its_batch_and_the_engine_goes_on(hf_checkpoint, monkeypatch):
+    directory, hf = hf_checkpoint("llama")
+    llm = LLM(directory)
+    engine = llm.engine
+    real_run, calls = engine.runner.run, []
+
+    def faulty(plan):
+        calls.append(len(plan))
+        if len(calls) == 2:
+            raise RuntimeError("injected fault")
+        return real_run(plan)
+
+    monkeypatch.setattr(engine.runner, "run", faulty)
+    engine.add(engine.make_request([5, 6, 7], GREEDY, "victim"))
+    outputs = engine.step() + engine.step()  # the second step faults
+    failed = [o for o in outputs if o.error]
+    assert [o.request_id for o in failed] == ["victim"] and "injected fault" in failed[0].error
+    assert failed[0].finished and failed[0].outputs[0].finish_reason == "error"
+    assert not engine.requests and engine.blocks.num_free == engine.blocks.num_blocks
+    assert engine.stats()["requests_failed"] == 1
+    prompt = _prompts(lengths=(5,))[0]
+    assert llm.generate([prompt], GREEDY)[0].outputs[0].token_ids == _reference(hf, [prompt])[0]
+
+
+def test_prefix_blocks_are_keyed_by_a_cryptographic_chain():
+    import hashlib
+    from array import array
+
+    from nanoseek.engine.cache import chain_hash
+
+    first = chain_hash(None, (1, 2, 3))
+    assert first == hashlib.blake2b(bytes(32) + array("q", [1, 2, 3]).tobytes(), digest_size=32).digest()
+    # The same block after different parents is a different key: a hit implies the whole prefix matched.
+    assert chain_hash(first, (4, 5)) != chain_hash(chain_hash(None, (1, 2, 4)), (4, 5))

@@ -183,6 +183,42 @@ def test_disconnects_abort_the_request_and_free_every_block(server):
     assert after["generation_tokens"] - before["generation_tokens"] < 6 * max_tokens // 4
 
 
+def test_a_request_that_broke_the_engine_no_longer_can(server):
+    """The seed that overflowed a fork's generator inside engine.step() and took the service down."""
+    base, _, _ = server
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4, "n": 2,
+                                                         "seed": 18446744073709551615})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    for seed in (1 << 64, -(1 << 63) - 1):
+        r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4, "seed": seed})
+        assert 400 <= r.status_code < 500 and "seed" in r.json()["error"]["message"], r.text
+    assert httpx.get(base + "/health").status_code == 200
+
+
+def test_a_fault_inside_a_step_fails_that_request_only(server, monkeypatch):
+    base, llm, _ = server
+    runner, real_run, armed = llm.engine.runner, llm.engine.runner.run, [True]
+
+    def faulty(plan):
+        if armed and armed.pop():
+            raise RuntimeError("injected fault")
+        return real_run(plan)
+
+    monkeypatch.setattr(runner, "run", faulty)
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_fault", r.text
+    assert "injected fault" in r.json()["error"]["message"]
+    armed.append(True)
+    with httpx.stream("POST", base + "/v1/chat/completions",
+                      json={"messages": MSG, "max_tokens": 4, "stream": True}) as s:
+        events = [json.loads(line[6:]) for line in s.iter_lines() if line.startswith("data: {")]
+    assert s.status_code == 200 and events[-1]["error"]["code"] == "engine_fault"
+    assert httpx.get(base + "/health").status_code == 200
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert wait_until(lambda: llm.engine.blocks.num_free == llm.engine.blocks.num_blocks and not llm.engine.requests)
+
+
 def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
     directory, _ = chat_checkpoint("deepseek_v3")
     with live_server(directory, ServeConfig(keepalive_seconds=0.1, max_queue=1), max_num_seqs=1) as (base, llm, _):

@@ -25,6 +25,10 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; the server answers 500/503 and logs the cause."""
 
 
+class RequestFailedError(RuntimeError):
+    """A fault inside the engine ended this request (the engine itself goes on serving the others)."""
+
+
 class AsyncLLM:
     def __init__(self, model=None, tokenizer=None, *, engine: LLMEngine | None = None, **engine_options):
         self.engine = engine or LLMEngine(model, tokenizer, **engine_options)
@@ -99,7 +103,7 @@ class AsyncLLM:
                     loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"engine failed: {e}"))
                 return
             for out in outputs:
-                self._deliver(out.request_id, out)
+                self._deliver(out.request_id, RequestFailedError(out.error) if out.error else out)
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> "RequestStream":
         """Adds a request; its outputs arrive on the returned stream. Must be called from an event loop."""

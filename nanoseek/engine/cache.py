@@ -1,14 +1,17 @@
 """Paged KV cache: the block manager (prefix hashing, reference counts, LRU eviction) and the cache tensors.
 
 A block holds `block_size` consecutive tokens of one sequence. Once all its tokens have been computed, a full
-block is identified by a hash chained over the whole prefix (hash(previous block's hash, its token ids)), so a
-later request with the same prefix reuses it; a hit is confirmed by comparing token ids, so a hash collision
-can never serve wrong K/V. Blocks nobody references stay cached in an LRU list and are evicted oldest first
+block is identified by a cryptographic hash chained over the whole prefix (blake2b of the previous block's digest
+and its token ids), so a later request with the same prefix reuses it. Equal digests mean equal whole prefixes:
+a crafted collision would have to break blake2b (Python's hash() of int tuples can be collided on purpose, the
+class of bug behind vLLM's prefix-cache advisory), and a hit is still confirmed against the block's own tokens. Blocks nobody references stay cached in an LRU list and are evicted oldest first
 when fresh blocks are needed.
 """
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -19,12 +22,16 @@ import torch
 class Block:
     block_id: int
     ref_count: int = 0
-    hash: int | None = None
+    hash: bytes | None = None
     token_ids: tuple[int, ...] | None = None
 
 
-def chain_hash(previous: int | None, token_ids: tuple[int, ...]) -> int:
-    return hash((previous, token_ids))
+def chain_hash(previous: bytes | None, token_ids: tuple[int, ...]) -> bytes:
+    """blake2b-256 of the parent block's digest (32 zero bytes for the first block) and the token ids as int64s
+    (native byte order: digests never leave the process)."""
+    digest = hashlib.blake2b(previous or bytes(32), digest_size=32)
+    digest.update(array("q", token_ids).tobytes())
+    return digest.digest()
 
 
 class BlockManager:
@@ -34,7 +41,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         # Blocks with ref_count 0, oldest first: free to reuse, and still serving prefix hits until reused.
         self.free: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
-        self.hash_to_block: dict[int, int] = {}
+        self.hash_to_block: dict[bytes, int] = {}
 
     @property
     def num_blocks(self) -> int:

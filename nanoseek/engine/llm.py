@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import re
+import logging
 import threading
 import time
 from pathlib import Path
@@ -29,6 +30,8 @@ from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
 from .sequence import Request, RequestOutput, Sequence
 from .text import THINK_CLOSE, THINK_OPEN, starts_in_reasoning
+
+log = logging.getLogger("nanoseek.engine")
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
@@ -104,7 +107,7 @@ class LLMEngine:
             self.eos_ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.reasoning = self.tokenizer is not None and self.tokenizer.token_to_id(THINK_CLOSE) is not None
         self.totals = {"prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "generation_tokens": 0, "requests": 0,
-                       "requests_aborted": 0}
+                       "requests_aborted": 0, "requests_failed": 0}
 
     # ---- requests ----
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -134,6 +137,9 @@ class LLMEngine:
         """Everything about adding a request that needs no lock (so callers on other threads never wait for a
         running step): validation, tokenization, the Request object."""
         params = params or SamplingParams()
+        if params.n > self.scheduler.max_num_seqs:
+            raise InvalidRequestError(f"n={params.n} exceeds this engine's max_num_seqs {self.scheduler.max_num_seqs}: "
+                                      "ask for fewer samples")
         text, ids = self.tokenize_prompt(prompt)
         if not ids:
             raise InvalidRequestError("prompt is empty: give at least one token")
@@ -189,44 +195,66 @@ class LLMEngine:
             plan = self.scheduler.schedule()
             if not plan:
                 return outputs
-            logits = self.runner.run(plan)
-            sampling = [item.seq for item in plan if item.samples]
-            bs = self.blocks.block_size
-            for item in plan:
-                seq = item.seq
-                seq.num_computed += item.num_new
-                # Hash newly completed blocks now, before a sequence that finishes this step releases them.
-                if seq.num_computed // bs > (seq.num_computed - item.num_new) // bs:
-                    self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
-            seqs, rows = [], []
-            for row, seq in enumerate(sampling):
-                seqs.append(seq)
-                rows.append(row)
-                if not seq.request.forked:
-                    for child in self._fork(seq):
-                        seqs.append(child)
-                        rows.append(row)
-            tokens = self.sampler.sample(logits[rows], seqs)
-            now = time.monotonic()
-            touched: dict[str, Request] = {}
-            for seq, token in zip(seqs, tokens):
-                seq.append(token)
-                metrics = seq.request.metrics
-                metrics.first_token_time = metrics.first_token_time or now
-                metrics.token_times.append(now)
-                touched[seq.request.request_id] = seq.request
-                if seq.finished:
-                    self.scheduler.remove(seq)
-            self.totals["generation_tokens"] += len(tokens)
-            for request in touched.values():
-                if request.finished or not finished_only:
-                    outputs.append(request.output())
-                if request.finished:
-                    request.metrics.finished_time = now
-                    self.requests.pop(request.request_id, None)
-                    self.totals["prompt_tokens"] += len(request.prompt_token_ids)
-                    self.totals["prompt_cache_hit_tokens"] += request.metrics.prompt_cache_hit_tokens
-            return outputs
+            try:
+                return outputs + self._run_plan(plan, finished_only)
+            except Exception as e:
+                # A fault inside the step: the requests of this batch end with finish_reason "error" (their
+                # state is unknown now) and free their blocks; the engine and every other request go on.
+                failed = list({item.seq.request.request_id: item.seq.request for item in plan}.values())
+                log.exception("engine step failed; failing request(s) %s", ", ".join(r.request_id for r in failed))
+                return outputs + [self._fail(request, f"{type(e).__name__}: {e}") for request in failed]
+
+    def _fail(self, request: Request, error: str) -> RequestOutput:
+        request.error = error
+        self.requests.pop(request.request_id, None)
+        self.totals["requests_failed"] += 1
+        for seq in request.seqs:
+            if not seq.finished:
+                self.scheduler.remove(seq)
+                seq.finish("error", None)
+        return request.output()
+
+    def _run_plan(self, plan, finished_only: bool) -> list[RequestOutput]:
+        """The forward pass of one scheduled batch, then sampling, forks and bookkeeping."""
+        outputs = []
+        logits = self.runner.run(plan)
+        sampling = [item.seq for item in plan if item.samples]
+        bs = self.blocks.block_size
+        for item in plan:
+            seq = item.seq
+            seq.num_computed += item.num_new
+            # Hash newly completed blocks now, before a sequence that finishes this step releases them.
+            if seq.num_computed // bs > (seq.num_computed - item.num_new) // bs:
+                self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
+        seqs, rows = [], []
+        for row, seq in enumerate(sampling):
+            seqs.append(seq)
+            rows.append(row)
+            if not seq.request.forked:
+                for child in self._fork(seq):
+                    seqs.append(child)
+                    rows.append(row)
+        tokens = self.sampler.sample(logits[rows], seqs)
+        now = time.monotonic()
+        touched: dict[str, Request] = {}
+        for seq, token in zip(seqs, tokens):
+            seq.append(token)
+            metrics = seq.request.metrics
+            metrics.first_token_time = metrics.first_token_time or now
+            metrics.token_times.append(now)
+            touched[seq.request.request_id] = seq.request
+            if seq.finished:
+                self.scheduler.remove(seq)
+        self.totals["generation_tokens"] += len(tokens)
+        for request in touched.values():
+            if request.finished or not finished_only:
+                outputs.append(request.output())
+            if request.finished:
+                request.metrics.finished_time = now
+                self.requests.pop(request.request_id, None)
+                self.totals["prompt_tokens"] += len(request.prompt_token_ids)
+                self.totals["prompt_cache_hit_tokens"] += request.metrics.prompt_cache_hit_tokens
+        return outputs
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """n > 1: the first sequence finished the prompt; its siblings share the prompt's full blocks."""

@@ -75,6 +75,9 @@ class SamplingParams:
             bad("logprobs", "must be in [0, 20]")
         if self.logprobs_mode not in ("raw", "processed"):
             bad("logprobs_mode", "raw or processed")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(1 << 63) <= self.seed < (1 << 64)):
+            bad("seed", "must be an integer in [-2^63, 2^64)")
 
     @property
     def greedy(self) -> bool:

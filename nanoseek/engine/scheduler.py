@@ -89,8 +89,10 @@ class Scheduler:
             budget -= n
             i += 1
         # Admit waiting sequences only when nothing had to be preempted: room is scarce otherwise.
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        while not preempted and self.waiting and budget > 0:
             seq = self.waiting[0]
+            if self._slots_in_use() + self._slots_needed(seq) > self.max_num_seqs:
+                break
             prefix = self.blocks.cached_prefix(seq.token_ids)
             cached = len(prefix) * self.blocks.block_size
             n = min(len(seq.token_ids) - cached, budget)
@@ -106,6 +108,14 @@ class Scheduler:
             plan.append(ScheduledSeq(seq, n))
             budget -= n
         return plan
+
+    @staticmethod
+    def _slots_needed(seq: Sequence) -> int:
+        """An n > 1 request forks its siblings once its prompt is done: it is admitted only with room for all."""
+        return 1 if seq.request.forked else seq.request.params.n
+
+    def _slots_in_use(self) -> int:
+        return sum(self._slots_needed(s) for s in self.running)
 
     def _first_admission(self, seq: Sequence, cached: int) -> None:
         metrics = seq.request.metrics

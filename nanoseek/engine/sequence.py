@@ -44,7 +44,7 @@ class CompletionOutput:
     index: int
     text: str  # visible so far (held-back text excluded until final)
     token_ids: list[int]
-    finish_reason: str | None = None  # stop | length | abort
+    finish_reason: str | None = None  # stop | length | abort | error
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[dict] | None = None
     reasoning_content: str | None = None
@@ -63,6 +63,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    error: str | None = None  # set when a fault inside the engine ended this request
 
 
 _seq_ids = itertools.count()
@@ -183,20 +184,23 @@ class Request:
         self.seqs: list[Sequence] = [Sequence(self, 0, prompt_token_ids, self.generator_for(0))]
         self.forked = params.n == 1
         self.aborted = False
+        self.error: str | None = None
 
     def generator_for(self, index: int) -> torch.Generator | None:
         """Each seeded sequence has its own generator: reproducible, and no other request draws from it."""
         if self.params.seed is None:
             return None
-        return torch.Generator().manual_seed(self.params.seed + index)
+        # Sibling i of an n > 1 request draws from seed + i, wrapped into the generator's 64-bit range.
+        return torch.Generator().manual_seed((self.params.seed + index) % (1 << 64))
 
     @property
     def finished(self) -> bool:
-        return self.forked and all(s.finished for s in self.seqs) or self.aborted
+        return self.forked and all(s.finished for s in self.seqs) or self.aborted or self.error is not None
 
     def output(self) -> RequestOutput:
         outs = [s.output() for s in self.seqs]
         if self.aborted:
             for o in outs:
                 o.finish_reason = o.finish_reason or "abort"
-        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics)
+        return RequestOutput(self.request_id, self.prompt, self.prompt_token_ids, outs, self.finished, self.metrics,
+                             self.error)

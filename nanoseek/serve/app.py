@@ -26,7 +26,7 @@ from fastapi.responses import FileResponse, JSONResponse, Response, StreamingRes
 from fastapi.staticfiles import StaticFiles
 
 from .. import __version__
-from ..engine import AsyncLLM, EngineDeadError, InvalidRequestError, SamplingParams
+from ..engine import AsyncLLM, EngineDeadError, InvalidRequestError, RequestFailedError, SamplingParams
 from ..engine.text import split_reasoning
 from ..errors import NanoseekError
 from .json_mode import JsonObjectProcessor
@@ -119,6 +119,16 @@ class GuardMiddleware:
             log.exception("unhandled error on %s", path)
             if not started:
                 await _error(500, "internal server error", "server_error")(scope, receive, send)
+
+
+async def sse_errors(events):
+    """A stream's events; an error after the headers went out becomes a last `data: {"error": ...}` event (the
+    shape OpenAI's streams use) instead of a connection cut mid-stream."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield f"data: {json.dumps(error_body(e.message, e.type, e.code))}\n\n"
 
 
 def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
@@ -267,7 +277,12 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
         try:
             checked = time.monotonic()
             while True:
-                out = await stream.next(timeout=config.keepalive_seconds)
+                try:
+                    out = await stream.next(timeout=config.keepalive_seconds)
+                except RequestFailedError as e:
+                    log.error("request %s failed inside the engine: %s", request_id, e)
+                    raise APIError(500, f"generation failed inside the engine ({e}); other requests are unaffected, "
+                                        "retry this one", "server_error", "engine_fault") from None
                 if out is None or time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
                     checked = time.monotonic()
                     if await request.is_disconnected():
@@ -358,8 +373,9 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
         metrics.requests_started.inc()
 
         if req.stream:
-            return StreamingResponse(chat_stream(request, req, prompt_ids, params, request_id, created, model, blocked,
-                                                 reasoning_start), media_type="text/event-stream", headers=headers)
+            events = chat_stream(request, req, prompt_ids, params, request_id, created, model, blocked,
+                                 reasoning_start)
+            return StreamingResponse(sse_errors(events), media_type="text/event-stream", headers=headers)
         if blocked:
             metrics.requests.labels("/v1/chat/completions", "200").inc()
             return JSONResponse({"id": request_id, "object": "chat.completion", "created": created, "model": model,
@@ -560,7 +576,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                     yield f"data: {json.dumps({**body_for([], [], None, []), 'choices': [], 'usage': u})}\n\n"
                 yield "data: [DONE]\n\n"
 
-            return StreamingResponse(stream(), media_type="text/event-stream", headers=headers)
+            return StreamingResponse(sse_errors(stream()), media_type="text/event-stream", headers=headers)
 
         start = time.monotonic()
         last = await collect(request, prompt_ids, params, request_id, choices, headers)
