@@ -25,8 +25,8 @@ def test_a_slower_machine_scales_every_stage_and_keeps_the_scale_for_the_run(tmp
     assert record["scale"] == 0.5 and record["tokens_per_second"] == 100
     # Later stages (and resumes) read the recorded scale, whatever the machine measures now.
     monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 1.0)
-    distill = stage_config(recipe, "distill")
-    assert (distill["steps"], distill["problems"]) == (1200, 8000)
+    later = stage_config(recipe, "distill")
+    assert (later["steps"], later["problems"]) == (1200, 8000)
 
 
 def test_a_machine_as_fast_as_the_reference_runs_the_recipe_as_written(tmp_path, monkeypatch):

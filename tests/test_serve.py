@@ -115,6 +115,19 @@ def test_errors_the_deepseek_way(server):
     assert r.status_code == 413
     assert set(r.json()["error"]) == {"message", "type", "code"}
 
+    def chunked(total, piece=1 << 16):  # no Content-Length: the limit must hold on the bytes received
+        for _ in range(total // piece):
+            yield b" " * piece
+
+    r = httpx.post(base + "/v1/chat/completions", content=chunked(8 << 20), headers=h)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "body_too_large", r.text
+    # Unknown routes and wrong methods answer in the same shape.
+    for method, path, status in (("GET", "/v1/nope", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/v1/models", 405)):
+        r = httpx.request(method, base + path)
+        assert r.status_code == status and set(r.json()) == {"error"}, (path, r.text)
+        assert set(r.json()["error"]) == {"message", "type", "code"} and path in r.json()["error"]["message"]
+
 
 def test_logprobs_and_json_mode(server):
     base, _, _ = server

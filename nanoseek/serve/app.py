@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 
@@ -105,7 +106,7 @@ class GuardMiddleware:
             reply = _error(503, "the server is shutting down", "service_unavailable", "shutting_down")
         if reply is not None:
             return await reply(scope, receive, send)
-        started = False
+        started, received = False, 0
 
         async def tracking_send(message):
             nonlocal started
@@ -113,8 +114,19 @@ class GuardMiddleware:
                 started = True
             await send(message)
 
+        async def counting_receive():
+            # The limit holds on the bytes that arrive (a chunked body has no Content-Length to check).
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > config.max_body_bytes:
+                    raise APIError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes",
+                                   "invalid_request_error", "body_too_large")
+            return message
+
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, counting_receive, tracking_send)
         except Exception:
             log.exception("unhandled error on %s", path)
             if not started:
@@ -160,6 +172,15 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
     async def on_api_error(request: Request, exc: APIError):
         metrics.requests.labels(request.url.path, str(exc.status)).inc()
         return _error(exc.status, exc.message, exc.type, exc.code, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, exc: StarletteHTTPException):
+        # Unknown routes (404) and wrong methods (405) answer in the same error shape as everything else.
+        metrics.requests.labels("unmatched", str(exc.status_code)).inc()
+        message = {404: f"no route {request.url.path}: see GET /v1/models and POST /v1/chat/completions",
+                   405: f"{request.method} is not allowed on {request.url.path}"}.get(exc.status_code, str(exc.detail))
+        return _error(exc.status_code, message, "invalid_request_error",
+                      {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code), exc.headers)
 
     @app.exception_handler(Exception)
     async def on_unexpected(request: Request, exc: Exception):
