@@ -129,6 +129,40 @@ def test_errors_the_deepseek_way(server):
         assert set(r.json()["error"]) == {"message", "type", "code"} and path in r.json()["error"]["message"]
 
 
+DEEP = '{"messages": ' + "[" * 400_000 + "]" * 400_000 + "}"
+MALFORMED = {  # name -> (route, raw JSON body, status): each once answered 500
+    "400k-deep arrays": ("chat", DEEP, 400),
+    "5000-digit max_tokens": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": ' + "1" * 5000 + "}", 400),
+    "5000-digit seed": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "seed": ' + "9" * 5000 + "}", 400),
+    "text part of 123": ("chat", '{"messages": [{"role": "user", "content": [{"type": "text", "text": 123}]}]}', 422),
+    "text part of null": ("chat", '{"messages": [{"role": "user", "content": [{"type": "text", "text": null}]}]}', 422),
+    "text part of an object": ("chat", '{"messages": [{"role": "user", "content": [{"type": "text", "text": {}}]}]}', 422),
+    "image part": ("chat", '{"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}', 422),
+    "lone surrogate in content": ("chat", '{"messages": [{"role": "user", "content": "a\\ud800b"}]}', 400),
+    "lone surrogate in prompt": ("completions", '{"prompt": "\\ud800"}', 400),
+    "seed 2^64": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "seed": 18446744073709551616}', 422),
+    "seed -2^63-1": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "seed": -9223372036854775809}', 422),
+    "token id -1": ("completions", '{"prompt": [-1]}', 422),
+    "token id 2^63": ("completions", '{"prompt": [9223372036854775808]}', 422),
+    "stream as a string": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 422),
+    "seed as a bool": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "seed": true}', 422),
+    "suffix with token ids": ("completions", '{"prompt": [5, 6], "suffix": "x"}', 422),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_malformed_requests_get_a_clear_4xx(server, case):
+    base, _, _ = server
+    route, raw, status = MALFORMED[case]
+    r = httpx.post(f"{base}/v1/{'chat/completions' if route == 'chat' else 'completions'}", content=raw,
+                   headers={"Content-Type": "application/json"}, timeout=30)
+    assert r.status_code == status, (case, r.text[:300])
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "code"} and error["type"] == "invalid_request_error" and error["message"]
+    t = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}, timeout=30)
+    assert t.status_code == 200 and t.elapsed.total_seconds() < 1
+
+
 def test_logprobs_and_json_mode(server):
     base, _, _ = server
     r = client(base).chat.completions.create(model="tiny", messages=MSG, max_tokens=4, temperature=0, logprobs=True,

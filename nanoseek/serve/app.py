@@ -34,7 +34,7 @@ from .json_mode import JsonObjectProcessor
 from .metrics import ServerMetrics
 from .policy import SYSTEM_PROMPT, Policy
 from .pricing import Prices
-from .protocol import ChatCompletionRequest, CompletionRequest, error_body
+from .protocol import BadRequest, ChatCompletionRequest, CompletionRequest, error_body, parse_json
 
 log = logging.getLogger("nanoseek.serve")
 WEB_DIR = Path(__file__).parent / "web"
@@ -131,6 +131,20 @@ class GuardMiddleware:
             log.exception("unhandled error on %s", path)
             if not started:
                 await _error(500, "internal server error", "server_error")(scope, receive, send)
+
+
+async def read_request(request: Request, model):
+    """The body parsed (protocol.parse_json: 400 on malformed input) and validated as `model` (422)."""
+    from pydantic import ValidationError
+
+    try:
+        body = parse_json(await request.body())
+    except BadRequest as e:
+        raise APIError(400, str(e), "invalid_request_error") from None
+    try:
+        return model.model_validate(body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
 
 
 async def sse_errors(events):
@@ -346,20 +360,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
 
     # ------------------------------------------------------------ chat
     async def chat(request: Request):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "request body is not valid JSON", "invalid_request_error") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "request body must be a JSON object", "invalid_request_error")
-        try:
-            req = ChatCompletionRequest.model_validate(body)
-        except Exception as e:
-            from pydantic import ValidationError
-
-            if isinstance(e, ValidationError):
-                raise RequestValidationError(e.errors()) from None
-            raise
+        req = await read_request(request, ChatCompletionRequest)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "invalid_request_error")
         if req.tools:
@@ -503,24 +504,19 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
 
     # ------------------------------------------------------------ completions
     async def completions(request: Request):
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise APIError(400, "request body is not valid JSON", "invalid_request_error") from None
-        from pydantic import ValidationError
-
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as e:
-            raise RequestValidationError(e.errors()) from None
+        req = await read_request(request, CompletionRequest)
         if req.stream_options is not None and not req.stream:
             raise APIError(400, "stream_options is only allowed when stream is true", "invalid_request_error")
         check_model(req.model)
         check_capacity()
         request_id = f"cmpl-{uuid.uuid4().hex[:24]}"
         if isinstance(req.prompt, list):
-            if tokenizer is None and req.suffix:
-                raise APIError(422, "suffix needs a tokenizer", "invalid_request_error")
+            if req.suffix is not None:
+                raise APIError(422, "invalid parameter 'suffix': fill-in-the-middle needs a text prompt, not token ids",
+                               "invalid_request_error")
+            if any(t < 0 or t >= engine.config.vocab_size for t in req.prompt):  # before anything decodes them
+                raise APIError(422, f"invalid parameter 'prompt': token ids must be in [0, {engine.config.vocab_size})",
+                               "invalid_request_error")
             prompt_ids = list(req.prompt)
             prompt_text = tokenizer.decode(prompt_ids) if tokenizer else ""
         else:

@@ -6,9 +6,58 @@ value out of range is a 422 whose message names the parameter and the allowed ra
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+
+MAX_JSON_DEPTH = 32  # the deepest a valid request nests is ~5 (messages -> parts -> part)
+_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_BRACKETS = re.compile(r"[\[\]{}]")
+SEED_RANGE = dict(ge=-(1 << 63), lt=1 << 64)  # what a 64-bit generator takes
+
+
+class BadRequest(ValueError):
+    """A body that is not a well-formed request: a 400 whose message says why."""
+
+
+def parse_json(raw: bytes) -> dict:
+    """The request body as a JSON object, or BadRequest: not UTF-8 or not JSON, integers past Python's digit
+    limit, nesting deeper than MAX_JSON_DEPTH (checked before parsing: a 400,000-deep array must not reach
+    the recursive parser), lone UTF-16 surrogates (they cannot be encoded for the tokenizer)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BadRequest("request body is not valid UTF-8") from None
+    depth = 0
+    for bracket in _BRACKETS.findall(_STRINGS.sub("", text)):  # nesting outside strings, at C speed per string
+        depth += 1 if bracket in "[{" else -1
+        if depth > MAX_JSON_DEPTH:
+            raise BadRequest(f"request body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        body = json.loads(text)
+    except ValueError as e:  # JSONDecodeError, or an integer longer than Python converts
+        raise BadRequest(f"request body is not valid JSON ({str(e).split(':')[0]})") from None
+    if not isinstance(body, dict):
+        raise BadRequest("request body must be a JSON object")
+    _refuse_lone_surrogates(body)
+    return body
+
+
+def _refuse_lone_surrogates(value) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise BadRequest("request body holds a lone UTF-16 surrogate (e.g. \\ud800): send valid Unicode") from None
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_lone_surrogates(k)
+            _refuse_lone_surrogates(v)
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_lone_surrogates(v)
 
 
 class ChatMessage(BaseModel):
@@ -16,15 +65,27 @@ class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "developer"]
     content: str | list[dict] | None = ""
 
+    @field_validator("content")
+    @classmethod
+    def _text_parts_only(cls, content):
+        if isinstance(content, list):
+            for part in content:
+                if part.get("type") != "text":
+                    raise ValueError(f"content part type {part.get('type')!r} is not supported: this model reads "
+                                     "text parts only")
+                if not isinstance(part.get("text"), str):
+                    raise ValueError("a text content part needs 'text' to be a string")
+        return content
+
     def text(self) -> str:
-        if isinstance(self.content, list):  # content parts: keep the text ones
-            return "".join(p.get("text", "") for p in self.content if p.get("type") == "text")
+        if isinstance(self.content, list):
+            return "".join(p["text"] for p in self.content)
         return self.content or ""
 
 
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    include_usage: bool = False
+    include_usage: StrictBool = False
 
 
 class ResponseFormat(BaseModel):
@@ -35,41 +96,42 @@ class ResponseFormat(BaseModel):
 class SamplingFields(BaseModel):
     model_config = ConfigDict(extra="ignore")
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     stop: str | list[str] | None = None
-    n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
-    stream: bool = False
+    n: StrictInt = Field(default=1, ge=1, le=16)
+    seed: StrictInt | None = Field(default=None, **SEED_RANGE)
+    stream: StrictBool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     # vLLM's extra sampling parameters (OpenAI clients send them through `extra_body`).
-    top_k: int = Field(default=-1, ge=-1)
+    top_k: StrictInt = Field(default=-1, ge=-1)
     min_p: float = Field(default=0.0, ge=0.0, le=1.0)
     repetition_penalty: float = Field(default=1.0, gt=0.0)
-    min_tokens: int = Field(default=0, ge=0)
-    ignore_eos: bool = False
+    min_tokens: StrictInt = Field(default=0, ge=0)
+    ignore_eos: StrictBool = False
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
+    logprobs: StrictBool = False
+    top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
     tools: list | None = None
     tool_choice: str | dict | None = None
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] = Field(min_length=1)
-    suffix: str | None = None
-    logprobs: int | None = Field(default=None, ge=0, le=20)
-    echo: bool = False
+    prompt: StrictStr | list[StrictInt] = Field(min_length=1)
+    suffix: StrictStr | None = None
+    logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
+    echo: StrictBool = False
 
 
 def error_body(message: str, type_: str, code: str | int | None = None) -> dict:
     return {"error": {"message": message, "type": type_, "code": code}}
+
