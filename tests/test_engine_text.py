@@ -36,6 +36,13 @@ def test_partial_suffix_len():
     assert partial_suffix_len("abcST", ["STOP", "T!"]) == 2
 
 
+@given(st.text("ab", max_size=12), st.lists(st.text("abc", min_size=1, max_size=8), max_size=4))
+def test_partial_suffix_len_is_the_longest_suffix_that_starts_a_stop(text, stops):
+    expected = max([k for p in stops for k in range(1, min(len(p) - 1, len(text)) + 1) if text.endswith(p[:k])],
+                   default=0)
+    assert partial_suffix_len(text, stops) == expected
+
+
 @given(st.text(alphabet="ab<>/thinkx ", max_size=40))
 def test_reasoning_split_streaming_prefixes_never_take_text_back(text):
     final_r, final_c = split_reasoning(text, True, final=True)

@@ -147,6 +147,9 @@ MALFORMED = {  # name -> (route, raw JSON body, status): each once answered 500
     "stream as a string": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "stream": "yes"}', 422),
     "seed as a bool": ("chat", '{"messages": [{"role": "user", "content": "hi"}], "seed": true}', 422),
     "suffix with token ids": ("completions", '{"prompt": [5, 6], "suffix": "x"}', 422),
+    "17 stop strings": ("chat", json.dumps({"messages": MSG, "stop": [f"s{i}" for i in range(17)]}), 422),
+    "a 257-character stop": ("completions", json.dumps({"prompt": "hi", "stop": "x" * 257}), 422),
+    "2049 messages": ("chat", json.dumps({"messages": MSG * 2049}), 422),
 }
 
 
@@ -161,6 +164,24 @@ def test_malformed_requests_get_a_clear_4xx(server, case):
     assert set(error) == {"message", "type", "code"} and error["type"] == "invalid_request_error" and error["message"]
     t = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 2}, timeout=30)
     assert t.status_code == 200 and t.elapsed.total_seconds() < 1
+
+
+def test_a_large_request_never_stalls_the_event_loop(server):
+    """Parsing, validation, the chat template and tokenization of a near-limit request run off the loop."""
+    import threading
+
+    base, _, _ = server
+    big = {"messages": [{"role": "user", "content": "a " * 220} for _ in range(2000)], "max_tokens": 1}
+    done = []
+    sender = threading.Thread(target=lambda: done.append(httpx.post(base + "/v1/chat/completions", json=big,
+                                                                    timeout=60)))
+    sender.start()
+    worst = 0.0
+    while sender.is_alive():
+        worst = max(worst, httpx.get(base + "/health", timeout=10).elapsed.total_seconds())
+    sender.join()
+    assert done[0].status_code in (200, 422), done[0].text[:200]  # too long for the context is a clear 422
+    assert worst < 0.5
 
 
 def test_logprobs_and_json_mode(server):
@@ -370,6 +391,27 @@ def test_an_output_rule_of_unbounded_length_is_refused(tmp_path):
     (tmp_path / "policy.toml").write_text('[[output]]\nname = "ids"\npattern = "id-\\\\d+"\n')
     with pytest.raises(ConfigError, match=r"output rule ids can match text of any length.*\\w\{1,40\}"):
         Policy.from_file(tmp_path / "policy.toml")
+
+
+def test_policy_patterns_run_in_linear_time(chat_checkpoint, tmp_path):
+    (tmp_path / "bad.toml").write_text('[[input]]\nname = "ahead"\npattern = "secret(?=!)"\n')
+    with pytest.raises(ConfigError, match="rule ahead pattern is not valid RE2.*lookaround"):
+        Policy.from_file(tmp_path / "bad.toml")
+    # The pattern that stalled the event loop 6.3 s on 26 characters under Python's backtracking engine.
+    (tmp_path / "policy.toml").write_text('[[input]]\nname = "as"\npattern = "(a+)+$"\n'
+                                          '[[output]]\nname = "bs"\npattern = "b{1,4}c"\n')
+    policy = Policy.from_file(tmp_path / "policy.toml")
+    directory, _ = chat_checkpoint("deepseek_v3")
+    with live_server(directory, ServeConfig(policy=policy)) as (base, _, _):
+        hostile = "a" * 26 + "!"
+        r = httpx.post(base + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": hostile * 50}], "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200 and r.elapsed.total_seconds() < 2
+        r = httpx.post(base + "/v1/chat/completions",
+                       json={"messages": [{"role": "user", "content": "aaaa"}], "max_tokens": 2})
+        assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+    assert policy.check_output("x" * 10 + "bbbbc", searched=12) == (policy.output_rules[0], 10)
+    assert policy.check_output("bbbc" + "x" * 30, searched=30) is None  # already searched: not re-reported
 
 
 def test_policy_system_prompt_goes_first_and_keeps_the_clients_own(chat_checkpoint, tmp_path):

@@ -72,11 +72,19 @@ def find_stop(text: str, stops: list[str], searched_up_to: int) -> tuple[int, st
 def partial_suffix_len(text: str, patterns: list[str]) -> int:
     """Length of the longest suffix of `text` that is a proper prefix of some pattern: text to hold back."""
     longest = 0
+    last = text[-1:]
+    if not last:
+        return 0
     for p in patterns:
-        for k in range(min(len(p) - 1, len(text)), longest, -1):
+        k = min(len(p) - 1, len(text))
+        while k > longest:
+            k = p.rfind(last, 0, k) + 1  # only prefixes ending in the text's last character can match
+            if k <= longest:
+                break
             if text.endswith(p[:k]):
                 longest = k
                 break
+            k -= 1
     return longest
 
 

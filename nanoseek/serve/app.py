@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
@@ -137,12 +138,13 @@ async def read_request(request: Request, model):
     """The body parsed (protocol.parse_json: 400 on malformed input) and validated as `model` (422)."""
     from pydantic import ValidationError
 
-    try:
-        body = parse_json(await request.body())
+    raw = await request.body()
+    try:  # parsing and validating a 1 MB body is work for a worker thread, not the event loop
+        body = await run_in_threadpool(parse_json, raw)
     except BadRequest as e:
         raise APIError(400, str(e), "invalid_request_error") from None
     try:
-        return model.model_validate(body)
+        return await run_in_threadpool(model.model_validate, body)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
 
@@ -278,6 +280,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
             self.finish: str | None = None
             self.rule = None
             self.text = ""
+            self.searched = 0  # output-rule search covered the text before this index
             self.logprobs_sent = 0
             self.reported = False  # its finish_reason was sent (streaming)
 
@@ -285,7 +288,8 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
             text = o.text
             final = final_engine or o.finished
             if policy and policy.output_rules and self.finish is None:
-                hit = policy.check_output(text)
+                hit = policy.check_output(text, self.searched)
+                self.searched = len(text)
                 if hit:
                     self.rule, cut = hit
                     text, final = text[:cut], True
@@ -375,8 +379,10 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
         if policy and policy.system_prompt:
             messages = policy.with_system_prompt(messages, request_id)
             interventions.append(SYSTEM_PROMPT)
-        prompt_text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        prompt_ids = tokenizer.encode(prompt_text, add_special_tokens=False)
+        # Template and tokenizer work scale with the request: a worker thread, never the event loop.
+        prompt_text = await run_in_threadpool(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                              tokenize=False)
+        prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)
         processors = []
         if req.response_format and req.response_format.type == "json_object":
             processors = [JsonObjectProcessor(tokenizer, engine.eos_ids)]
@@ -386,7 +392,7 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
         params = sampling(req, len(prompt_ids), top, processors)
         created = int(time.time())
         model = req.model or config.model_name
-        blocked = input_filter("\n".join(m["content"] for m in messages), request_id)
+        blocked = await run_in_threadpool(input_filter, "\n".join(m["content"] for m in messages), request_id)
         interventions += [blocked] if blocked else []
         headers = {"X-Nanoseek-Policy": policy.header(*interventions)} if interventions else {}
         from ..engine.text import starts_in_reasoning
@@ -530,12 +536,12 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                                         "tokens", "invalid_request_error", "fim_unsupported")
                 begin, hole, end = FIM_TOKENS
                 prompt_text = f"{begin}{req.prompt}{hole}{req.suffix}{end}"
-            prompt_ids = tokenizer.encode(prompt_text)
+            prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text)
         if any(t < 0 or t >= engine.config.vocab_size for t in prompt_ids):
             raise APIError(422, f"invalid parameter 'prompt': token ids must be in [0, {engine.config.vocab_size})",
                            "invalid_request_error")
         params = sampling(req, len(prompt_ids), req.logprobs, [])
-        blocked = input_filter(prompt_text, request_id)
+        blocked = await run_in_threadpool(input_filter, prompt_text, request_id)
         headers = {"X-Nanoseek-Policy": policy.header(blocked)} if blocked else {}
         created = int(time.time())
         model = req.model or config.model_name

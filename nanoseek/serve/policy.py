@@ -24,7 +24,9 @@ The policy's system prompt comes first; a client's own system messages follow it
 policy changed this way carries the header `<policy>/system_prompt` and one audit entry (action `prepended`,
 or `merged` when the client sent a system message of its own).
 
-Patterns are Python regular expressions. An input rule that fires answers at once with finish_reason
+Patterns are RE2 regular expressions (google-re2): matching takes time linear in the text whatever the pattern,
+so an operator's `(a+)+$` cannot stall the server; constructs RE2 cannot run that way (lookaround,
+backreferences) are refused when the policy loads. An input rule that fires answers at once with finish_reason
 `content_filter`; an output rule cuts the answer before the match, so blocked text never reaches a client
 (streamed text is held back until it can no longer become part of a match: by `holdback_chars`, or by the
 longest text an output rule can match where that is longer). An output rule must therefore match text of
@@ -37,13 +39,14 @@ intervention is appended to the audit log as one JSON line (time, request id, ru
 from __future__ import annotations
 
 import json
-import re
-import re._parser as re_parser  # the stdlib's own regex parser: the widest text a pattern can match
+import re._parser as re_parser  # the stdlib's regex parser, for one question: the widest text a pattern can match
 import threading
 import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import re2
 
 from ..errors import ConfigError
 
@@ -51,17 +54,21 @@ from ..errors import ConfigError
 @dataclass
 class Rule:
     name: str
-    pattern: re.Pattern
+    pattern: "re2._Regexp"
+    widest: int | None = None  # the most characters a match can span (None: unbounded)
 
 
-def widest_match(pattern: re.Pattern) -> int | None:
-    """The most characters `pattern` can match, or None where a repeat is unbounded."""
-    widest = re_parser.parse(pattern.pattern, pattern.flags).getwidth()[1]
+def widest_match(pattern: str) -> int | None:
+    """The most characters `pattern` can match, or None where a repeat is unbounded (or Python cannot parse it)."""
+    try:
+        widest = re_parser.parse(pattern).getwidth()[1]
+    except Exception:  # RE2 syntax Python's parser lacks: treat as unbounded
+        return None
     return None if widest >= re_parser.MAXREPEAT else widest
 
 
 # Not a pattern rule: names the system-prompt intervention in headers and the audit log.
-SYSTEM_PROMPT = Rule("system_prompt", re.compile(r"(?!)"))
+SYSTEM_PROMPT = Rule("system_prompt", None, 0)
 
 
 @dataclass
@@ -95,10 +102,11 @@ class Policy:
                     raise ConfigError(f"policy {path}: [[{kind}]] rule {i + 1} has no pattern")
                 name = r.get("name", f"{kind}-{i + 1}")
                 try:
-                    out.append(Rule(name, re.compile(r["pattern"])))
-                except re.error as e:
-                    raise ConfigError(f"policy {path}: rule {name} pattern is invalid ({e})") from None
-                if kind == "output" and widest_match(out[-1].pattern) is None:
+                    out.append(Rule(name, re2.compile(r["pattern"]), widest_match(r["pattern"])))
+                except re2.error as e:
+                    raise ConfigError(f"policy {path}: rule {name} pattern is not valid RE2 ({e}): lookaround and "
+                                      "backreferences are refused, they cannot run in linear time") from None
+                if kind == "output" and out[-1].widest is None:
                     raise ConfigError(f"policy {path}: output rule {name} can match text of any length, so no "
                                       "hold-back keeps it from streaming: bound its repeats (e.g. \\w{1,40} for \\w+)")
             return out
@@ -116,11 +124,13 @@ class Policy:
     def check_input(self, text: str) -> Rule | None:
         return next((r for r in self.input_rules if r.pattern.search(text)), None)
 
-    def check_output(self, text: str) -> tuple[Rule, int] | None:
-        """The first output rule matching `text`, with the index where its match starts."""
+    def check_output(self, text: str, searched: int = 0) -> tuple[Rule, int] | None:
+        """The first output rule matching `text`, with the index where its match starts. Text before `searched`
+        was checked already: a new match must end past it, so it starts at most `widest` characters earlier
+        (each step searches the held-back tail, not the whole answer again)."""
         best = None
         for r in self.output_rules:
-            m = r.pattern.search(text)
+            m = r.pattern.search(text, max(0, searched - r.widest))
             if m and (best is None or m.start() < best[1]):
                 best = (r, m.start())
         return best
@@ -128,7 +138,7 @@ class Policy:
     @property
     def holdback(self) -> int:
         """Characters of streamed text held back: enough for the longest text an output rule can match."""
-        return max([self.holdback_chars] + [widest_match(r.pattern) or 0 for r in self.output_rules])
+        return max([self.holdback_chars] + [r.widest for r in self.output_rules])
 
     def visible(self, text: str, final: bool) -> str:
         """Text safe to stream now: without output rules, all of it; otherwise all but the last `holdback`."""

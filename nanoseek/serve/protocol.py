@@ -16,6 +16,8 @@ MAX_JSON_DEPTH = 32  # the deepest a valid request nests is ~5 (messages -> part
 _STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
 _BRACKETS = re.compile(r"[\[\]{}]")
 SEED_RANGE = dict(ge=-(1 << 63), lt=1 << 64)  # what a 64-bit generator takes
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # DeepSeek's API takes up to 16 stop sequences
+MAX_MESSAGES = 2048
 
 
 class BadRequest(ValueError):
@@ -101,7 +103,7 @@ class SamplingFields(BaseModel):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
     presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    stop: str | list[str] | None = None
+    stop: StrictStr | list[StrictStr] | None = None
     n: StrictInt = Field(default=1, ge=1, le=16)
     seed: StrictInt | None = Field(default=None, **SEED_RANGE)
     stream: StrictBool = False
@@ -114,9 +116,19 @@ class SamplingFields(BaseModel):
     min_tokens: StrictInt = Field(default=0, ge=0)
     ignore_eos: StrictBool = False
 
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, stop):
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > MAX_STOP_STRINGS:
+            raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
+        if any(len(x) > MAX_STOP_CHARS for x in stops):
+            raise ValueError(f"each stop string at most {MAX_STOP_CHARS} characters")
+        return stop
+
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessage] = Field(min_length=1)
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
