@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
@@ -244,7 +245,7 @@ def test_disconnects_abort_the_request_and_free_every_block(server):
         await asyncio.gather(*(disconnect_midway(i % 2 == 0) for i in range(6)))
 
     asyncio.run(run())
-    assert wait_until(lambda: llm.engine.blocks.num_free == free and not llm.engine.requests, timeout=10), \
+    assert wait_until(lambda: llm.engine.blocks.num_free == free and not llm.engine.requests, timeout=1.0), \
         (llm.engine.blocks.num_free, free, list(llm.engine.requests))
     after = llm.engine.stats()
     assert after["requests_aborted"] - before["requests_aborted"] == 6
@@ -452,6 +453,35 @@ def test_sigterm_shuts_down_cleanly(chat_checkpoint):
         out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err[-2000:]
     assert "Traceback" not in err
+
+
+def test_sigterm_lets_in_flight_requests_finish_and_refuses_new_ones(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    port = free_port()
+    with procs.spawn([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port),
+                      "--kv-cache-memory", "64MiB", "--shutdown-grace", "60"], stdout=subprocess.PIPE,
+                     stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"}) as proc:
+        base = f"http://127.0.0.1:{port}"
+        assert wait_until(lambda: _up(base), timeout=60)
+        body = {"messages": MSG, "max_tokens": 300, "ignore_eos": True, "temperature": 1.0, "stream": True,
+                "stream_options": {"include_usage": True}}
+        events = []
+        with httpx.stream("POST", base + "/v1/chat/completions", json=body, timeout=60) as s:
+            for line in s.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if len(events) == 5:
+                        proc.send_signal(signal.SIGTERM)  # mid-answer
+                        time.sleep(0.3)
+                        try:  # nothing new is taken on while draining
+                            refused = httpx.post(base + "/v1/chat/completions", json={"messages": MSG}).status_code
+                        except httpx.HTTPError:
+                            refused = "connection refused"
+                        assert refused in (503, "connection refused")
+        out, err = proc.communicate(timeout=60)
+    assert events[-1]["usage"]["completion_tokens"] == 300  # the in-flight answer ran to its end
+    assert [e["choices"][0]["finish_reason"] for e in events if e["choices"]][-1] == "length"
+    assert proc.returncode == 0 and "Traceback" not in err
 
 
 def _up(base):

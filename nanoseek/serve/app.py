@@ -11,6 +11,7 @@ engine's outputs, never from engine internals.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -41,8 +42,6 @@ log = logging.getLogger("nanoseek.serve")
 WEB_DIR = Path(__file__).parent / "web"
 OPEN_PATHS = ("/health", "/", "/index.html", "/favicon.ico")
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
-# How often a request whose tokens keep coming asks whether its client is still connected.
-DISCONNECT_CHECK_SECONDS = 0.25
 
 
 @dataclass
@@ -147,6 +146,12 @@ async def read_request(request: Request, model):
         return await run_in_threadpool(model.model_validate, body)
     except ValidationError as e:
         raise RequestValidationError(e.errors()) from None
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already: the next ASGI message is the hang-up)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def sse_errors(events):
@@ -304,35 +309,34 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
 
     async def run_request(request: Request, prompt, params: SamplingParams, request_id: str):
         """Engine outputs of one request, with None whenever `keepalive_seconds` pass without one (a chance to
-        send keep-alives). Checks for a disconnected client while idle and every DISCONNECT_CHECK_SECONDS
-        while tokens flow (a non-streaming client that hangs up is noticed only by asking), and aborts the
-        request (freeing its blocks) whenever iteration stops early: disconnect, cancellation, policy cut."""
+        send keep-alives). A task listens for the client's http.disconnect the whole time, so a client that
+        hangs up (streaming or not) ends the request at once; iteration stopping early for any reason
+        (disconnect, cancellation, policy cut) aborts the request, freeing its blocks."""
         try:
             stream = llm.submit(prompt, params, request_id)
         except EngineDeadError:
             raise APIError(503, "the engine is not running", "service_unavailable", "engine_dead") from None
         except InvalidRequestError as e:
             raise APIError(422, str(e), "invalid_request_error") from None
+        gone = asyncio.create_task(client_gone(request))
         try:
-            checked = time.monotonic()
             while True:
+                pending = asyncio.ensure_future(stream.next(timeout=config.keepalive_seconds))
+                await asyncio.wait({pending, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    pending.cancel()
+                    return
                 try:
-                    out = await stream.next(timeout=config.keepalive_seconds)
+                    out = pending.result()
                 except RequestFailedError as e:
                     log.error("request %s failed inside the engine: %s", request_id, e)
                     raise APIError(500, f"generation failed inside the engine ({e}); other requests are unaffected, "
                                         "retry this one", "server_error", "engine_fault") from None
-                if out is None or time.monotonic() - checked > DISCONNECT_CHECK_SECONDS:
-                    checked = time.monotonic()
-                    if await request.is_disconnected():
-                        return
-                if out is None:
-                    yield None
-                    continue
                 yield out
-                if out.finished:
+                if out is not None and out.finished:
                     return
         finally:
+            gone.cancel()
             stream.close()
 
     async def collect(request: Request, prompt_ids, params, request_id: str, choices: list, headers: dict):
