@@ -463,3 +463,37 @@ def test_prefix_blocks_are_keyed_by_a_cryptographic_chain():
     assert first == hashlib.blake2b(bytes(32) + array("q", [1, 2, 3]).tobytes(), digest_size=32).digest()
     # The same block after different parents is a different key: a hit implies the whole prefix matched.
     assert chain_hash(first, (4, 5)) != chain_hash(chain_hash(None, (1, 2, 4)), (4, 5))
+
+
+def test_a_fault_in_a_batch_is_pinned_on_the_request_that_causes_it(hf_checkpoint, monkeypatch):
+    directory, hf = hf_checkpoint("llama")
+    prompts = _prompts(lengths=(5, 13, 22))
+    expected = _reference(hf, prompts)
+    for fault in ("always with b", "once"):
+        llm = LLM(directory)
+        engine = llm.engine
+        real_run, fired = engine.runner.run, []
+
+        def faulty(plan):
+            bad = any(item.seq.request.request_id == "b" for item in plan)
+            if (fault == "always with b" and bad) or (fault == "once" and not fired):
+                fired.append(len(plan))
+                raise RuntimeError("injected fault")
+            return real_run(plan)
+
+        monkeypatch.setattr(engine.runner, "run", faulty)
+        for request_id, prompt in zip("abc", prompts):
+            engine.add(engine.make_request(prompt, GREEDY, request_id))
+        outputs = {}
+        while engine.has_unfinished():
+            for out in engine.step():
+                if out.finished:
+                    outputs[out.request_id] = out
+        assert fired[0] == 3  # the fault first hit a batch of all three
+        if fault == "always with b":  # the culprit alone fails; the others answer as if nothing happened
+            assert outputs["b"].error and outputs["b"].outputs[0].finish_reason == "error"
+            assert [outputs[r].outputs[0].token_ids for r in "ac"] == [expected[0], expected[2]]
+        else:  # a one-off fault costs a recomputation, not an answer
+            assert not any(o.error for o in outputs.values())
+            assert [outputs[r].outputs[0].token_ids for r in "abc"] == expected
+        assert engine.blocks.num_free == engine.blocks.num_blocks and not engine.suspects

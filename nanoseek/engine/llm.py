@@ -106,6 +106,7 @@ class LLMEngine:
             eos = json.loads((Path(source) / "generation_config.json").read_text()).get("eos_token_id")
             self.eos_ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         self.reasoning = self.tokenizer is not None and self.tokenizer.token_to_id(THINK_CLOSE) is not None
+        self.suspects: dict[str, Request] = {}  # requests in a batch that faulted, each to be run alone
         self.totals = {"prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "generation_tokens": 0, "requests": 0,
                        "requests_aborted": 0, "requests_failed": 0}
 
@@ -192,17 +193,42 @@ class LLMEngine:
         outputs)."""
         with self.lock:
             outputs, self._finished_outputs = self._finished_outputs, []
-            plan = self.scheduler.schedule()
+            for request_id in [r for r in self.suspects if r not in self.requests]:
+                del self.suspects[request_id]
+            suspect = next(iter(self.suspects.values()), None)
+            plan = self.scheduler.schedule(only=suspect)
+            if not plan and suspect is not None:  # no room for it alone now: back to normal batches
+                self.suspects.clear()
+                plan = self.scheduler.schedule()
             if not plan:
                 return outputs
             try:
-                return outputs + self._run_plan(plan, finished_only)
+                outputs += self._run_plan(plan, finished_only)
             except Exception as e:
-                # A fault inside the step: the requests of this batch end with finish_reason "error" (their
-                # state is unknown now) and free their blocks; the engine and every other request go on.
-                failed = list({item.seq.request.request_id: item.seq.request for item in plan}.values())
-                log.exception("engine step failed; failing request(s) %s", ", ".join(r.request_id for r in failed))
-                return outputs + [self._fail(request, f"{type(e).__name__}: {e}") for request in failed]
+                return outputs + self._after_fault(plan, e)
+            if suspect is not None:  # it ran alone without fault: not the cause
+                self.suspects.pop(suspect.request_id, None)
+            return outputs
+
+    def _after_fault(self, plan, error: Exception) -> list[RequestOutput]:
+        """A fault inside a step. A request that ran alone when it happened caused it: it ends with
+        finish_reason "error" and frees its blocks. A batch of several is not condemned together: each request is
+        recomputed alone (its sequences preempted) until the one that faults again is found; a one-off fault
+        thus costs a recomputation, not anyone's answer. The engine goes on either way."""
+        failed = list({item.seq.request.request_id: item.seq.request for item in plan}.values())
+        if len(failed) == 1:
+            request = failed[0]
+            log.error("engine step failed on request %s alone: failing it", request.request_id, exc_info=error)
+            self.suspects.pop(request.request_id, None)
+            return [self._fail(request, f"{type(error).__name__}: {error}")]
+        log.warning("engine step failed on a batch of %d requests: running each alone to find the cause",
+                    len(failed), exc_info=error)
+        for request in failed:
+            self.suspects[request.request_id] = request
+            for seq in request.seqs:
+                if not seq.finished and seq in self.scheduler.running:
+                    self.scheduler.preempt(seq)
+        return []
 
     def _fail(self, request: Request, error: str) -> RequestOutput:
         request.error = error

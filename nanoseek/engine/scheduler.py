@@ -68,13 +68,18 @@ class Scheduler:
         for seq in reversed(list(self.running)):
             self.preempt(seq)
 
-    def schedule(self) -> list[ScheduledSeq]:
+    def schedule(self, only=None) -> list[ScheduledSeq]:
+        """The next batch. With `only` (a Request), the batch holds that request's sequences alone: the engine
+        runs a request suspected of a fault by itself, so a fault is pinned on the request that causes it."""
         budget = self.max_num_batched_tokens
         plan: list[ScheduledSeq] = []
         preempted = False
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if only is not None and seq.request is not only:
+                i += 1
+                continue
             n = min(len(seq.token_ids) - seq.num_computed, budget)
             while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]
@@ -90,15 +95,15 @@ class Scheduler:
             i += 1
         # Admit waiting sequences only when nothing had to be preempted: room is scarce otherwise.
         while not preempted and self.waiting and budget > 0:
-            seq = self.waiting[0]
-            if self._slots_in_use() + self._slots_needed(seq) > self.max_num_seqs:
+            seq = next((s for s in self.waiting if only is None or s.request is only), None)
+            if seq is None or self._slots_in_use() + self._slots_needed(seq) > self.max_num_seqs:
                 break
             prefix = self.blocks.cached_prefix(seq.token_ids)
             cached = len(prefix) * self.blocks.block_size
             n = min(len(seq.token_ids) - cached, budget)
             if self.blocks.admission_cost(prefix, cached + n) > self.blocks.num_free:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             self.blocks.admit_prefix(prefix, seq.block_table)
             seq.num_computed = cached
             self.blocks.grow(seq.block_table, cached + n)
