@@ -299,7 +299,9 @@ def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
                 await asyncio.sleep(0.3)
                 lines = []
                 async with c.stream("POST", "/v1/chat/completions", json={**long, "stream": True}) as r:
-                    async for line in r.aiter_lines():
+                    # Held in a name: a dropped line iterator is finalized, which closes the stream (a hang-up).
+                    stream_lines = r.aiter_lines()
+                    async for line in stream_lines:
                         lines.append(line)
                         if line.startswith(": keep-alive") and len(lines) > 3:
                             break
@@ -311,7 +313,10 @@ def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
                         if stats["num_running"] == 1 and stats["num_waiting"] == 1:
                             break
                         await asyncio.sleep(0.05)
-                    full = await c.post("/v1/chat/completions", json=long)
+                    stats = llm.engine.stats()
+                    assert (stats["num_running"], stats["num_waiting"]) == (1, 1), (stats, first.done() and
+                                                                                     first.result().text[:300])
+                    full = await c.post("/v1/chat/completions", json=long, timeout=10)
                 first.cancel()
                 return lines, full
 

@@ -81,88 +81,96 @@ class JsonPrefix:
             self.done = True
 
     def feed(self, ch: str) -> bool:
+        """Whether `ch` keeps the text a prefix of a JSON object (and takes it if so)."""
         if self.done:
             return ch in _WS
         m = self.mode
-        if m == "string" or m == "key":
-            if self.unicode:
-                if ch not in _HEX:
-                    return False
-                self.unicode -= 1
-                return True
-            if self.escape:
-                if ch == "u":
-                    self.unicode = 4
-                elif ch not in '"\\/bfnrt':
-                    return False
-                self.escape = False
-                return True
-            if ch == "\\":
-                self.escape = True
-                return True
-            if ch == '"':
-                if m == "key":
-                    self.mode = "after_key"
-                else:
-                    self._close_value()
-                return True
-            return ord(ch) >= 0x20
+        if m in ("string", "key"):
+            return self._feed_string(ch, m)
         if m == "number":
-            if self._number_prefix_ok(self.number + ch):
-                self.number += ch
-                return True
-            if not self._number_complete(self.number):
-                return False
-            self.number = ""
-            self._close_value()
-            return self.feed(ch)
+            return self._feed_number(ch)
         if m == "literal":
-            if ch != self.literal[0]:
-                return False
-            self.literal = self.literal[1:]
-            if not self.literal:
-                self._close_value()
-            return True
+            return self._feed_literal(ch)
         if ch in _WS:  # whitespace is free between tokens
             return True
-        if m == "value" or m == "first_value":
-            if not self.started:
-                self.started = True
-                if ch != "{":  # json_object mode: the document is an object
-                    return False
-            if ch == "{":
-                self.stack.append("{")
-                self.mode = "key_or_end"
-                return True
-            if ch == "[":
-                self.stack.append("[")
-                self.mode = "first_value"
-                return True
-            if ch == "]" and m == "first_value":
-                self.stack.pop()
+        if m in ("value", "first_value"):
+            return self._feed_value(ch, m)
+        return self._feed_structure(ch, m)
+
+    def _feed_string(self, ch: str, m: str) -> bool:
+        if self.unicode:
+            if ch not in _HEX:
+                return False
+            self.unicode -= 1
+            return True
+        if self.escape:
+            if ch == "u":
+                self.unicode = 4
+            elif ch not in '"\\/bfnrt':
+                return False
+            self.escape = False
+            return True
+        if ch == "\\":
+            self.escape = True
+            return True
+        if ch == '"':
+            if m == "key":
+                self.mode = "after_key"
+            else:
                 self._close_value()
-                return True
-            if ch == '"':
-                self.mode = "string"
-                return True
-            if ch in "-0123456789":
-                self.mode, self.number = "number", ch
-                return True
-            for word in ("true", "false", "null"):
-                if ch == word[0]:
-                    self.mode, self.literal = "literal", word[1:]
-                    return True
+            return True
+        return ord(ch) >= 0x20
+
+    def _feed_number(self, ch: str) -> bool:
+        if self._number_prefix_ok(self.number + ch):
+            self.number += ch
+            return True
+        if not self._number_complete(self.number):
             return False
-        if m == "key_or_end":
-            if ch == "}":
-                self.stack.pop()
-                self._close_value()
-                return True
-            if ch == '"':
-                self.mode = "key"
-                return True
+        self.number = ""
+        self._close_value()
+        return self.feed(ch)
+
+    def _feed_literal(self, ch: str) -> bool:
+        if ch != self.literal[0]:
             return False
-        if m == "key_expected":
+        self.literal = self.literal[1:]
+        if not self.literal:
+            self._close_value()
+        return True
+
+    def _feed_value(self, ch: str, m: str) -> bool:
+        if not self.started:
+            self.started = True
+            if ch != "{":  # json_object mode: the document is an object
+                return False
+        if ch in "{[":
+            self.stack.append(ch)
+            self.mode = "key_or_end" if ch == "{" else "first_value"
+            return True
+        if ch == "]" and m == "first_value":
+            self.stack.pop()
+            self._close_value()
+            return True
+        if ch == '"':
+            self.mode = "string"
+            return True
+        if ch in "-0123456789":
+            self.mode, self.number = "number", ch
+            return True
+        for word in ("true", "false", "null"):
+            if ch == word[0]:
+                self.mode, self.literal = "literal", word[1:]
+                return True
+        return False
+
+    def _feed_structure(self, ch: str, m: str) -> bool:
+        """Between tokens: a key, a colon, a comma or a closing bracket."""
+        if m == "key_or_end" and ch == "}":
+            self.stack.pop()
+            self._close_value()
+            return True
+        if m in ("key_or_end", "key_expected"):
             if ch == '"':
                 self.mode = "key"
                 return True
@@ -181,7 +189,6 @@ class JsonPrefix:
                 self.stack.pop()
                 self._close_value()
                 return True
-            return False
         return False
 
     def feed_text(self, text: str) -> bool:

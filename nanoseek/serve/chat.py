@@ -1,0 +1,186 @@
+"""POST /v1/chat/completions: messages -> the chat template -> the engine, answered as one JSON body or as
+server-sent events, with DeepSeek's reasoning_content and usage fields."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from ..engine.text import starts_in_reasoning
+from .errors import APIError
+from .json_mode import JsonObjectProcessor
+from .policy import SYSTEM_PROMPT
+from .protocol import ChatCompletionRequest
+from .service import Choice, Service, logprobs_content, read_request, sse_errors
+
+ROUTE = "/v1/chat/completions"
+
+
+@dataclass
+class Prepared:
+    req: ChatCompletionRequest
+    request_id: str
+    prompt_ids: list[int]
+    params: object
+    blocked: object  # the input rule that fired, or None
+    headers: dict
+    reasoning_start: bool
+    created: int
+    model: str
+
+
+async def chat(service: Service, request: Request):
+    req = await read_request(request, ChatCompletionRequest)
+    p = await prepare(service, req)
+    service.metrics.requests_started.inc()
+    if req.stream:
+        return StreamingResponse(sse_errors(stream(service, request, p)), media_type="text/event-stream",
+                                 headers=p.headers)
+    if p.blocked:
+        service.metrics.requests.labels(ROUTE, "200").inc()
+        choices = [{"index": i, "message": {"role": "assistant", "content": "", "reasoning_content": None},
+                    "logprobs": None, "finish_reason": "content_filter"} for i in range(req.n)]
+        return JSONResponse(body(service, p, choices, empty_usage(p)), headers=p.headers)
+    return await answer(service, request, p)
+
+
+async def prepare(service: Service, req: ChatCompletionRequest) -> Prepared:
+    """Checks, the policy's system prompt, the template and tokenizer (on a worker thread), sampling parameters."""
+    if req.stream_options is not None and not req.stream:
+        raise APIError(400, "stream_options is only allowed when stream is true", "invalid_request_error")
+    if req.tools:
+        raise APIError(422, "invalid parameter 'tools': tool calling is not supported yet", "invalid_request_error")
+    service.check_model(req.model)
+    service.check_capacity()
+    tokenizer, policy = service.tokenizer, service.policy
+    if tokenizer is None or tokenizer.chat_template is None:
+        raise APIError(422, "this model has no chat template: use /v1/completions", "invalid_request_error")
+    request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    interventions = []
+    if policy and policy.system_prompt:
+        messages = policy.with_system_prompt(messages, request_id)
+        interventions.append(SYSTEM_PROMPT)
+    prompt_text = await run_in_threadpool(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
+                                          tokenize=False)
+    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)
+    processors = []
+    if req.response_format and req.response_format.type == "json_object":
+        if req.n > 1:
+            raise APIError(422, "invalid parameter 'n': JSON mode supports n = 1", "invalid_request_error")
+        processors = [JsonObjectProcessor(tokenizer, service.engine.eos_ids)]
+    top = (req.top_logprobs or 0) if req.logprobs else None
+    params = service.sampling(req, len(prompt_ids), top, processors)
+    blocked = await run_in_threadpool(service.input_filter, "\n".join(m["content"] for m in messages), request_id)
+    interventions += [blocked] if blocked else []
+    headers = {"X-Nanoseek-Policy": policy.header(*interventions)} if interventions else {}
+    return Prepared(req, request_id, prompt_ids, params, blocked, headers, starts_in_reasoning(prompt_text[-64:]),
+                    int(time.time()), req.model or service.config.model_name)
+
+
+def body(service: Service, p: Prepared, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
+    out = {"id": p.request_id, "object": "chat.completion.chunk" if chunk else "chat.completion",
+           "created": p.created, "model": p.model, "system_fingerprint": service.fingerprint, "choices": choices}
+    if usage is not None:
+        out["usage"] = usage
+    return out
+
+
+def empty_usage(p: Prepared) -> dict:
+    n = len(p.prompt_ids)
+    return {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n, "prompt_cache_hit_tokens": 0,
+            "prompt_cache_miss_tokens": n, "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
+async def answer(service: Service, request: Request, p: Prepared):
+    """The whole answer as one JSON body."""
+    choices = [Choice(service, i, p.reasoning_start) for i in range(p.req.n)]
+    start = time.monotonic()
+    last = await service.collect(request, p.prompt_ids, p.params, p.request_id, choices, p.headers)
+    if last is None:  # client went away
+        return Response(status_code=499)
+    results, texts = [], []
+    for c, o in zip(choices, last.outputs):
+        reasoning, content = c.update(o, True) if c.finish != "content_filter" else c.final_split()
+        texts.append((reasoning, content))
+        message = {"role": "assistant", "content": content,
+                   "reasoning_content": reasoning if service.engine.reasoning else None}
+        results.append({"index": c.index, "message": message, "logprobs": logprobs_content(o.logprobs),
+                        "finish_reason": c.finish or "stop"})
+    usage = service.usage(last, len(p.prompt_ids), texts)
+    service.metrics.observe_request(last, len(p.prompt_ids), usage["completion_tokens"], start)
+    service.metrics.requests.labels(ROUTE, "200").inc()
+    return JSONResponse(body(service, p, results, usage), headers=p.headers)
+
+
+def sse(service: Service, p: Prepared, choices: list, usage: dict | None = None) -> str:
+    return f"data: {json.dumps(body(service, p, choices, usage, chunk=True), ensure_ascii=False)}\n\n"
+
+
+async def stream(service: Service, request: Request, p: Prepared):
+    """The answer as server-sent events: a role chunk, deltas as text arrives (keep-alive comments while
+    queued), a usage chunk when asked, [DONE]."""
+    n = p.req.n
+    include_usage = bool(p.req.stream_options and p.req.stream_options.include_usage)
+    yield sse(service, p, [{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                            "finish_reason": None} for i in range(n)])
+    if p.blocked:
+        yield sse(service, p, [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}
+                               for i in range(n)])
+        if include_usage:
+            yield sse(service, p, [], empty_usage(p))
+        yield "data: [DONE]\n\n"
+        service.metrics.requests.labels(ROUTE, "200").inc()
+        return
+    choices = [Choice(service, i, p.reasoning_start) for i in range(n)]
+    last, start, got_token = None, time.monotonic(), False
+    async for out in service.run_request(request, p.prompt_ids, p.params, p.request_id):
+        if out is None:
+            if not got_token:
+                yield ": keep-alive\n\n"
+            continue
+        last = out
+        deltas = [d for c, o in zip(choices, out.outputs) if (d := delta(service, p, c, o, out.finished))]
+        if deltas:
+            got_token = True
+            yield sse(service, p, deltas)
+        if all(c.reported for c in choices):
+            break
+    if last is None:
+        return
+    if include_usage:
+        yield sse(service, p, [], service.usage(last, len(p.prompt_ids), [c.final_split() for c in choices]))
+    service.metrics.observe_request(last, len(p.prompt_ids), sum(len(o.token_ids) for o in last.outputs), start)
+    service.metrics.requests.labels(ROUTE, "200").inc()
+    yield "data: [DONE]\n\n"
+
+
+def delta(service: Service, p: Prepared, c: Choice, o, finished: bool) -> dict | None:
+    """One choice's new text (reasoning and content), log-probs and finish reason since the last chunk."""
+    if c.reported:
+        return None
+    reasoning, content = c.update(o, finished)
+    d = {}
+    if service.engine.reasoning and len(reasoning) > c.sent_reasoning:
+        d["reasoning_content"] = reasoning[c.sent_reasoning:]
+        c.sent_reasoning = len(reasoning)
+    if len(content) > c.sent_content:
+        d["content"] = content[c.sent_content:]
+        c.sent_content = len(content)
+    lp = None
+    if o.logprobs is not None and len(o.logprobs) > c.logprobs_sent:
+        lp = logprobs_content(o.logprobs[c.logprobs_sent:])
+        c.logprobs_sent = len(o.logprobs)
+    if not d and not c.finish:
+        return None
+    if c.finish:
+        c.reported = True
+        if c.rule is not None:
+            service.policy.audit(p.request_id, c.rule, "cut", "output", None)
+    return {"index": c.index, "delta": d, "logprobs": lp, "finish_reason": c.finish}

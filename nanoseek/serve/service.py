@@ -1,0 +1,251 @@
+"""What the routes share: the server's configuration, request parsing, checks that need the engine, sampling
+parameters, usage, and the pipeline that runs one request on the engine (submit, listen for the client's
+hang-up, turn engine faults into errors, abort whatever stops early)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field
+
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from starlette.concurrency import run_in_threadpool
+
+from .. import __version__
+from ..engine import AsyncLLM, EngineDeadError, InvalidRequestError, RequestFailedError, SamplingParams
+from ..engine.text import split_reasoning
+from .errors import APIError
+from .metrics import ServerMetrics
+from .policy import Policy
+from .pricing import Prices
+from .protocol import BadRequest, error_body, parse_json
+
+log = logging.getLogger("nanoseek.serve")
+
+
+@dataclass
+class ServeConfig:
+    model_name: str = "nanoseek"
+    api_key: str | None = None
+    max_body_bytes: int = 1 << 20
+    max_queue: int = 256
+    keepalive_seconds: float = 5.0
+    cors_origins: list[str] = field(default_factory=list)
+    policy: Policy | None = None
+    prices: Prices | None = None
+    default_max_tokens: int = 2048
+
+
+async def read_request(request: Request, model):
+    """The body parsed (protocol.parse_json: 400 on malformed input) and validated as `model` (422), both on a
+    worker thread: a 1 MB body is work the event loop must not do."""
+    from pydantic import ValidationError
+
+    raw = await request.body()
+    try:
+        body = await run_in_threadpool(parse_json, raw)
+    except BadRequest as e:
+        raise APIError(400, str(e), "invalid_request_error") from None
+    try:
+        return await run_in_threadpool(model.model_validate, body)
+    except ValidationError as e:
+        raise RequestValidationError(e.errors()) from None
+
+
+async def client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body was read already: the next ASGI message is the hang-up)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def sse_errors(events):
+    """A stream's events; an error after the headers went out becomes a last `data: {"error": ...}` event (the
+    shape OpenAI's streams use) instead of a connection cut mid-stream."""
+    try:
+        async for event in events:
+            yield event
+    except APIError as e:
+        yield f"data: {json.dumps(error_body(e.message, e.type, e.code))}\n\n"
+
+
+class Service:
+    def __init__(self, llm: AsyncLLM, config: ServeConfig):
+        self.llm, self.config, self.policy = llm, config, config.policy
+        self.engine, self.tokenizer = llm.engine, llm.tokenizer
+        self.metrics = ServerMetrics()
+        self.fingerprint = "fp_" + hashlib.sha256(f"{__version__}/{config.model_name}".encode()).hexdigest()[:10]
+
+    # ---- checks ----
+    def check_model(self, name: str | None) -> None:
+        policy, served = self.policy, self.config.model_name
+        if name and name != served and not (policy and name in policy.allowed_models):
+            raise APIError(404, f"model '{name}' does not exist: this server serves '{served}'",
+                           "invalid_request_error", "model_not_found")
+        if policy and policy.allowed_models and name and name not in policy.allowed_models:
+            raise APIError(404, f"model '{name}' is not allowed by the server policy", "invalid_request_error",
+                           "model_not_allowed")
+
+    def check_capacity(self) -> None:
+        if self.llm.error is not None:
+            raise APIError(503, "the engine is not running", "service_unavailable", "engine_dead")
+        if self.engine.stats()["num_waiting"] >= self.config.max_queue:
+            raise APIError(429, f"the request queue is full ({self.config.max_queue} waiting): retry shortly",
+                           "rate_limit_error", "queue_full", {"Retry-After": "1"})
+
+    def input_filter(self, text: str, request_id: str):
+        if self.policy is None:
+            return None
+        rule = self.policy.check_input(text)
+        if rule is not None:
+            self.policy.audit(request_id, rule, "blocked", "input", text)
+        return rule
+
+    # ---- parameters and usage ----
+    def max_tokens(self, req, prompt_len: int) -> int:
+        """The request's max_tokens within what fits: the context after the prompt, and the policy's caps."""
+        policy, context = self.policy, self.engine.max_model_len
+        if policy and policy.max_prompt_tokens and prompt_len > policy.max_prompt_tokens:
+            raise APIError(422, f"prompt has {prompt_len} tokens; the server policy allows at most "
+                                f"{policy.max_prompt_tokens}", "invalid_request_error", "prompt_too_long")
+        if prompt_len >= context:
+            raise APIError(422, f"prompt has {prompt_len} tokens but the context is {context}: shorten it",
+                           "invalid_request_error", "context_length_exceeded")
+        wanted = getattr(req, "max_completion_tokens", None) or req.max_tokens
+        limit = min(context - prompt_len, policy.max_tokens) if policy and policy.max_tokens else context - prompt_len
+        if wanted is None:
+            return min(limit, self.config.default_max_tokens)
+        if wanted > limit:
+            raise APIError(422, f"invalid parameter 'max_tokens': {wanted} exceeds what fits (allowed: at most "
+                                f"{limit} = context {context} - prompt {prompt_len}"
+                                + (", and the policy's cap" if policy and policy.max_tokens else "") + ")",
+                           "invalid_request_error", "max_tokens_too_large")
+        return wanted
+
+    def sampling(self, req, prompt_len: int, logprobs: int | None, processors: list) -> SamplingParams:
+        try:
+            return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
+                                  max_tokens=self.max_tokens(req, prompt_len), stop=req.stop,
+                                  presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+                                  logprobs=logprobs, logits_processors=processors, top_k=req.top_k,
+                                  min_p=req.min_p, repetition_penalty=req.repetition_penalty,
+                                  min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
+        except InvalidRequestError as e:
+            raise APIError(422, str(e), "invalid_request_error") from None
+
+    def usage(self, out, prompt_len: int, texts: list[tuple[str | None, str]]) -> dict:
+        completion = sum(len(o.token_ids) for o in out.outputs)
+        tok = self.tokenizer
+        reasoning = sum(len(tok.encode(r, add_special_tokens=False)) for r, _ in texts if r) if tok else 0
+        hit = out.metrics.prompt_cache_hit_tokens
+        u = {"prompt_tokens": prompt_len, "completion_tokens": completion, "total_tokens": prompt_len + completion,
+             "prompt_cache_hit_tokens": hit, "prompt_cache_miss_tokens": prompt_len - hit,
+             "completion_tokens_details": {"reasoning_tokens": reasoning}}
+        if self.config.prices is not None:
+            u["cost"] = round(self.config.prices.cost(hit, prompt_len - hit, completion), 10)
+        return u
+
+    # ---- running a request ----
+    async def run_request(self, request: Request, prompt, params: SamplingParams, request_id: str):
+        """Engine outputs of one request, with None whenever `keepalive_seconds` pass without one (a chance to
+        send keep-alives). A task listens for the client's http.disconnect the whole time, so a client that
+        hangs up (streaming or not) ends the request at once; iteration stopping early for any reason
+        (disconnect, cancellation, policy cut) aborts the request, freeing its blocks."""
+        try:
+            stream = self.llm.submit(prompt, params, request_id)
+        except EngineDeadError:
+            raise APIError(503, "the engine is not running", "service_unavailable", "engine_dead") from None
+        except InvalidRequestError as e:
+            raise APIError(422, str(e), "invalid_request_error") from None
+        gone = asyncio.create_task(client_gone(request))
+        try:
+            while True:
+                pending = asyncio.ensure_future(stream.next(timeout=self.config.keepalive_seconds))
+                await asyncio.wait({pending, gone}, return_when=asyncio.FIRST_COMPLETED)
+                if gone.done():
+                    pending.cancel()
+                    return
+                try:
+                    out = pending.result()
+                except RequestFailedError as e:
+                    log.error("request %s failed inside the engine: %s", request_id, e)
+                    raise APIError(500, f"generation failed inside the engine ({e}); other requests are unaffected, "
+                                        "retry this one", "server_error", "engine_fault") from None
+                yield out
+                if out is not None and out.finished:
+                    return
+        finally:
+            gone.cancel()
+            stream.close()
+
+    async def collect(self, request: Request, prompt_ids, params, request_id: str, choices: list, headers: dict):
+        """Non-streaming: runs the request to the end (or to a policy cut); None if the client went away.
+        Sets the policy header and audits an output cut."""
+        last = None
+        async for out in self.run_request(request, prompt_ids, params, request_id):
+            if out is None:
+                continue
+            last = out
+            for c, o in zip(choices, out.outputs):
+                c.update(o, out.finished)
+            if all(c.finish for c in choices):
+                break
+        rule = next((c.rule for c in choices if c.rule), None)
+        if last is not None and rule is not None:
+            earlier = headers.get("X-Nanoseek-Policy")
+            headers["X-Nanoseek-Policy"] = f"{earlier}, {self.policy.header(rule)}" if earlier else \
+                self.policy.header(rule)
+            self.policy.audit(request_id, rule, "cut", "output", None)
+        return last
+
+
+class Choice:
+    """Per-choice text state: policy cut, reasoning split, what was already streamed."""
+
+    def __init__(self, service: Service, index: int, reasoning_start: bool):
+        self.policy, self.reasoning = service.policy, service.engine.reasoning
+        self.index = index
+        self.reasoning_start = reasoning_start
+        self.sent_reasoning = self.sent_content = 0
+        self.finish: str | None = None
+        self.rule = None
+        self.text = ""
+        self.searched = 0  # output-rule search covered the text before this index
+        self.logprobs_sent = 0
+        self.reported = False  # its finish_reason was sent (streaming)
+
+    def update(self, o, final_engine: bool) -> tuple[str, str]:
+        policy, text = self.policy, o.text
+        final = final_engine or o.finished
+        if policy and policy.output_rules and self.finish is None:
+            hit = policy.check_output(text, self.searched)
+            self.searched = len(text)
+            if hit:
+                self.rule, cut = hit
+                text, final = text[:cut], True
+                self.finish = "content_filter"
+        if self.finish is None and o.finished:
+            self.finish = "length" if o.finish_reason == "length" else "stop"
+        shown = policy.visible(text, final) if policy else text
+        self.text = shown
+        if self.reasoning:
+            return split_reasoning(shown, self.reasoning_start, final)
+        return "", shown
+
+    def final_split(self) -> tuple[str, str]:
+        """(reasoning, content) of the whole text shown."""
+        return split_reasoning(self.text, self.reasoning_start, True) if self.reasoning else ("", self.text)
+
+
+def logprobs_content(entries: list[dict] | None) -> dict | None:
+    """The chat API's logprobs object for engine log-prob entries."""
+    if entries is None:
+        return None
+
+    def clean(e):
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+    return {"content": [{**clean(e), "top_logprobs": [clean(t) for t in e.get("top_logprobs", [])]}
+                        for e in entries]}
