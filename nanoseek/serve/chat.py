@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -17,22 +16,9 @@ from .errors import APIError
 from .json_mode import JsonObjectProcessor
 from .policy import SYSTEM_PROMPT
 from .protocol import ChatCompletionRequest
-from .service import Choice, Service, logprobs_content, read_request, sse_errors
+from .service import Choice, Prepared, Service, logprobs_content, read_request, sse_errors
 
 ROUTE = "/v1/chat/completions"
-
-
-@dataclass
-class Prepared:
-    req: ChatCompletionRequest
-    request_id: str
-    prompt_ids: list[int]
-    params: object
-    blocked: object  # the input rule that fired, or None
-    headers: dict
-    reasoning_start: bool
-    created: int
-    model: str
 
 
 async def chat(service: Service, request: Request):
@@ -80,8 +66,8 @@ async def prepare(service: Service, req: ChatCompletionRequest) -> Prepared:
     blocked = await run_in_threadpool(service.input_filter, "\n".join(m["content"] for m in messages), request_id)
     interventions += [blocked] if blocked else []
     headers = {"X-Nanoseek-Policy": policy.header(*interventions)} if interventions else {}
-    return Prepared(req, request_id, prompt_ids, params, blocked, headers, starts_in_reasoning(prompt_text[-64:]),
-                    int(time.time()), req.model or service.config.model_name)
+    return Prepared(req, request_id, prompt_ids, params, blocked, headers, int(time.time()),
+                    req.model or service.config.model_name, starts_in_reasoning(prompt_text[-64:]))
 
 
 def body(service: Service, p: Prepared, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:

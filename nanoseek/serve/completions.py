@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import dataclass
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -14,22 +13,10 @@ from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError
 from .protocol import CompletionRequest
-from .service import Choice, Service, read_request, sse_errors
+from .service import Choice, Prepared, Service, read_request, sse_errors
 
 ROUTE = "/v1/completions"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
-
-
-@dataclass
-class Prepared:
-    req: CompletionRequest
-    request_id: str
-    prompt_ids: list[int]
-    params: object
-    blocked: object
-    headers: dict
-    created: int
-    model: str
 
 
 async def completions(service: Service, request: Request):

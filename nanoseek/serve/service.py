@@ -71,6 +71,20 @@ async def sse_errors(events):
         yield f"data: {json.dumps(error_body(e.message, e.type, e.code))}\n\n"
 
 
+@dataclass
+class Prepared:
+    """One request, ready for the engine: what its renderers need besides the engine's outputs."""
+    req: object  # the validated ChatCompletionRequest or CompletionRequest
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    blocked: object  # the policy's input rule that fired, or None
+    headers: dict
+    created: int
+    model: str
+    reasoning_start: bool = False  # the prompt leaves <think> open: output starts as reasoning
+
+
 class Service:
     def __init__(self, llm: AsyncLLM, config: ServeConfig):
         self.llm, self.config, self.policy = llm, config, config.policy
