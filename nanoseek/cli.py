@@ -222,9 +222,9 @@ def cmd_distill(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from .serve.server import serve
+    from .serve.server import ServerSettings, serve
 
-    return serve(args)
+    return serve(ServerSettings.from_args(args))
 
 
 def cmd_report(args) -> int:

@@ -288,6 +288,22 @@ def test_a_fault_inside_a_step_fails_that_request_only(server, monkeypatch):
     assert wait_until(lambda: llm.engine.blocks.num_free == llm.engine.blocks.num_blocks and not llm.engine.requests)
 
 
+def test_the_watchdog_restarts_an_engine_loop_that_failed(server):
+    base, llm, _ = server
+    scheduler = llm.engine.scheduler
+
+    def broken(only=None):
+        raise RuntimeError("scheduler bookkeeping broke")
+
+    scheduler.schedule = broken  # outside any one request's step: the watchdog's case
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+    assert r.status_code == 500 and r.json()["error"]["code"] == "engine_fault", r.text
+    assert wait_until(lambda: httpx.get(base + "/health").status_code == 200, timeout=5)
+    assert llm.stats()["engine_restarts"] == 1 and llm.engine.scheduler is not scheduler
+    r = httpx.post(base + "/v1/chat/completions", json={"messages": MSG, "max_tokens": 4})
+    assert r.status_code == 200 and r.json()["choices"][0]["finish_reason"] in ("stop", "length")
+
+
 def test_keep_alive_while_queued_and_429_when_full(chat_checkpoint):
     directory, _ = chat_checkpoint("deepseek_v3")
     with live_server(directory, ServeConfig(keepalive_seconds=0.1, max_queue=1), max_num_seqs=1) as (base, llm, _):

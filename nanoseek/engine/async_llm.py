@@ -40,6 +40,7 @@ class AsyncLLM:
         self._wake = threading.Event()
         self._stopping = False
         self.error: BaseException | None = None
+        self.restarts = 0  # times the watchdog restarted the engine loop
         self._thread = threading.Thread(target=self._run, name="nanoseek-engine", daemon=True)
         self._thread.start()
 
@@ -86,24 +87,47 @@ class AsyncLLM:
             raise done.error
 
     def _run(self) -> None:
+        """The engine thread. A fault a step isolates itself (engine.step pins it on one request) never gets
+        here; anything else that escapes is the watchdog's: every in-flight request fails with the cause, the
+        engine's requests are dropped, and the loop starts again in-process (`error` is set, and /health
+        unhealthy, only while that happens). Only a BaseException (interpreter exit) ends the thread."""
         while not self._stopping:
-            self._run_commands()
-            if not self.engine.has_unfinished():
-                self._wake.wait(0.05)
-                self._wake.clear()
-                continue
             try:
-                outputs = self.engine.step()
-            except BaseException as e:  # deliver the failure to every waiting client, then stop
-                log.exception("engine step failed")
+                self._turn()
+            except Exception as e:
+                log.exception("engine loop failed: failing in-flight requests and restarting it")
                 self.error = e
-                with self._streams_lock:
-                    streams = list(self._streams.items())
-                for request_id, (loop, stream) in streams:
-                    loop.call_soon_threadsafe(stream.put_nowait, EngineDeadError(f"engine failed: {e}"))
-                return
-            for out in outputs:
-                self._deliver(out.request_id, RequestFailedError(out.error) if out.error else out)
+                self._restart(e)
+                self.error = None
+            except BaseException as e:
+                self.error = e
+                self._fail_streams(EngineDeadError(f"engine failed: {e}"))
+                raise
+
+    def _turn(self) -> None:
+        self._run_commands()
+        if not self.engine.has_unfinished():
+            self._wake.wait(0.05)
+            self._wake.clear()
+            return
+        for out in self.engine.step():
+            self._deliver(out.request_id, RequestFailedError(out.error) if out.error else out)
+
+    def _fail_streams(self, error: BaseException) -> None:
+        with self._streams_lock:
+            streams = list(self._streams.items())
+        for _, (loop, stream) in streams:
+            loop.call_soon_threadsafe(stream.put_nowait, error)
+
+    def _restart(self, error: Exception) -> None:
+        self._fail_streams(RequestFailedError(f"{type(error).__name__}: {error}"))
+        self.restarts += 1
+        for request_id in list(self.engine.requests):
+            try:
+                self.engine.abort(request_id)
+            except Exception:  # its state is what broke: drop it without its bookkeeping
+                self.engine.requests.pop(request_id, None)
+        self.engine.recover()
 
     def submit(self, prompt, params: SamplingParams | None = None, request_id: str | None = None) -> "RequestStream":
         """Adds a request; its outputs arrive on the returned stream. Must be called from an event loop."""
@@ -147,7 +171,7 @@ class AsyncLLM:
         self.call_in_engine_thread(lambda: self.engine.update_weights(weights))
 
     def stats(self) -> dict:
-        return self.engine.stats()
+        return {**self.engine.stats(), "engine_restarts": self.restarts}
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stops the engine thread after the current step; unfinished requests are aborted."""

@@ -183,6 +183,20 @@ class LLMEngine:
             self._finished_outputs.append(request.output())
             return True
 
+    def recover(self) -> None:
+        """After a failure outside any one request (the async engine's watchdog): with every request gone, a
+        fresh block manager and scheduler over the same cache tensors, so no half-updated bookkeeping
+        survives. The prefix cache starts empty."""
+        with self.lock:
+            self.requests.clear()
+            self.suspects.clear()
+            self._finished_outputs = []
+            old = self.scheduler
+            blocks = self.blocks
+            self.blocks = BlockManager(blocks.num_blocks, blocks.block_size, blocks.enable_prefix_caching)
+            self.scheduler = Scheduler(self.blocks, old.max_num_seqs, old.max_num_batched_tokens)
+            self.scheduler.num_preemptions = old.num_preemptions
+
     def has_unfinished(self) -> bool:
         return bool(self.requests) or bool(self._finished_outputs)
 

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import signal
+from dataclasses import dataclass, field, fields
 
 from ..engine import AsyncLLM
 from .app import ServeConfig, create_app
@@ -18,25 +19,54 @@ from .policy import Policy
 from .pricing import calibrate
 
 
-def build(args) -> tuple:
-    llm = AsyncLLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs)
-    prices = calibrate(llm.engine, args.cost_per_hour) if args.cost_per_hour else None
-    api_key = args.api_key or os.environ.get("NANOSEEK_API_KEY") or None
-    config = ServeConfig(model_name=args.served_model_name or os.path.basename(os.path.normpath(args.model)),
-                         api_key=api_key, max_queue=args.max_queue, max_body_bytes=args.max_body_bytes,
-                         cors_origins=[o for o in (args.cors or "").split(",") if o],
-                         policy=Policy.from_file(args.policy) if args.policy else None, prices=prices)
+@dataclass
+class ServerSettings:
+    """Everything `nanoseek serve` is told: the engine's options, the HTTP side's, and the process's."""
+    model: str
+    device: str = "cpu"
+    dtype: str = "auto"
+    kv_cache_memory: str = "1GiB"
+    max_model_len: int | None = None
+    max_num_seqs: int = 64
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    served_model_name: str | None = None
+    policy: str | None = None
+    cost_per_hour: float | None = None
+    max_queue: int = 256
+    max_body_bytes: int = 1 << 20
+    cors: list[str] = field(default_factory=list)
+    shutdown_grace: int = 10
+
+    @classmethod
+    def from_args(cls, args) -> "ServerSettings":
+        names = {f.name for f in fields(cls)}
+        values = {k: v for k, v in vars(args).items() if k in names}
+        values["cors"] = [o for o in (values.get("cors") or "").split(",") if o]
+        return cls(**values)
+
+
+def build(settings: ServerSettings) -> tuple:
+    llm = AsyncLLM(settings.model, device=settings.device, dtype=settings.dtype,
+                   kv_cache_memory=settings.kv_cache_memory, max_model_len=settings.max_model_len,
+                   max_num_seqs=settings.max_num_seqs)
+    prices = calibrate(llm.engine, settings.cost_per_hour) if settings.cost_per_hour else None
+    config = ServeConfig(model_name=settings.served_model_name or os.path.basename(os.path.normpath(settings.model)),
+                         api_key=settings.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
+                         max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
+                         cors_origins=settings.cors,
+                         policy=Policy.from_file(settings.policy) if settings.policy else None, prices=prices)
     return llm, create_app(llm, config)
 
 
-def serve(args) -> int:
+def serve(settings: ServerSettings) -> int:
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    llm, app = build(args)
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info",
-                            timeout_graceful_shutdown=args.shutdown_grace, access_log=False)
+    llm, app = build(settings)
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
+                            timeout_graceful_shutdown=settings.shutdown_grace, access_log=False)
     server = _Server(config)
 
     async def main():
