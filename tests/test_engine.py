@@ -213,6 +213,42 @@ def test_stop_strings_never_leak_even_when_streaming(chat_checkpoint):
     assert with_stop.text == text[:cut] + stop
 
 
+class SubstringFilter:
+    """An output filter (engine.OutputFilter) that cuts at a fixed substring: the shape of the server's policy."""
+
+    def __init__(self, needle: str, holdback: int):
+        self.needle, self.holdback, self.calls = needle, holdback, 0
+
+    def find(self, text, searched):
+        self.calls += 1
+        at = text.find(self.needle, max(0, searched - len(self.needle) + 1))
+        return ("needle", at) if at >= 0 else None
+
+
+def test_an_output_filter_cuts_inside_the_engine_and_never_shows_the_match(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    llm = LLM(directory)
+    free_before = llm.engine.blocks.num_free
+    prompt = "The quick brown fox"
+    text = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True))[0].outputs[0].text
+    needle = text[8:14]
+    cut = text.find(needle)
+    seen = []
+    f = SubstringFilter(needle, holdback=len(needle))
+    for out in llm.stream(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, output_filter=f)):
+        seen.append(out.outputs[0].text)
+    o = out.outputs[0]
+    assert (o.text, o.finish_reason, o.stop_reason) == (text[:cut], "content_filter", "needle")
+    assert all(needle not in s and text[:cut].startswith(s) for s in seen)  # never shown, never taken back
+    assert len(seen) > 2 and seen[-2] != seen[-1]  # the text before the match streamed, not all withheld to the end
+    assert len(o.token_ids) < 30  # the sequence stopped at the match: no tokens generated past it
+    assert llm.engine.blocks.num_free == free_before and not llm.engine.has_unfinished()
+    # A filter that never fires leaves the text whole.
+    clean = llm.generate(prompt, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True,
+                                                output_filter=SubstringFilter("\x00never", 4)))[0].outputs[0]
+    assert (clean.text, clean.finish_reason) == (text, "length")
+
+
 def test_stop_token_ids_and_max_tokens(hf_checkpoint):
     directory, hf = hf_checkpoint("qwen2")
     llm = LLM(directory)

@@ -415,6 +415,12 @@ def test_an_output_rule_of_unbounded_length_is_refused(tmp_path):
         Policy.from_file(tmp_path / "policy.toml")
 
 
+def test_policy_rules_need_distinct_names(tmp_path):
+    (tmp_path / "policy.toml").write_text('[[output]]\nname = "x"\npattern = "a"\n[[output]]\nname = "x"\npattern = "b"\n')
+    with pytest.raises(ConfigError, match=r"two \[\[output\]\] rules are named x"):
+        Policy.from_file(tmp_path / "policy.toml")
+
+
 def test_policy_patterns_run_in_linear_time(chat_checkpoint, tmp_path):
     (tmp_path / "bad.toml").write_text('[[input]]\nname = "ahead"\npattern = "secret(?=!)"\n')
     with pytest.raises(ConfigError, match="rule ahead pattern is not valid RE2.*lookaround"):

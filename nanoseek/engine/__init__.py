@@ -2,8 +2,8 @@
 
 from .async_llm import AsyncLLM, EngineDeadError, RequestFailedError
 from .llm import LLM, LLMEngine
-from .sampling_params import InvalidRequestError, SamplingParams
+from .sampling_params import InvalidRequestError, OutputFilter, SamplingParams
 from .sequence import CompletionOutput, RequestMetrics, RequestOutput
 
-__all__ = ["AsyncLLM", "EngineDeadError", "RequestFailedError", "LLM", "LLMEngine", "SamplingParams", "InvalidRequestError", "RequestOutput", "CompletionOutput",
+__all__ = ["AsyncLLM", "EngineDeadError", "RequestFailedError", "LLM", "LLMEngine", "OutputFilter", "SamplingParams", "InvalidRequestError", "RequestOutput", "CompletionOutput",
            "RequestMetrics"]

@@ -340,19 +340,18 @@ class LLMEngine:
     # ---- observability ----
     def stats(self) -> dict:
         """A lock-free snapshot (read from other threads while a step runs: values may be one step apart)."""
-        if True:
-            return {
-                "num_waiting": len(self.scheduler.waiting),
-                "num_running": len(self.scheduler.running),
-                "kv_cache_usage": self.blocks.usage(),
-                "num_free_blocks": self.blocks.num_free,
-                "num_blocks": self.blocks.num_blocks,
-                "block_size": self.blocks.block_size,
-                "kv_bytes_per_token": self.kv_bytes_per_token,
-                "max_cached_tokens": self.max_cached_tokens,
-                "num_preemptions": self.scheduler.num_preemptions,
-                **self.totals,
-            }
+        return {
+            "num_waiting": len(self.scheduler.waiting),
+            "num_running": len(self.scheduler.running),
+            "kv_cache_usage": self.blocks.usage(),
+            "num_free_blocks": self.blocks.num_free,
+            "num_blocks": self.blocks.num_blocks,
+            "block_size": self.blocks.block_size,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "max_cached_tokens": self.max_cached_tokens,
+            "num_preemptions": self.scheduler.num_preemptions,
+            **self.totals,
+        }
 
 
 def _as_prompt_list(prompts) -> list:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Protocol
 
 from ..errors import NanoseekError
 
@@ -15,6 +15,18 @@ class InvalidRequestError(NanoseekError):
 # A logits processor sees the token ids generated so far and the next-token logits [vocab] (float32) and
 # returns logits (it may modify them in place). JSON mode and the server's policy layer plug in here.
 LogitsProcessor = Callable[[list[int], "torch.Tensor"], "torch.Tensor"]  # noqa: F821
+
+
+class OutputFilter(Protocol):
+    """Cuts generated text where forbidden content starts (the server's policy layer plugs in here).
+
+    The engine calls `find(text, searched)` as text arrives: it returns (name, index) for the earliest match
+    that ends past `searched` (text before it was searched already), or None. A match finishes the sequence with
+    finish_reason `content_filter`, its text cut at `index`, stop_reason `name`. Until a sequence finishes, its
+    last `holdback` characters are not shown: they might still become part of a match."""
+    holdback: int
+
+    def find(self, text: str, searched: int) -> tuple[str, int] | None: ...
 
 
 @dataclass
@@ -38,6 +50,7 @@ class SamplingParams:
     logprobs_mode: str = "raw"  # raw: model distribution; processed: after penalties and temperature
     skip_special_tokens: bool = True
     logits_processors: list[LogitsProcessor] = field(default_factory=list)
+    output_filter: OutputFilter | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

@@ -44,8 +44,8 @@ class CompletionOutput:
     index: int
     text: str  # visible so far (held-back text excluded until final)
     token_ids: list[int]
-    finish_reason: str | None = None  # stop | length | abort | error
-    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    finish_reason: str | None = None  # stop | length | content_filter | abort | error
+    stop_reason: str | int | None = None  # the stop string, stop token id or output filter match that ended it
     logprobs: list[dict] | None = None
     reasoning_content: str | None = None
     content: str | None = None
@@ -86,6 +86,7 @@ class Sequence:
         self._text = ""  # detokenized so far, cut at a stop string
         self._undecoded: list[int] = []  # generated ids not yet detokenized (see `text`)
         self.searched = 0  # text before this index was searched for stop strings
+        self.filtered = 0  # text before this index was searched by the output filter
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
@@ -139,18 +140,38 @@ class Sequence:
                 return self.finish("stop", stop)
         if self.num_output >= request.max_tokens or len(self.token_ids) >= request.max_model_len:
             return self.finish("length", None)
+        self.apply_output_filter()
 
     def finish(self, reason: str, stop_reason) -> None:
         self.finish_reason, self.stop_reason = reason, stop_reason
         self.status = Status.FINISHED
         if reason != "stop" and self.detok is not None:
             self.text = self.text + self.detok.flush()
+        self.apply_output_filter()  # the text's last characters, never searched while held back
+
+    def apply_output_filter(self) -> None:
+        """Cuts the text at the output filter's first match and finishes the sequence there."""
+        output_filter = self.params.output_filter
+        if output_filter is None or self.detok is None or self.finish_reason == "content_filter":
+            return
+        hit = output_filter.find(self.text, self.filtered)
+        self.filtered = len(self.text)
+        if hit is not None:
+            name, at = hit
+            self.text = self.text[:at]
+            if self.finish_reason not in ("abort", "error"):  # those keep their reason; the text is cut all the same
+                self.finish_reason, self.stop_reason, self.status = "content_filter", name, Status.FINISHED
 
     def visible_text(self) -> str:
-        """What a streaming client may see now: unfinished, the possible start of a stop string is held back."""
-        if self.finished or not self.params.stop:
+        """What a streaming client may see now: unfinished, the possible start of a stop string and the output
+        filter's hold-back are held back."""
+        if self.finished:
             return self.text
-        return self.text[: len(self.text) - partial_suffix_len(self.text, self.params.stop)]
+        text = self.text
+        held = partial_suffix_len(text, self.params.stop) if self.params.stop else 0
+        if self.params.output_filter is not None:
+            held = max(held, self.params.output_filter.holdback)
+        return text[: max(0, len(text) - held)]
 
     def output(self) -> CompletionOutput:
         text = self.visible_text()

@@ -11,7 +11,6 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from ..engine.text import starts_in_reasoning
 from .errors import APIError
 from .json_mode import JsonObjectProcessor
 from .policy import SYSTEM_PROMPT
@@ -67,7 +66,7 @@ async def prepare(service: Service, req: ChatCompletionRequest) -> Prepared:
     interventions += [blocked] if blocked else []
     headers = {"X-Nanoseek-Policy": policy.header(*interventions)} if interventions else {}
     return Prepared(req, request_id, prompt_ids, params, blocked, headers, int(time.time()),
-                    req.model or service.config.model_name, starts_in_reasoning(prompt_text[-64:]))
+                    req.model or service.config.model_name)
 
 
 def body(service: Service, p: Prepared, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
@@ -86,17 +85,16 @@ def empty_usage(p: Prepared) -> dict:
 
 async def answer(service: Service, request: Request, p: Prepared):
     """The whole answer as one JSON body."""
-    choices = [Choice(service, i, p.reasoning_start) for i in range(p.req.n)]
+    choices = [Choice(service, i) for i in range(p.req.n)]
     start = time.monotonic()
     last = await service.collect(request, p.prompt_ids, p.params, p.request_id, choices, p.headers)
     if last is None:  # client went away
         return Response(status_code=499)
     results, texts = [], []
     for c, o in zip(choices, last.outputs):
-        reasoning, content = c.update(o, True) if c.finish != "content_filter" else c.final_split()
-        texts.append((reasoning, content))
-        message = {"role": "assistant", "content": content,
-                   "reasoning_content": reasoning if service.engine.reasoning else None}
+        texts.append((c.reasoning, c.content))
+        message = {"role": "assistant", "content": c.content,
+                   "reasoning_content": c.reasoning if service.engine.reasoning else None}
         results.append({"index": c.index, "message": message, "logprobs": logprobs_content(o.logprobs),
                         "finish_reason": c.finish or "stop"})
     usage = service.usage(last, len(p.prompt_ids), texts)
@@ -124,7 +122,7 @@ async def stream(service: Service, request: Request, p: Prepared):
         yield "data: [DONE]\n\n"
         service.metrics.requests.labels(ROUTE, "200").inc()
         return
-    choices = [Choice(service, i, p.reasoning_start) for i in range(n)]
+    choices = [Choice(service, i) for i in range(n)]
     last, start, got_token = None, time.monotonic(), False
     async for out in service.run_request(request, p.prompt_ids, p.params, p.request_id):
         if out is None:
@@ -132,7 +130,7 @@ async def stream(service: Service, request: Request, p: Prepared):
                 yield ": keep-alive\n\n"
             continue
         last = out
-        deltas = [d for c, o in zip(choices, out.outputs) if (d := delta(service, p, c, o, out.finished))]
+        deltas = [d for c, o in zip(choices, out.outputs) if (d := delta(service, p, c, o))]
         if deltas:
             got_token = True
             yield sse(service, p, deltas)
@@ -141,17 +139,18 @@ async def stream(service: Service, request: Request, p: Prepared):
     if last is None:
         return
     if include_usage:
-        yield sse(service, p, [], service.usage(last, len(p.prompt_ids), [c.final_split() for c in choices]))
+        yield sse(service, p, [], service.usage(last, len(p.prompt_ids), [(c.reasoning, c.content) for c in choices]))
     service.metrics.observe_request(last, len(p.prompt_ids), sum(len(o.token_ids) for o in last.outputs), start)
     service.metrics.requests.labels(ROUTE, "200").inc()
     yield "data: [DONE]\n\n"
 
 
-def delta(service: Service, p: Prepared, c: Choice, o, finished: bool) -> dict | None:
+def delta(service: Service, p: Prepared, c: Choice, o) -> dict | None:
     """One choice's new text (reasoning and content), log-probs and finish reason since the last chunk."""
     if c.reported:
         return None
-    reasoning, content = c.update(o, finished)
+    c.update(o)
+    reasoning, content = c.reasoning, c.content
     d = {}
     if service.engine.reasoning and len(reasoning) > c.sent_reasoning:
         d["reasoning_content"] = reasoning[c.sent_reasoning:]

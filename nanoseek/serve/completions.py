@@ -94,7 +94,7 @@ def legacy_logprobs(entries):
 
 
 async def answer(service: Service, request: Request, p: Prepared):
-    choices = [Choice(service, i, False) for i in range(p.req.n)]
+    choices = [Choice(service, i) for i in range(p.req.n)]
     start = time.monotonic()
     last = await service.collect(request, p.prompt_ids, p.params, p.request_id, choices, p.headers)
     if last is None:  # client went away
@@ -108,7 +108,7 @@ async def answer(service: Service, request: Request, p: Prepared):
 
 
 async def stream(service: Service, request: Request, p: Prepared):
-    choices = [Choice(service, i, False) for i in range(p.req.n)]
+    choices = [Choice(service, i) for i in range(p.req.n)]
     sent = [0] * p.req.n
     last = None
     frame = body(service, p, [], [], [])
@@ -120,7 +120,7 @@ async def stream(service: Service, request: Request, p: Prepared):
         for c, o in zip(choices, out.outputs):
             if c.reported:
                 continue
-            c.update(o, out.finished)  # completions stream raw text: c.text (policy-cut)
+            c.update(o)  # completions stream raw text: c.text
             if len(c.text) > sent[c.index] or c.finish:
                 piece = c.text[sent[c.index]:]
                 sent[c.index] = len(c.text)

@@ -27,7 +27,8 @@ or `merged` when the client sent a system message of its own).
 Patterns are RE2 regular expressions (google-re2): matching takes time linear in the text whatever the pattern,
 so an operator's `(a+)+$` cannot stall the server; constructs RE2 cannot run that way (lookaround,
 backreferences) are refused when the policy loads. An input rule that fires answers at once with finish_reason
-`content_filter`; an output rule cuts the answer before the match, so blocked text never reaches a client
+`content_filter`; an output rule cuts the answer before the match inside the engine (the engine's output filter
+hook: the sequence stops there and frees its cache), so blocked text never reaches a client
 (streamed text is held back until it can no longer become part of a match: by `holdback_chars`, or by the
 longest text an output rule can match where that is longer). An output rule must therefore match text of
 bounded length (`\\w{1,40}`, not `\\w+`); a lookahead reaching past the match is not held back for, so put
@@ -106,6 +107,9 @@ class Policy:
                 except re2.error as e:
                     raise ConfigError(f"policy {path}: rule {name} pattern is not valid RE2 ({e}): lookaround and "
                                       "backreferences are refused, they cannot run in linear time") from None
+                if any(o.name == name for o in out[:-1]):
+                    raise ConfigError(f"policy {path}: two [[{kind}]] rules are named {name}: give each its own name "
+                                      "(headers and the audit log name the rule that fired)")
                 if kind == "output" and out[-1].widest is None:
                     raise ConfigError(f"policy {path}: output rule {name} can match text of any length, so no "
                                       "hold-back keeps it from streaming: bound its repeats (e.g. \\w{1,40} for \\w+)")
@@ -140,11 +144,12 @@ class Policy:
         """Characters of streamed text held back: enough for the longest text an output rule can match."""
         return max([self.holdback_chars] + [r.widest for r in self.output_rules])
 
-    def visible(self, text: str, final: bool) -> str:
-        """Text safe to stream now: without output rules, all of it; otherwise all but the last `holdback`."""
-        if final or not self.output_rules:
-            return text
-        return text[: max(0, len(text) - self.holdback)]
+    def output_filter(self) -> "OutputRules | None":
+        """The engine's output filter (engine.OutputFilter) for these output rules; None without any."""
+        return OutputRules(self) if self.output_rules else None
+
+    def output_rule(self, name: str) -> Rule:
+        return next(r for r in self.output_rules if r.name == name)
 
     def with_system_prompt(self, messages: list[dict], request_id: str) -> list[dict]:
         """`messages` with the policy's system prompt first and the client's system messages merged after it,
@@ -170,3 +175,16 @@ class Policy:
             entry["text"] = text
         with self._lock, self.audit_log.open("a") as f:
             f.write(json.dumps(entry) + "\n")
+
+
+class OutputRules:
+    """A policy's output rules as the engine's output filter: the engine cuts the text at a match, finishes the
+    sequence (finish_reason content_filter, stop_reason the rule's name) and holds back `holdback` characters of
+    unfinished text, so blocked text never leaves the engine."""
+
+    def __init__(self, policy: Policy):
+        self.policy, self.holdback = policy, policy.holdback
+
+    def find(self, text: str, searched: int) -> tuple[str, int] | None:
+        hit = self.policy.check_output(text, searched)
+        return (hit[0].name, hit[1]) if hit else None

@@ -16,7 +16,6 @@ from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
 from ..engine import AsyncLLM, EngineDeadError, InvalidRequestError, RequestFailedError, SamplingParams
-from ..engine.text import split_reasoning
 from .errors import APIError
 from .metrics import ServerMetrics
 from .policy import Policy
@@ -82,7 +81,6 @@ class Prepared:
     headers: dict
     created: int
     model: str
-    reasoning_start: bool = False  # the prompt leaves <think> open: output starts as reasoning
 
 
 class Service:
@@ -145,7 +143,8 @@ class Service:
                                   presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                                   logprobs=logprobs, logits_processors=processors, top_k=req.top_k,
                                   min_p=req.min_p, repetition_penalty=req.repetition_penalty,
-                                  min_tokens=req.min_tokens, ignore_eos=req.ignore_eos)
+                                  min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+                                  output_filter=self.policy.output_filter() if self.policy else None)
         except InvalidRequestError as e:
             raise APIError(422, str(e), "invalid_request_error") from None
 
@@ -195,17 +194,15 @@ class Service:
             stream.close()
 
     async def collect(self, request: Request, prompt_ids, params, request_id: str, choices: list, headers: dict):
-        """Non-streaming: runs the request to the end (or to a policy cut); None if the client went away.
-        Sets the policy header and audits an output cut."""
+        """Non-streaming: runs the request to the end; None if the client went away. Sets the policy header and
+        audits an output cut."""
         last = None
         async for out in self.run_request(request, prompt_ids, params, request_id):
             if out is None:
                 continue
             last = out
             for c, o in zip(choices, out.outputs):
-                c.update(o, out.finished)
-            if all(c.finish for c in choices):
-                break
+                c.update(o)
         rule = next((c.rule for c in choices if c.rule), None)
         if last is not None and rule is not None:
             earlier = headers.get("X-Nanoseek-Policy")
@@ -216,41 +213,27 @@ class Service:
 
 
 class Choice:
-    """Per-choice text state: policy cut, reasoning split, what was already streamed."""
+    """One choice as the engine reports it (text, its reasoning/content split, the policy's cut) and how much of it
+    was already streamed."""
 
-    def __init__(self, service: Service, index: int, reasoning_start: bool):
-        self.policy, self.reasoning = service.policy, service.engine.reasoning
+    def __init__(self, service: Service, index: int):
+        self.policy = service.policy
         self.index = index
-        self.reasoning_start = reasoning_start
         self.sent_reasoning = self.sent_content = 0
         self.finish: str | None = None
-        self.rule = None
-        self.text = ""
-        self.searched = 0  # output-rule search covered the text before this index
+        self.rule = None  # the policy output rule that cut this choice
+        self.text = self.reasoning = self.content = ""
         self.logprobs_sent = 0
         self.reported = False  # its finish_reason was sent (streaming)
 
-    def update(self, o, final_engine: bool) -> tuple[str, str]:
-        policy, text = self.policy, o.text
-        final = final_engine or o.finished
-        if policy and policy.output_rules and self.finish is None:
-            hit = policy.check_output(text, self.searched)
-            self.searched = len(text)
-            if hit:
-                self.rule, cut = hit
-                text, final = text[:cut], True
-                self.finish = "content_filter"
+    def update(self, o) -> None:
+        self.text = o.text
+        self.reasoning, self.content = (o.reasoning_content or "", o.content or "") if o.content is not None \
+            else ("", o.text)
         if self.finish is None and o.finished:
-            self.finish = "length" if o.finish_reason == "length" else "stop"
-        shown = policy.visible(text, final) if policy else text
-        self.text = shown
-        if self.reasoning:
-            return split_reasoning(shown, self.reasoning_start, final)
-        return "", shown
-
-    def final_split(self) -> tuple[str, str]:
-        """(reasoning, content) of the whole text shown."""
-        return split_reasoning(self.text, self.reasoning_start, True) if self.reasoning else ("", self.text)
+            self.finish = o.finish_reason if o.finish_reason in ("length", "content_filter") else "stop"
+            if o.finish_reason == "content_filter":
+                self.rule = self.policy.output_rule(o.stop_reason)
 
 
 def logprobs_content(entries: list[dict] | None) -> dict | None:
