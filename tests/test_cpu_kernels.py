@@ -269,6 +269,47 @@ def test_mla_decode_attention_kernel_matches_float32_attention(heads, latent, ro
         torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, latent, rope", [(9, 40, 16), (4, 64, 32), (12, 256, 32)])
+def test_float32_mla_decode_attention_kernel_matches_float32_attention(heads, latent, rope, cache_dtype):
+    """The kernel every ISA builds (float32 queries, float32 or bf16 cache read in place): head groups with
+    remainders, latent widths off the vector width, one-token contexts, padded slot rows."""
+    g = torch.Generator().manual_seed(heads)
+    width, slots_total, S = latent + rope, 500, 40
+    cache = torch.randn(slots_total, width, generator=g).to(cache_dtype)
+    lengths = torch.tensor([37, 1, 16])
+    slots = torch.zeros(3, S, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = torch.randperm(slots_total, generator=g)[:n]
+    q = torch.randn(3, heads, width, generator=g)
+    out = ops.mla_cache_attention(q, cache, slots, lengths, 0.1, latent)
+    assert out.shape == (3, heads, latent) and out.dtype == torch.float32
+    for b, n in enumerate(lengths.tolist()):
+        keys = cache[slots[b, :n]].float()
+        ref = (q[b] @ keys.T * 0.1).softmax(-1) @ keys[:, :latent]
+        torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_a_float32_engine_decodes_mla_attention_from_the_cache_in_place(hf_checkpoint, monkeypatch):
+    """float32 inference (what every CPU without native bf16 runs) reads decode attention from the paged cache
+    through the kernel, and greedy output stays that of the gathered path."""
+    from nanoseek import LLM, SamplingParams
+
+    directory, _ = hf_checkpoint("deepseek_v3")
+    prompts, params = [[5, 9, 13, 2, 7], [40, 41, 42]], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    calls = []
+    original = ops.mla_cache_attention
+    monkeypatch.setattr(ops, "mla_cache_attention", lambda *a: calls.append(a[0].dtype) or original(*a))
+    llm = LLM(directory, dtype="float32", kv_cache_memory="4MiB")
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert calls and set(calls) == {torch.float32}
+    monkeypatch.setattr(type(llm.engine.model.model.layers[0].self_attn), "_decodes_from_cache", lambda *a: False)
+    gathered = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert ours == gathered
+
+
 def test_small_products_beyond_the_decode_row_limit_go_to_the_kernel():
     # 64 x 256 x 192: oneDNN's fixed cost would dominate; 64 x 4096 x 400: oneDNN's.
     assert 64 > decode.SMALL_ROWS and decode.small_product(64, 256, 192)

@@ -159,12 +159,14 @@ class MLAttention(nn.Module):
         return self.heads_absorbed(q_nope[:, None], q_rope[:, None], cached, batch.decode_mask)[:, 0]
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
-        """Whether the AVX512-BF16 kernel runs this step's decodes reading the cache in place: bf16 inference
-        with packed absorbed weights, and few sequences or not too many heads. It saves the gather and its
-        float32 copy (2x faster at batch 1; bench/engine.py's 32 sequences of 12 heads 1,088 -> 1,188
-        tokens/s; the speedrun model's 64 of 4 heads 6.5 -> 5.9 ms a step). With very many heads per sequence
-        (V3's 128) oneDNN's batched products over the gathered rows are the better kernel."""
-        return (self.derived is not None and self.derived.cache_kernel and cache.dtype == torch.bfloat16
+        """Whether a kernel runs this step's decodes reading the cache in place (bf16 inference with packed
+        absorbed weights on AVX512-BF16; float32 inference on every ISA), with few sequences or not too many
+        heads. It saves the gather and its float32 copy (bf16: 2x faster at batch 1; bench/engine.py's 32
+        sequences of 12 heads 1,088 -> 1,188 tokens/s; the speedrun model's 64 of 4 heads 6.5 -> 5.9 ms a
+        step). With very many heads per sequence (V3's 128) oneDNN's batched products over the gathered rows
+        are the better kernel."""
+        return (self.derived is not None and self.derived.cache_kernel
+                and cache.dtype in (torch.bfloat16, torch.float32)
                 and cache.is_contiguous() and not torch.is_grad_enabled() and batch.decode_lengths is not None
                 and (batch.decode_slots.shape[0] <= 4 or self.n_heads <= 32))
 

@@ -317,7 +317,7 @@ class AbsorbedPack:
     w_uk: torch.Tensor
     w_uv_t: torch.Tensor
     small: tuple[torch.Tensor, torch.Tensor] | None
-    cache_kernel: bool  # the in-place paged-cache attention kernel applies (AVX512-BF16, bf16 cache)
+    cache_kernel: bool  # a kernel reads decode attention in place from the paged cache (bf16: AVX512-BF16)
 
 
 def pack_absorbed(w_uk: torch.Tensor, w_uv_t: torch.Tensor, plan: Plan | None) -> AbsorbedPack:
@@ -326,8 +326,9 @@ def pack_absorbed(w_uk: torch.Tensor, w_uv_t: torch.Tensor, plan: Plan | None) -
         small = (pack_stack(w_uk.transpose(1, 2), plan), pack_stack(w_uv_t.transpose(1, 2), plan))
         small = None if None in small else small
     kernels = decode.decode_kernels() if plan is not None and plan.fused else None
-    cache_kernel = (small is not None and plan.compute == torch.bfloat16 and kernels is not None
-                    and hasattr(kernels, "mla_decode_attention"))
+    cache_kernel = kernels is not None and (
+        plan.compute == torch.float32
+        or small is not None and plan.compute == torch.bfloat16 and hasattr(kernels, "mla_decode_attention"))
     return AbsorbedPack(w_uk.detach().float().contiguous(), w_uv_t.detach().float().contiguous(), small,
                         cache_kernel)
 
@@ -353,9 +354,12 @@ def absorbed_output(out_latent: torch.Tensor, derived: AbsorbedPack | None, w_uv
 
 def mla_cache_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                         scale: float, latent_width: int) -> torch.Tensor:
-    """Absorbed MLA decode attention read in place from the paged latent cache (AVX512-BF16 kernel): q
-    [B, H, L + rope] bf16, cache [slots, L + rope] bf16 -> [B, H, L] float32."""
-    return decode.decode_kernels().mla_decode_attention(q, cache, slots, lengths, scale, latent_width)
+    """Absorbed MLA decode attention read in place from the paged latent cache: q [B, H, L + rope], cache
+    [slots, L + rope] -> [B, H, L] float32. bf16 q and cache: the AVX512-BF16 kernel; float32 q (float32 or bf16
+    cache): the kernel every ISA builds."""
+    if q.dtype == torch.bfloat16:
+        return decode.decode_kernels().mla_decode_attention(q, cache, slots, lengths, scale, latent_width)
+    return decode.decode_kernels().mla_decode_attention_f32(q.float(), cache, slots, lengths, scale, latent_width)
 
 
 # ---- losses ----

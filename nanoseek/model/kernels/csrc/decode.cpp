@@ -360,6 +360,110 @@ torch::Tensor select_experts(torch::Tensor choice, int64_t n_group, int64_t topk
   return out;
 }
 
+namespace {
+
+// Scores of one cached row against HG heads: each W-wide chunk of the row widened once for all of them.
+template <int HG, typename C>
+inline void row_scores(const float* qh, int64_t hn, int64_t D, const C* row, float scale, float* out, int64_t S) {
+  vf acc[HG];
+#pragma GCC unroll 8
+  for (int j = 0; j < HG; ++j) acc[j] = set1(0.0f);
+  for_lanes(D, [&](int64_t d, int64_t n) {
+    const vf k = load(row + d, n);
+#pragma GCC unroll 8
+    for (int j = 0; j < HG; ++j)
+      if (j < hn) acc[j] = fmadd(load(qh + j * D + d, n), k, acc[j]);
+  });
+  for (int j = 0; j < hn; ++j) out[j * S] = sum(acc[j]) * scale;
+}
+
+// out[h, chunks c0.. c0+CG) = sum over the cached rows of p[h, s] * row_s, for HG heads (hn live).
+template <int HG, int CG, typename C>
+inline void rows_weighted(const float* pp, int64_t S, int64_t len, const C* cp, const int64_t* slots, int64_t D,
+                          int64_t L, int64_t c0, int64_t hn, float* outp) {
+  vf acc[HG][CG];
+#pragma GCC unroll 8
+  for (int j = 0; j < HG; ++j)
+#pragma GCC unroll 4
+    for (int c = 0; c < CG; ++c) acc[j][c] = set1(0.0f);
+  for (int64_t s = 0; s < len; ++s) {
+    const C* row = cp + slots[s] * D;
+    vf kv[CG];
+#pragma GCC unroll 4
+    for (int c = 0; c < CG; ++c) {
+      const int64_t at = (c0 + c) * W;
+      kv[c] = at < L ? load(row + at, std::min<int64_t>(W, L - at)) : set1(0.0f);
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < HG; ++j) {
+      const vf p = set1(j < hn ? pp[j * S + s] : 0.0f);
+#pragma GCC unroll 4
+      for (int c = 0; c < CG; ++c) acc[j][c] = fmadd(p, kv[c], acc[j][c]);
+    }
+  }
+  for (int j = 0; j < hn; ++j)
+    for (int c = 0; c < CG; ++c) {
+      const int64_t at = (c0 + c) * W;
+      if (at < L) store(outp + j * L + at, acc[j][c], std::min<int64_t>(W, L - at));
+    }
+}
+
+}  // namespace
+
+// MLA decode attention from the paged latent cache for float32 queries, on every ISA the kernels build for
+// (AVX2, AVX-512, scalar): q [B, H, D] float32 (the absorbed query: latent L + rope), cache [slots, D] float32
+// or bf16 (widened in registers), slots [B, S] (padded), lengths [B] -> [B, H, L] float32. What the float32
+// engine did in ~6 ops per layer (gather the context, widen it, baddbmm, softmax, bmm, slice) in one call
+// that reads the context rows in place.
+torch::Tensor mla_decode_attention_f32(torch::Tensor q, torch::Tensor cache, torch::Tensor slots,
+                                       torch::Tensor lengths, double scale, int64_t L) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat, "float32 queries");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 2, "cache must be a contiguous [slots, width] tensor");
+  q = q.contiguous();
+  slots = slots.to(torch::kLong).contiguous();
+  lengths = lengths.to(torch::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = slots.size(1);
+  TORCH_CHECK(cache.size(1) == D && L <= D, "q and the cache rows must have the same width");
+  const float* qp = q.data_ptr<float>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  auto scores = torch::full({B, H, S}, -INFINITY, q.options());
+  float* scp = scores.data_ptr<float>();
+  auto out = torch::empty({B, H, L}, q.options());
+  float* outp = out.data_ptr<float>();
+  constexpr int HG = 4, CG = W == 1 ? 8 : 2;
+  const int64_t head_groups = (H + HG - 1) / HG, chunks = (L + W - 1) / W;
+  const float sc = static_cast<float>(scale);
+  auto run = [&](auto* tc) {
+    using C = std::remove_pointer_t<decltype(tc)>;
+    const C* cp = ptr<C>(cache);
+    at::parallel_for(0, B * head_groups, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / head_groups, h0 = (i % head_groups) * HG, hn = std::min<int64_t>(HG, H - h0);
+        for (int64_t s = 0; s < lp[b]; ++s)
+          row_scores<HG>(qp + (b * H + h0) * D, hn, D, cp + sp[b * S + s] * D, sc, scp + (b * H + h0) * S + s, S);
+      }
+    });
+    auto probs = at::_softmax(scores, -1, false);
+    const float* pp = probs.data_ptr<float>();
+    at::parallel_for(0, B * head_groups, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const int64_t b = i / head_groups, h0 = (i % head_groups) * HG, hn = std::min<int64_t>(HG, H - h0);
+        for (int64_t c0 = 0; c0 < chunks; c0 += CG)
+          rows_weighted<HG, CG>(pp + (b * H + h0) * S, S, lp[b], cp, sp + b * S, D, L, c0, hn,
+                                outp + (b * H + h0) * L);
+      }
+    });
+  };
+  if (cache.scalar_type() == at::kBFloat16) {
+    run(static_cast<uint16_t*>(nullptr));
+  } else {
+    TORCH_CHECK(cache.scalar_type() == at::kFloat, "cache must be float32 or bf16");
+    run(static_cast<float*>(nullptr));
+  }
+  return out;
+}
+
 #if defined(__AVX512BF16__)
 namespace {
 
@@ -536,6 +640,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #else
   m.attr("native_bf16") = false;
 #endif
+  m.def("mla_decode_attention_f32", &mla_decode_attention_f32);
   m.def("select_experts", &select_experts);
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
