@@ -222,10 +222,21 @@ def mtp_depths_in_checkpoint(keys, config: ModelConfig) -> int:
     return len(depths)
 
 
+def model_directory(path: str | Path) -> Path:
+    """`path` as a checkpoint directory: a GGUF file becomes its converted directory (interop/gguf_import.py)."""
+    if str(path).endswith(".gguf"):
+        from .interop.gguf_import import cached_checkpoint
+
+        if not Path(path).is_file():
+            raise CheckpointError(f"{path} does not exist")
+        return cached_checkpoint(path)
+    return Path(path)
+
+
 def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
                use_mtp: bool = True) -> Transformer:
-    """Loads an HF checkpoint directory into a nanoseek Transformer (see the module docstring)."""
-    path = Path(path)
+    """Loads an HF checkpoint directory (or a GGUF file) into a nanoseek Transformer (see the module docstring)."""
+    path = model_directory(path)
     config = ModelConfig.from_pretrained(path)
     files = find_checkpoint_files(path)
     keys = list(files.key_to_file)

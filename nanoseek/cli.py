@@ -235,6 +235,15 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .interop.gguf_export import export_gguf
+
+    out = export_gguf(args.model, args.out, args.type, modelfile=not args.no_modelfile)
+    print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB, {args.type})"
+          + ("" if args.no_modelfile else f" and {out.with_name('Modelfile')}"))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek system as one small package.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -315,6 +324,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cors", default="", help="comma-separated allowed origins (CORS is off by default)")
     p.add_argument("--shutdown-grace", type=int, default=10, help="seconds in-flight requests get on SIGTERM")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="write a model for another runtime: gguf (llama.cpp, Ollama)")
+    p.add_argument("format", choices=["gguf"])
+    p.add_argument("model", help="checkpoint directory")
+    p.add_argument("out", help="the .gguf file to write (an Ollama Modelfile is written beside it)")
+    p.add_argument("--type", default="f16", choices=["f32", "f16", "bf16", "q8_0", "q4_0"],
+                   help="tensor type of the matrices (norms, biases and routers stay f32)")
+    p.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write runs/NAME/report.md from a finished run")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/speedrun")

@@ -252,6 +252,10 @@ class ModelConfig:
 
     @classmethod
     def from_pretrained(cls, path: str | Path) -> "ModelConfig":
+        if str(path).endswith(".gguf"):
+            from .checkpoint import model_directory
+
+            path = model_directory(path)
         path = Path(path)
         file = path / "config.json" if path.is_dir() else path
         if not file.exists():

@@ -145,7 +145,9 @@ class Tokenizer:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_pretrained(path)
+    from .checkpoint import model_directory
+
+    return Tokenizer.from_pretrained(model_directory(path))
 
 
 # ---------------------------------------------------------------- training a tokenizer

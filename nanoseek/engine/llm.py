@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import load_model
+from ..checkpoint import load_model, model_directory
 from ..config import ModelConfig
 from ..errors import ConfigError
 from ..model import ops
@@ -56,7 +56,7 @@ class LLMEngine:
             self.model = model.eval()
             source = getattr(model, "checkpoint_dir", None)
         else:
-            source = Path(model)
+            source = model_directory(model)
             config = ModelConfig.from_pretrained(source)
             dev = resolve_device(device)
             precision = dtype if isinstance(dtype, Precision) else inference_precision(dtype, dev, config.torch_dtype)

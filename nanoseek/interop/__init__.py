@@ -1,0 +1,1 @@
+"""Interoperability with other runtimes: GGUF files for llama.cpp and Ollama."""
