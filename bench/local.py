@@ -1,0 +1,198 @@
+"""Local inference, nanoseek vs llama.cpp on the same weights (llama-cpp-python, the `llama` extra, built from source).
+
+    python bench/local.py [--quick] [--tokens 64] [--prompt 512]
+
+For each model -- (a) a Qwen2 student with DeepSeek-R1-Distill-Qwen-1.5B's shapes and (b) a DeepSeek-V2-Lite-shaped
+MoE slice (random weights, a trained tokenizer) -- the checkpoint is saved in bf16 (as published), exported with
+`nanoseek export gguf` at f16 (llama.cpp's float type for it), q8_0 and q4_0, and run:
+- correctness: llama.cpp's greedy continuation of the f32 export against nanoseek's float32 engine on the
+  checkpoint (64 tokens, identical or not), and for f16 / q8_0 / q4_0 the teacher-forced top-1 agreement of
+  llama.cpp's run with that f32 continuation;
+- speed: batch-1 decode tokens/s (median of per-token times after the first) and prefill tokens/s of a `--prompt`
+  token prompt, both sides with 2 threads, with bytes streamed per token / time against the 1 GiB sum-read
+  bandwidth measured around each run. nanoseek decodes its bf16 checkpoint at the precision its policy picks; it
+  has no q8_0/q4_0 decoding yet, so those rows give llama.cpp alone.
+Prints one JSON line last, with the CPU class.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit, machine  # noqa: E402
+from engine import read_bandwidth  # noqa: E402
+
+from nanoseek import LLM, SamplingParams, runtime  # noqa: E402
+from nanoseek.interop.gguf_export import export_gguf  # noqa: E402
+
+QWEN_1_5B = dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                 num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=4096, tie_word_embeddings=True,
+                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=1)
+V2_LITE_SLICE = dict(vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+                     num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16, q_lora_rank=None,
+                     kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=64,
+                     num_experts_per_tok=6, n_shared_experts=2, first_k_dense_replace=1, topk_method="greedy",
+                     norm_topk_prob=False, routed_scaling_factor=1.0, max_position_embeddings=4096,
+                     rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, bos_token_id=0, eos_token_id=1)
+
+
+def build(kind: str, shapes: dict, directory: Path) -> int:
+    """A bf16 checkpoint with random O(1) weights (routing that varies) and a trained tokenizer; its parameters."""
+    import transformers
+    from tiny import build_tokenizer
+
+    cls = transformers.Qwen2Config if kind == "qwen2" else transformers.DeepseekV2Config
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(cls(**shapes), dtype=torch.bfloat16).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0, p.shape[-1] ** -0.5)
+            elif "norm" in name:
+                p.fill_(1.0)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(directory)
+    del model
+    build_tokenizer(directory, vocab_size=300)
+    return params
+
+
+def llama(path: Path, n_ctx: int):
+    import llama_cpp
+
+    return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_batch=512, n_threads=2, logits_all=True,
+                           verbose=False, type_k=0, type_v=0)
+
+
+def llama_run(path: Path, prompt: list[int], tokens: int) -> dict:
+    """Greedy continuation, prefill seconds and per-token decode seconds of llama.cpp."""
+    llm = llama(path, len(prompt) + tokens + 8)
+    t = time.perf_counter()
+    llm.eval(prompt)
+    prefill = time.perf_counter() - t
+    out, times = [], []
+    for _ in range(tokens):
+        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        out.append(token)
+        t = time.perf_counter()
+        llm.eval([token])
+        times.append(time.perf_counter() - t)
+    del llm
+    return {"ids": out, "prefill_s": prefill, "decode_s": statistics.median(times[1:])}
+
+
+def llama_agreement(path: Path, prompt: list[int], reference: list[int]) -> float:
+    """Teacher-forced top-1 agreement: the share of positions of `reference` (the f32 greedy continuation) where
+    llama.cpp's argmax on this file is the reference token, given the reference prefix (one divergence does not
+    decide every later position, as it would comparing two free runs)."""
+    llm = llama(path, len(prompt) + len(reference) + 8)
+    llm.eval(prompt + reference[:-1])
+    picks = np.argmax(np.array(llm.scores[len(prompt) - 1: len(prompt) - 1 + len(reference)]), axis=-1)
+    del llm
+    return float(np.mean(picks == np.array(reference)))
+
+
+def nanoseek_run(directory: Path, prompt: list[int], tokens: int, dtype: str = "auto") -> dict:
+    llm = LLM(directory, dtype=dtype, kv_cache_memory="512MiB", max_num_batched_tokens=max(2048, len(prompt)))
+    llm.generate([prompt[:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))[0]
+    m = out.metrics
+    gaps = [b - a for a, b in zip(m.token_times[1:], m.token_times[2:])]
+    precision = llm.engine.model.compute_dtype
+    del llm
+    return {"ids": out.outputs[0].token_ids, "prefill_s": m.first_token_time - m.first_scheduled_time,
+            "decode_s": statistics.median(gaps), "dtype": str(precision).removeprefix("torch.")}
+
+
+def streamed_bytes(path: Path) -> int:
+    """Bytes a decoded token reads from a GGUF file: every tensor, the routed experts at their active share."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    used = {f.name: f.parts[-1][0] for f in reader.fields.values() if f.name.endswith("expert_used_count")}
+    share = next(iter(used.values()), 0) / max(1, next((f.parts[-1][0] for f in reader.fields.values()
+                                                         if f.name.endswith(".expert_count")), 1))
+    total = 0
+    for t in reader.tensors:
+        if t.name == "token_embd.weight" and any(x.name == "output.weight" for x in reader.tensors):
+            total += int(t.n_bytes) // int(t.shape[-1])  # a lookup: one row
+        elif "_exps" in t.name:
+            total += int(int(t.n_bytes) * share)
+        else:
+            total += int(t.n_bytes)
+    return total
+
+
+def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path, x: torch.Tensor) -> dict:
+    directory = work / kind
+    params = build(kind, shapes, directory)
+    g = torch.Generator().manual_seed(1)
+    prompt = torch.randint(3, 300, (prompt_len,), generator=g).tolist()
+    short = prompt[:32]
+    # Correctness: llama.cpp on the f32 export against nanoseek's float32 engine on the checkpoint.
+    f32_path = export_gguf(directory, work / f"{kind}-f32.gguf", "f32", modelfile=False)
+    f32 = llama_run(f32_path, short, tokens)["ids"]
+    f32_path.unlink()
+    ours_f32 = nanoseek_run(directory, short, tokens, "float32")["ids"]
+    # Speed: nanoseek at its policy's precision on the bf16 checkpoint, llama.cpp at f16 / q8_0 / q4_0.
+    before = read_bandwidth(x)
+    ours = nanoseek_run(directory, prompt, tokens)
+    ours_bw = max(before, read_bandwidth(x))
+    rows, moved = {}, {}
+    for qtype in ("f16", "q8_0", "q4_0"):
+        path = export_gguf(directory, work / f"{kind}-{qtype}.gguf", qtype, modelfile=False)
+        moved[qtype] = streamed_bytes(path)
+        before = read_bandwidth(x)
+        run = llama_run(path, prompt, tokens)
+        bw = max(before, read_bandwidth(x))
+        rows[qtype] = {"decode_tok_s": round(1 / run["decode_s"], 2),
+                       "prefill_tok_s": round(prompt_len / run["prefill_s"], 1),
+                       "bandwidth_utilization": round(moved[qtype] / run["decode_s"] / 1e9 / bw, 3),
+                       "top1_agreement_with_f32": round(llama_agreement(path, short, f32), 3)}
+        path.unlink()
+    # nanoseek's bf16 weights stream as many bytes as llama.cpp's f16 file.
+    nanoseek = {"dtype": ours["dtype"], "decode_tok_s": round(1 / ours["decode_s"], 2),
+                "prefill_tok_s": round(prompt_len / ours["prefill_s"], 1),
+                "bandwidth_utilization": round(moved["f16"] / ours["decode_s"] / 1e9 / ours_bw, 3)}
+    return {"params": params, "f32_greedy_identical": f32 == ours_f32,
+            "f32_greedy_agreement": round(sum(a == b for a, b in zip(f32, ours_f32)) / tokens, 3),
+            "nanoseek": nanoseek, "llama_cpp": rows,
+            "decode_ratio_vs_llama_cpp": {q: round(nanoseek["decode_tok_s"] / r["decode_tok_s"], 2)
+                                          for q, r in rows.items()}}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--prompt", type=int, default=512)
+    args = ap.parse_args()
+    torch.set_num_threads(2)
+    qwen, v2 = QWEN_1_5B, V2_LITE_SLICE
+    if args.quick:
+        qwen = dict(qwen, vocab_size=4096, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2)
+        v2 = dict(v2, vocab_size=4096, hidden_size=256, intermediate_size=512, moe_intermediate_size=128,
+                  num_hidden_layers=2, n_routed_experts=8, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
+                  v_head_dim=32, num_attention_heads=4, num_key_value_heads=4)
+    x = torch.ones(2 ** 28, dtype=torch.float32)
+    out = {"bench": "local", **machine(), "threads": 2, "tokens": args.tokens, "prompt_tokens": args.prompt,
+           "bf16_native": runtime.cpu().bf16_native}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, kind, shapes in (("qwen2_1.5b_shapes", "qwen2", qwen), ("v2_lite_slice", "deepseek_v2", v2)):
+            out[name] = one_model(kind, shapes, args.tokens, args.prompt, Path(tmp), x)
+    emit(out)
+
+
+if __name__ == "__main__":
+    main()
