@@ -4,9 +4,9 @@
 
 For each model -- (a) a Qwen2 student with DeepSeek-R1-Distill-Qwen-1.5B's shapes and (b) a DeepSeek-V2-Lite-shaped
 MoE slice (random weights, a trained tokenizer) -- the checkpoint is saved in bf16 (as published), exported with
-`nanoseek export gguf` at f16 (llama.cpp's float type for it), q8_0 and q4_0, and run:
+`nanoseek export gguf` at bf16 (the same bytes nanoseek streams), f16, q8_0 and q4_0, and run:
 - correctness: llama.cpp's greedy continuation of the f32 export against nanoseek's float32 engine on the
-  checkpoint (64 tokens, identical or not), and for f16 / q8_0 / q4_0 the teacher-forced top-1 agreement of
+  checkpoint (64 tokens, identical or not), and for each llama.cpp type the teacher-forced top-1 agreement of
   llama.cpp's run with that f32 continuation;
 - speed: batch-1 decode tokens/s (median of per-token times after the first) and prefill tokens/s of a `--prompt`
   token prompt, both sides with 2 threads, with bytes streamed per token / time against the 1 GiB sum-read
@@ -149,7 +149,7 @@ def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path,
     ours = nanoseek_run(directory, prompt, tokens)
     ours_bw = max(before, read_bandwidth(x))
     rows, moved = {}, {}
-    for qtype in ("f16", "q8_0", "q4_0"):
+    for qtype in ("bf16", "f16", "q8_0", "q4_0"):
         path = export_gguf(directory, work / f"{kind}-{qtype}.gguf", qtype, modelfile=False)
         moved[qtype] = streamed_bytes(path)
         before = read_bandwidth(x)
@@ -160,10 +160,10 @@ def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path,
                        "bandwidth_utilization": round(moved[qtype] / run["decode_s"] / 1e9 / bw, 3),
                        "top1_agreement_with_f32": round(llama_agreement(path, short, f32), 3)}
         path.unlink()
-    # nanoseek's bf16 weights stream as many bytes as llama.cpp's f16 file.
+    # nanoseek's bf16 weights stream as many bytes as llama.cpp's bf16 file.
     nanoseek = {"dtype": ours["dtype"], "decode_tok_s": round(1 / ours["decode_s"], 2),
                 "prefill_tok_s": round(prompt_len / ours["prefill_s"], 1),
-                "bandwidth_utilization": round(moved["f16"] / ours["decode_s"] / 1e9 / ours_bw, 3)}
+                "bandwidth_utilization": round(moved["bf16"] / ours["decode_s"] / 1e9 / ours_bw, 3)}
     return {"params": params, "f32_greedy_identical": f32 == ours_f32,
             "f32_greedy_agreement": round(sum(a == b for a, b in zip(f32, ours_f32)) / tokens, 3),
             "nanoseek": nanoseek, "llama_cpp": rows,

@@ -74,7 +74,10 @@ class Tokenizer:
         return {i for i, t in self.backend.get_added_tokens_decoder().items() if t.special}
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch entry point releases the GIL while it works (`encode` holds it: a 1 MB prompt tokenized on a
+        # server's worker thread stalled its event loop 0.6 s) and, without offsets, is also faster.
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
