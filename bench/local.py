@@ -6,18 +6,23 @@ For each model -- (a) a Qwen2 student with DeepSeek-R1-Distill-Qwen-1.5B's shape
 MoE slice (random weights, a trained tokenizer) -- the checkpoint is saved in bf16 (as published), exported with
 `nanoseek export gguf` at bf16 (the same bytes nanoseek streams), f16, q8_0 and q4_0, and run:
 - correctness: llama.cpp's greedy continuation of the f32 export against nanoseek's float32 engine on the
-  checkpoint (64 tokens, identical or not), and for each llama.cpp type the teacher-forced top-1 agreement of
+  checkpoint (64 tokens, identical or not), nanoseek's engine on the f32 GGUF file itself against the same, and
+  for each llama.cpp type the teacher-forced top-1 agreement of
   llama.cpp's run with that f32 continuation;
 - speed: batch-1 decode tokens/s (median of per-token times after the first) and prefill tokens/s of a `--prompt`
-  token prompt, both sides with 2 threads, with bytes streamed per token / time against the 1 GiB sum-read
-  bandwidth measured around each run. nanoseek decodes its bf16 checkpoint at the precision its policy picks; it
-  has no q8_0/q4_0 decoding yet, so those rows give llama.cpp alone.
+  token prompt, both sides with 2 threads. The headline pair is nanoseek on its bf16 checkpoint against llama.cpp
+  on the bf16 export (the same bytes per token), both loaded and run in alternation `--rounds` times, the median
+  per-round ratio reported (this host swings between fast and slow memory states from one run to the next);
+  llama.cpp's f16/q8_0/q4_0 files and a lone nanoseek run follow once each, with bytes streamed per token / time
+  against the 1 GiB sum-read bandwidth measured around each. nanoseek has no q8_0/q4_0 decoding yet.
 Prints one JSON line last, with the CPU class.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -74,9 +79,9 @@ def llama(path: Path, n_ctx: int):
                            verbose=False, type_k=0, type_v=0)
 
 
-def llama_run(path: Path, prompt: list[int], tokens: int) -> dict:
-    """Greedy continuation, prefill seconds and per-token decode seconds of llama.cpp."""
-    llm = llama(path, len(prompt) + tokens + 8)
+def llama_decode(llm, prompt: list[int], tokens: int) -> dict:
+    """Greedy continuation, prefill seconds and median per-token decode seconds of a loaded llama.cpp model."""
+    llm.reset()
     t = time.perf_counter()
     llm.eval(prompt)
     prefill = time.perf_counter() - t
@@ -87,8 +92,14 @@ def llama_run(path: Path, prompt: list[int], tokens: int) -> dict:
         t = time.perf_counter()
         llm.eval([token])
         times.append(time.perf_counter() - t)
-    del llm
     return {"ids": out, "prefill_s": prefill, "decode_s": statistics.median(times[1:])}
+
+
+def llama_run(path: Path, prompt: list[int], tokens: int) -> dict:
+    llm = llama(path, len(prompt) + tokens + 8)
+    result = llama_decode(llm, prompt, tokens)
+    del llm
+    return result
 
 
 def llama_agreement(path: Path, prompt: list[int], reference: list[int]) -> float:
@@ -102,16 +113,49 @@ def llama_agreement(path: Path, prompt: list[int], reference: list[int]) -> floa
     return float(np.mean(picks == np.array(reference)))
 
 
-def nanoseek_run(directory: Path, prompt: list[int], tokens: int, dtype: str = "auto") -> dict:
-    llm = LLM(directory, dtype=dtype, kv_cache_memory="512MiB", max_num_batched_tokens=max(2048, len(prompt)))
-    llm.generate([prompt[:16]], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))  # warm-up
+def nanoseek_engine(directory: Path, prompt_len: int, dtype: str = "auto") -> LLM:
+    """nanoseek's engine, warmed up, without prefix caching (a repeated prompt must be computed again)."""
+    llm = LLM(directory, dtype=dtype, kv_cache_memory="512MiB", max_num_batched_tokens=max(2048, prompt_len),
+              enable_prefix_caching=False)
+    llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
+    return llm
+
+
+def nanoseek_decode(llm: LLM, prompt: list[int], tokens: int) -> dict:
     out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True))[0]
     m = out.metrics
     gaps = [b - a for a, b in zip(m.token_times[1:], m.token_times[2:])]
-    precision = llm.engine.model.compute_dtype
-    del llm
     return {"ids": out.outputs[0].token_ids, "prefill_s": m.first_token_time - m.first_scheduled_time,
-            "decode_s": statistics.median(gaps), "dtype": str(precision).removeprefix("torch.")}
+            "decode_s": statistics.median(gaps), "dtype": str(llm.engine.model.compute_dtype).removeprefix("torch.")}
+
+
+def nanoseek_run(directory: Path, prompt: list[int], tokens: int, dtype: str = "auto") -> dict:
+    llm = nanoseek_engine(directory, len(prompt), dtype)
+    result = nanoseek_decode(llm, prompt, tokens)
+    del llm
+    return result
+
+
+def paired(directory: Path, path: Path, prompt: list[int], tokens: int, rounds: int) -> dict:
+    """nanoseek on the bf16 checkpoint and llama.cpp on its bf16 export (the same bytes per token), loaded side by
+    side and run in alternation `rounds` times: the median of the per-round ratios is robust to this host's swings
+    between its fast and slow memory states, which sequential single runs are not."""
+    ours, theirs = nanoseek_engine(directory, len(prompt)), llama(path, len(prompt) + tokens + 8)
+    per_round = []
+    for _ in range(rounds):
+        a, b = nanoseek_decode(ours, prompt, tokens), llama_decode(theirs, prompt, tokens)
+        per_round.append((a, b))
+    dtype = per_round[0][0]["dtype"]
+    del ours, theirs
+    med = lambda xs: round(statistics.median(xs), 2)  # noqa: E731
+    return {"rounds": rounds, "nanoseek_dtype": dtype,
+            "nanoseek_decode_tok_s": med([1 / a["decode_s"] for a, _ in per_round]),
+            "llama_cpp_decode_tok_s": med([1 / b["decode_s"] for _, b in per_round]),
+            "decode_ratio": med([b["decode_s"] / a["decode_s"] for a, b in per_round]),
+            "decode_ratios": [round(b["decode_s"] / a["decode_s"], 2) for a, b in per_round],
+            "nanoseek_prefill_tok_s": med([len(prompt) / a["prefill_s"] for a, _ in per_round]),
+            "llama_cpp_prefill_tok_s": med([len(prompt) / b["prefill_s"] for _, b in per_round]),
+            "prefill_ratio": med([b["prefill_s"] / a["prefill_s"] for a, b in per_round])}
 
 
 def streamed_bytes(path: Path) -> int:
@@ -133,7 +177,8 @@ def streamed_bytes(path: Path) -> int:
     return total
 
 
-def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path, x: torch.Tensor) -> dict:
+def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path, x: torch.Tensor,
+              rounds: int) -> dict:
     directory = work / kind
     params = build(kind, shapes, directory)
     g = torch.Generator().manual_seed(1)
@@ -142,16 +187,19 @@ def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path,
     # Correctness: llama.cpp on the f32 export against nanoseek's float32 engine on the checkpoint.
     f32_path = export_gguf(directory, work / f"{kind}-f32.gguf", "f32", modelfile=False)
     f32 = llama_run(f32_path, short, tokens)["ids"]
-    f32_path.unlink()
     ours_f32 = nanoseek_run(directory, short, tokens, "float32")["ids"]
-    # Speed: nanoseek at its policy's precision on the bf16 checkpoint, llama.cpp at f16 / q8_0 / q4_0.
-    before = read_bandwidth(x)
-    ours = nanoseek_run(directory, prompt, tokens)
-    ours_bw = max(before, read_bandwidth(x))
+    # GGUF -> nanoseek: the engine on the f32 file itself (converted into a cache directory under `work`).
+    os.environ["NANOSEEK_CACHE"] = str(work / "cache")
+    from_gguf = nanoseek_run(f32_path, short, tokens, "float32")["ids"]
+    f32_path.unlink()
+    shutil.rmtree(work / "cache")
+    # Speed: nanoseek against llama.cpp's bf16 file in alternation; llama.cpp's other types once each.
     rows, moved = {}, {}
     for qtype in ("bf16", "f16", "q8_0", "q4_0"):
         path = export_gguf(directory, work / f"{kind}-{qtype}.gguf", qtype, modelfile=False)
         moved[qtype] = streamed_bytes(path)
+        if qtype == "bf16":
+            pair = paired(directory, path, prompt, tokens, rounds)
         before = read_bandwidth(x)
         run = llama_run(path, prompt, tokens)
         bw = max(before, read_bandwidth(x))
@@ -160,14 +208,17 @@ def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path,
                        "bandwidth_utilization": round(moved[qtype] / run["decode_s"] / 1e9 / bw, 3),
                        "top1_agreement_with_f32": round(llama_agreement(path, short, f32), 3)}
         path.unlink()
+    before = read_bandwidth(x)
+    ours = nanoseek_run(directory, prompt, tokens)
+    ours_bw = max(before, read_bandwidth(x))
     # nanoseek's bf16 weights stream as many bytes as llama.cpp's bf16 file.
     nanoseek = {"dtype": ours["dtype"], "decode_tok_s": round(1 / ours["decode_s"], 2),
                 "prefill_tok_s": round(prompt_len / ours["prefill_s"], 1),
                 "bandwidth_utilization": round(moved["bf16"] / ours["decode_s"] / 1e9 / ours_bw, 3)}
-    return {"params": params, "f32_greedy_identical": f32 == ours_f32,
+    return {"params": params, "f32_greedy_identical": f32 == ours_f32, "gguf_to_nanoseek_identical": from_gguf == ours_f32,
             "f32_greedy_agreement": round(sum(a == b for a, b in zip(f32, ours_f32)) / tokens, 3),
-            "nanoseek": nanoseek, "llama_cpp": rows,
-            "decode_ratio_vs_llama_cpp": {q: round(nanoseek["decode_tok_s"] / r["decode_tok_s"], 2)
+            "paired_with_llama_cpp_bf16": pair, "nanoseek": nanoseek, "llama_cpp": rows,
+            "single_run_decode_ratio_vs_llama_cpp": {q: round(nanoseek["decode_tok_s"] / r["decode_tok_s"], 2)
                                           for q, r in rows.items()}}
 
 
@@ -176,6 +227,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="small shapes, for a smoke run")
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--prompt", type=int, default=512)
+    ap.add_argument("--rounds", type=int, default=3, help="alternating nanoseek / llama.cpp bf16 rounds")
     args = ap.parse_args()
     torch.set_num_threads(2)
     qwen, v2 = QWEN_1_5B, V2_LITE_SLICE
@@ -190,7 +242,7 @@ def main():
            "bf16_native": runtime.cpu().bf16_native}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kind, shapes in (("qwen2_1.5b_shapes", "qwen2", qwen), ("v2_lite_slice", "deepseek_v2", v2)):
-            out[name] = one_model(kind, shapes, args.tokens, args.prompt, Path(tmp), x)
+            out[name] = one_model(kind, shapes, args.tokens, args.prompt, Path(tmp), x, args.rounds)
     emit(out)
 
 

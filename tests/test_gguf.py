@@ -157,6 +157,8 @@ def test_the_r1_distill_tokenizer_is_read_from_its_gguf_with_its_special_tokens(
     assert ids == [backend.token_to_id("<｜User｜>"), 9707, 1879, backend.token_to_id("<think>")]
     assert backend.encode("hi").ids[0] == 151646  # add_bos_token is true in this file
     assert len(config["chat_template"]) == 2081
+    # ... and exports back under the llama.cpp pre-tokenizer with the same splitting rule.
+    assert llama_cpp_pre_tokenizer(json.loads(backend.to_str())) == "qwen2"
 
 
 @needs_llama_cpp

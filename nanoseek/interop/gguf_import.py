@@ -178,6 +178,7 @@ def _tensor(t) -> torch.Tensor:
 
 def _hf_tensors(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """GGUF tensors back to Hugging Face names and layouts."""
+    import gguf
     from gguf import MODEL_TENSOR, TENSOR_NAMES
 
     from .gguf_export import _layer_names
@@ -186,7 +187,7 @@ def _hf_tensors(config: dict, tensors: dict[str, torch.Tensor]) -> dict[str, tor
     out = {"model.embed_tokens.weight": tensors["token_embd.weight"], "model.norm.weight": tensors["output_norm.weight"]}
     if "output.weight" in tensors:
         out["lm_head.weight"] = tensors["output.weight"]
-    per_layer = _layer_names(__import__("gguf"))
+    per_layer = _layer_names(gguf)
     for i in range(config["num_hidden_layers"]):
         prefix = f"model.layers.{i}."
         for hf, kind in per_layer.items():
