@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -18,7 +19,6 @@ from nanoseek.interop.gguf_import import _Fields, tokenizer_from_gguf
 from nanoseek.tokenizer import load_tokenizer
 from tiny import CORPUS, build_tokenizer, save_hf_checkpoint
 
-gguf = pytest.importorskip("gguf")
 try:
     import llama_cpp
 except ImportError:  # the opt-in `llama` extra
@@ -29,19 +29,10 @@ R1_FIXTURE = Path(__file__).parent / "data" / "r1_distill_qwen_tokenizer.gguf"  
 EXPORTED = ["deepseek_v3", "deepseek_v3_no_q_lora", "deepseek_v2", "qwen2", "llama"]
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    cache = {}
-
-    def get(arch: str):
-        if arch not in cache:
-            directory = tmp_path_factory.mktemp(f"gguf_{arch}")
-            model = save_hf_checkpoint(arch, directory, vocab_size=320, max_position_embeddings=256)
-            build_tokenizer(directory, vocab_size=300)
-            cache[arch] = (directory, model)
-        return cache[arch]
-
-    return get
+@pytest.fixture
+def checkpoint(chat_checkpoint):
+    """arch -> (directory, transformers model): conftest's tiny checkpoints with a real tokenizer."""
+    return chat_checkpoint
 
 
 def prompt_ids(n: int = 24, seed: int = 0) -> list[int]:
