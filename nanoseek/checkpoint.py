@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from .config import ModelConfig
 from .errors import CheckpointError, NanoseekError
+from .model import quant
 from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
 
@@ -99,12 +100,27 @@ def map_key(key: str, config: ModelConfig) -> Target | None:
     return Target(key)
 
 
+QUANT_SCALE_SUFFIX = "_scale"  # `X.weight_scale` beside the integers of a quantized `X.weight`
+
+
+def quantized_parameters(model: Transformer) -> dict[str, quant.QuantizedWeight]:
+    """Parameter name -> its QuantizedWeight, for the weights a quantized model keeps as integers and has not
+    changed since (a weight trained further is written as the float it now is)."""
+    found = {}
+    for module_name, module in model.named_modules():
+        for name, qw in (getattr(module, "quantized", None) or {}).items():
+            if qw.current(getattr(module, name)):
+                found[f"{module_name}.{name}" if module_name else name] = qw
+    return found
+
+
 def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable, tuple, torch.dtype]]:
     """(checkpoint key, thunk producing the tensor, shape, dtype) for every tensor a saved checkpoint holds."""
     config = model.config
     L = config.num_hidden_layers
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers()))
+    quantized = quantized_parameters(model)
     for name, tensor in named.items():
         if name.startswith("rotary."):
             continue
@@ -119,17 +135,23 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
             elif rest == "shared_head_norm.weight":
                 rest = "shared_head.norm.weight"
             key = prefix + rest
-        if key.endswith("mlp.experts.gate_up_proj"):
-            base, I = key[: -len("gate_up_proj")], tensor.shape[1] // 2
-            for ex in range(tensor.shape[0]):
-                yield f"{base}{ex}.gate_proj.weight", (lambda t=tensor, ex=ex: t[ex, :I]), (I, tensor.shape[2]), tensor.dtype
-                yield f"{base}{ex}.up_proj.weight", (lambda t=tensor, ex=ex: t[ex, I:]), (I, tensor.shape[2]), tensor.dtype
-        elif key.endswith("mlp.experts.down_proj"):
-            base = key[: -len("down_proj")]
-            for ex in range(tensor.shape[0]):
-                yield f"{base}{ex}.down_proj.weight", (lambda t=tensor, ex=ex: t[ex]), tuple(tensor.shape[1:]), tensor.dtype
-        else:
-            yield key, (lambda t=tensor: t), tuple(tensor.shape), tensor.dtype
+        # A quantized weight is written as its integers under the weight's key and its scales beside them.
+        variants = [("", tensor)]
+        if name in quantized:
+            variants = [("", quantized[name].stored()), (QUANT_SCALE_SUFFIX, quantized[name].scales)]
+        for suffix, t in variants:
+            if key.endswith("mlp.experts.gate_up_proj"):
+                base, I = key[: -len("gate_up_proj")], t.shape[1] // 2
+                for ex in range(t.shape[0]):
+                    for part, rows in (("gate_proj", slice(None, I)), ("up_proj", slice(I, None))):
+                        yield (f"{base}{ex}.{part}.weight{suffix}", (lambda t=t, ex=ex, rows=rows: t[ex, rows]),
+                               (I, t.shape[2]), t.dtype)
+            elif key.endswith("mlp.experts.down_proj"):
+                base = key[: -len("down_proj")]
+                for ex in range(t.shape[0]):
+                    yield f"{base}{ex}.down_proj.weight{suffix}", (lambda t=t, ex=ex: t[ex]), tuple(t.shape[1:]), t.dtype
+            else:
+                yield key + suffix, (lambda t=t: t), tuple(t.shape), t.dtype
     # vLLM and DeepSeek's layout keep a copy of the shared embedding and head inside each MTP layer.
     for k in range(len(model.mtp)):
         prefix = f"model.layers.{L + k}."
@@ -256,7 +278,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
         keys = [k for k in keys if not ((m := _LAYER.match(k)) and int(m.group(1)) >= config.num_hidden_layers)]
 
     model = _allocate(config, device, dtype)
-    _stream_into(model, files, keys, dtype)
+    scheme = quant.scheme_from_config(config.extra.get("quantization_config"))
+    _stream_into(model, files, keys, dtype, scheme)
+    if scheme is not None:
+        model.quantization = scheme
     if any(files.dtype_name(k) == "F8_E4M3" for k in keys if k.endswith(".weight")):
         config.extra.pop("quantization_config", None)  # the loaded weights are dequantized
     model.config = config
@@ -280,7 +305,8 @@ def _allocate(config: ModelConfig, device, dtype) -> Transformer:
     return model
 
 
-def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dtype: torch.dtype) -> None:
+def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dtype: torch.dtype,
+                 scheme: quant.Scheme | None = None) -> None:
     config = model.config
     params = dict(model.named_parameters(remove_duplicate=False))
     params.update(dict(model.named_buffers()))
@@ -299,8 +325,9 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
         else:
             needed[(name, None, None)] = tuple(t.shape)
 
-    scale_keys = {k for k in keys if k.endswith("_scale_inv")}
+    scale_keys = {k for k in keys if k.endswith("_scale_inv") or k.endswith(".weight" + QUANT_SCALE_SUFFIX)}
     unexpected, misshaped, filled = [], [], set()
+    loaded: dict[tuple, quant.QuantizedWeight] = {}  # slot -> the integers of a quantized checkpoint
     for key in keys:
         if key in scale_keys or _IGNORED.search(key):
             continue
@@ -314,6 +341,13 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
             unexpected.append(key)
             continue
         shape = files.shape(key)
+        integers = files.dtype_name(key) in ("I8", "U8")
+        if integers:
+            if scheme is None:
+                raise CheckpointError(f"{key} holds integers but config.json has no nanoseek quantization_config: "
+                                      "write quantized checkpoints with `nanoseek quantize`")
+            if scheme.bits == 4:
+                shape = (*shape[:-1], shape[-1] * 2)  # two int4 values per byte
         if shape != needed[slot]:
             misshaped.append(f"{key}: checkpoint {list(shape)} vs model {list(needed[slot])}")
             continue
@@ -326,6 +360,12 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
             if scale_key not in files.key_to_file:
                 raise CheckpointError(f"{key} is float8 but {scale_key} is missing")
             tensor = fp8_block_dequantize(tensor, files.tensor(scale_key), torch.float32)
+        elif integers:
+            scale_key = key + QUANT_SCALE_SUFFIX
+            if scale_key not in files.key_to_file:
+                raise CheckpointError(f"{key} holds integers but {scale_key} is missing")
+            loaded[slot] = quant.QuantizedWeight.from_stored(tensor, files.tensor(scale_key), scheme.bits)
+            tensor = loaded[slot].dequantize()
         dest = params[target.name]
         if target.expert is not None:
             dest = dest[target.expert]
@@ -342,6 +382,36 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
                 shown = ", ".join(items[:12]) + (f", ... ({len(items) - 12} more)" if len(items) > 12 else "")
                 parts.append(f"{len(items)} {label}: {shown}")
         raise CheckpointError(f"checkpoint {files.directory} does not match its config.json ({'; '.join(parts)})")
+    _attach_quantized(model, loaded)
+
+
+def _attach_quantized(model: Transformer, loaded: dict[tuple, "quant.QuantizedWeight"]) -> None:
+    """Keeps the integers a quantized checkpoint held beside the dequantized parameters (model/quant.py); the
+    routed experts' slices are stacked back as the model stores them."""
+    stacks: dict[str, dict] = {}
+    for (name, expert, part), qw in loaded.items():
+        if expert is None:
+            module_name, param = name.rsplit(".", 1)
+            module = model.get_submodule(module_name)
+            if not getattr(module, "quantized", None):
+                module.quantized = {}
+            module.quantized[param] = qw.attached_to(getattr(module, param))
+        else:
+            stacks.setdefault(name, {})[(expert, part)] = qw
+    for name, parts in stacks.items():
+        module_name, param = name.rsplit(".", 1)
+        module = model.get_submodule(module_name)
+        order = ("down_proj",) if param == "down_proj" else ("gate_proj", "up_proj")
+        wanted = [(e, p) for e in range(getattr(module, param).shape[0]) for p in order]
+        if any(w not in parts for w in wanted):
+            continue  # some experts were stored in float: the stack stays float
+        per_expert = [[parts[(e, p)] for p in order] for e in range(len(wanted) // len(order))]
+        q = torch.stack([torch.cat([x.q for x in row]) for row in per_expert])
+        scales = torch.stack([torch.cat([x.scales for x in row]) for row in per_expert])
+        if not getattr(module, "quantized", None):
+            module.quantized = {}
+        module.quantized[param] = quant.QuantizedWeight(q, scales, per_expert[0][0].bits).attached_to(
+            getattr(module, param))
 
 
 def _slot_key(slot: tuple, config: ModelConfig) -> str:
@@ -408,7 +478,8 @@ def _write_weights(model: Transformer, directory: Path, dtype, max_shard_size: i
     size = 0
     for entry in entries:
         key, _, shape, t_dtype = entry
-        out_dtype = t_dtype if (dtype is None or t_dtype == torch.float32 and _keep_fp32(key)) else dtype
+        out_dtype = t_dtype if (dtype is None or not t_dtype.is_floating_point
+                                or t_dtype == torch.float32 and _keep_fp32(key)) else dtype
         nbytes = math.prod(shape) * torch.empty((), dtype=out_dtype).element_size()
         if shards[-1] and size + nbytes > max_shard_size:
             shards.append([])
@@ -437,5 +508,7 @@ def _write_weights(model: Transformer, directory: Path, dtype, max_shard_size: i
 
 
 def _keep_fp32(key: str) -> bool:
-    """Routing tensors stay float32 on disk, as in DeepSeek's and transformers' checkpoints."""
-    return key.endswith("mlp.gate.weight") or key.endswith("e_score_correction_bias")
+    """Routing tensors stay float32 on disk, as in DeepSeek's and transformers' checkpoints; so do the scales
+    of quantized weights."""
+    return (key.endswith("mlp.gate.weight") or key.endswith("e_score_correction_bias")
+            or key.endswith(".weight" + QUANT_SCALE_SUFFIX))

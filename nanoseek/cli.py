@@ -103,6 +103,8 @@ def _engine_args(p: argparse.ArgumentParser, model_help: str = "model directory 
                         "weights), float32 or bfloat16")
     p.add_argument("--kv-cache-memory", default="1GiB", help="KV cache budget, e.g. 512MiB")
     p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g128"],
+                   help="weight-only quantization at load: int8 per output channel, int4 in groups of 32 (or 128)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -127,7 +129,7 @@ def _llm(args):
     from .engine import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-               max_model_len=args.max_model_len)
+               max_model_len=args.max_model_len, quantization=args.quantization)
 
 
 def cmd_generate(args) -> int:
@@ -244,6 +246,14 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_quantize(args) -> int:
+    from .interop.quantize import quantize_checkpoint
+
+    summary = quantize_checkpoint(args.src, args.dst, args.scheme)
+    print(json.dumps(summary))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nanoseek", description="The DeepSeek system as one small package.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -333,6 +343,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tensor type of the matrices (norms, biases and routers stay f32)")
     p.add_argument("--no-modelfile", action="store_true", help="do not write the Ollama Modelfile")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quantize", help="write a weight-only quantized checkpoint (int8, int4) that loads as is")
+    p.add_argument("src", help="checkpoint directory (or .gguf file) to quantize")
+    p.add_argument("dst", help="directory to write")
+    p.add_argument("--scheme", default="int8", choices=["int8", "int4", "int4-g128"],
+                   help="int8 per output channel, int4 in groups of 32 inputs (or 128)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("report", help="write runs/NAME/report.md from a finished run")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/speedrun")

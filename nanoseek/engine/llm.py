@@ -19,7 +19,7 @@ import torch
 from ..checkpoint import load_model, model_directory
 from ..config import ModelConfig
 from ..errors import ConfigError
-from ..model import ops
+from ..model import ops, quant
 from ..model.transformer import Transformer
 from ..runtime import Precision, inference_precision, notify, resolve_device
 from ..tokenizer import Tokenizer, load_tokenizer
@@ -51,7 +51,7 @@ class LLMEngine:
                  device: str | None = "cpu", dtype: str | torch.dtype | Precision = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, kv_cache_memory: int | str = "1GiB",
                  enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int | None = None,
-                 pack_weights: bool = True):
+                 pack_weights: bool = True, quantization: str | None = None):
         if isinstance(model, Transformer):
             self.model = model.eval()
             source = getattr(model, "checkpoint_dir", None)
@@ -70,6 +70,7 @@ class LLMEngine:
         config = self.model.config
         self.config = config
         self.pack_weights = pack_weights
+        self._quantize(quantization)
         self._derive_weights()
 
         slot_shape = self.model.kv_cache_shape()
@@ -329,9 +330,23 @@ class LLMEngine:
                     raise ConfigError(f"update_weights: {name} has shape {list(src.shape)}, "
                                       f"expected {list(tensor.shape)}")
                 tensor.copy_(src.detach().to(tensor.device, tensor.dtype))
+            if self.quantization is not None:  # new float weights: quantized like the ones they replace
+                quant.quantize_model(self.model, self.quantization)
             self._derive_weights()
             self.scheduler.preempt_all()
             self.blocks.reset_prefix_cache()
+
+    def _quantize(self, quantization: str | None) -> None:
+        """Weight-only quantization (model/quant.py): of the float model as asked, or as the checkpoint was
+        quantized by `nanoseek quantize` (asking for another scheme than the checkpoint's is an error)."""
+        asked = quant.scheme(quantization)
+        loaded = getattr(self.model, "quantization", None)
+        if asked is not None and loaded is not None and asked != loaded:
+            raise ConfigError(f"the checkpoint is already quantized as {loaded.name}: drop --quantization "
+                              f"{asked.name}, or quantize the float checkpoint")
+        if asked is not None and loaded is None:
+            quant.quantize_model(self.model, asked)
+        self.quantization = asked or loaded
 
     def _derive_weights(self) -> None:
         """(Re)builds every tensor computed from the weights: absorbed MLA projections, packed CPU kernels."""

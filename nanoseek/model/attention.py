@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from . import ops
+from . import ops, quant
 from .layers import Linear, RMSNorm
 from .paged import PagedBatch
 from .rope import Rope
@@ -72,7 +72,16 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
 
     def derive(self, plan: ops.Plan | None) -> None:
-        self.derived = None if plan is None else ops.pack_absorbed(*self.absorbed_weights(), plan)
+        self.derived = None if plan is None else ops.pack_absorbed(*self.absorbed_weights(), plan, self._uv_quantized())
+
+    def _uv_quantized(self) -> quant.QuantizedWeight | None:
+        """W_UV [H, v, L]: the value rows of a quantized kv_b_proj, as integers."""
+        qw = quant.quantized_of(self.kv_b_proj)
+        if qw is None:
+            return None
+        rows = (self.n_heads, self.nope_dim + self.v_dim, -1)
+        return quant.QuantizedWeight(qw.q.view(rows)[:, self.nope_dim:], qw.scales.view(rows)[:, self.nope_dim:],
+                                     qw.bits)
 
     # ---- second half, two interchangeable ways; `cached` is [B, S, kv_lora + rope] = [c_kv | k_r] ----
     def heads_full(self, q_nope, q_rope, cached, mask):

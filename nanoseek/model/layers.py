@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from . import ops
+from . import ops, quant
 
 ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "relu": F.relu}
 
@@ -30,7 +30,7 @@ class Linear(nn.Linear):
         return ops.linear(x, self.weight, self.bias, self.derived)
 
     def derive(self, plan: ops.Plan | None) -> None:
-        self.derived = ops.pack_linear(self.weight, plan)
+        self.derived = ops.pack_linear(self.weight, plan, quant.quantized_of(self))
 
 
 class RMSNorm(nn.Module):
@@ -71,4 +71,10 @@ class MLP(nn.Module):
     def derive(self, plan: ops.Plan | None) -> None:
         no_bias = self.gate_proj.bias is None and self.up_proj.bias is None
         wanted = plan is not None and plan.small and no_bias
-        self.derived = ops.pack_stack(torch.cat((self.gate_proj.weight, self.up_proj.weight)), plan) if wanted else None
+        parts = quant.quantized_of(self.gate_proj), quant.quantized_of(self.up_proj)
+        stacked = None
+        if None not in parts and parts[0].group == parts[1].group:
+            stacked = quant.QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
+                                            parts[0].bits)
+        weight = torch.cat((self.gate_proj.weight, self.up_proj.weight))
+        self.derived = ops.pack_stack(weight, plan, stacked) if wanted else None

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from . import ops
+from . import ops, quant
 from .layers import MLP, activation
 
 
@@ -96,7 +96,8 @@ class Experts(nn.Module):
                                   training=self.training, derived=self.derived)
 
     def derive(self, plan: ops.Plan | None) -> None:
-        self.derived = ops.pack_experts(self.gate_up_proj, self.down_proj, plan)
+        self.derived = ops.pack_experts(self.gate_up_proj, self.down_proj, plan,
+                                        (quant.quantized_of(self, "gate_up_proj"), quant.quantized_of(self, "down_proj")))
 
 
 class MoE(nn.Module):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..runtime import cpu
+from . import quant
 from .kernels import decode
 from .kernels import training as train_ops
 from .kernels.training import compute_dtype, fused_training
@@ -39,27 +40,29 @@ def eager():
 class Plan:
     """How a model's derived weights are built. compute: the activations' dtype; onednn: pack weights of the
     compute dtype for oneDNN; small: pack bf16 weights for the decode kernel; fused: the decode-time fusions
-    (norm, expert selection, MLA cache attention) are available."""
+    (norm, expert selection, MLA cache attention) are available; quant: the model's weights are quantized
+    (model/quant.py), and the decode kernel streams their integers instead."""
 
     compute: torch.dtype
     onednn: bool
     small: bool
     fused: bool
+    quant: quant.Scheme | None = None
 
 
-def inference_plan(device: torch.device, compute: torch.dtype) -> Plan | None:
+def inference_plan(device: torch.device, compute: torch.dtype, scheme: quant.Scheme | None = None) -> Plan | None:
     """None where nothing is derived (GPUs, or dtypes no kernel handles)."""
     if device.type != "cpu" or compute not in (torch.float32, torch.bfloat16):
         return None
     kernels = decode.decode_kernels() is not None
-    return Plan(compute, decode.onednn_packs(compute), kernels, kernels)
+    return Plan(compute, decode.onednn_packs(compute), kernels, kernels, scheme)
 
 
 def derive_weights(model: torch.nn.Module, plan: Plan | None | str = "auto") -> None:
     """Rebuilds (plan "auto": for the model's device and compute dtype) or drops (None) every module's
     derived weights. Call again whenever the weights change."""
     if plan == "auto":
-        plan = inference_plan(model.device, model.compute_dtype)
+        plan = inference_plan(model.device, model.compute_dtype, getattr(model, "quantization", None))
     for module in model.modules():
         if hasattr(module, "derive"):
             module.derive(plan)
@@ -74,17 +77,25 @@ class LinearPack:
     out_features: int
 
 
-def pack_linear(weight: torch.Tensor, plan: Plan | None) -> LinearPack | None:
+def pack_linear(weight: torch.Tensor, plan: Plan | None, quantized: quant.QuantizedWeight | None = None
+                ) -> LinearPack | None:
+    """`quantized`: the weight's integers (its values are their dequantization), for the decode kernel."""
     if plan is None:
         return None
     onednn = decode.onednn_pack(weight) if plan.onednn and weight.dtype == plan.compute else None
-    small = decode.small_pack(weight) if plan.small else None
+    small = pack_stack(weight, plan, quantized)
     return None if onednn is None and small is None else LinearPack(onednn, small, weight.shape[0])
 
 
-def pack_stack(weight: torch.Tensor, plan: Plan | None) -> torch.Tensor | None:
-    """The decode kernel's copy of stacked bf16 weights [E, N, K] (experts, heads, gate and up), or None."""
-    return decode.small_pack(weight) if plan is not None and plan.small else None
+def pack_stack(weight: torch.Tensor, plan: Plan | None, quantized: quant.QuantizedWeight | None = None
+               ) -> torch.Tensor | decode.QuantPack | None:
+    """The decode kernel's copy of a weight or of stacked weights [E, N, K] (experts, heads, gate and up):
+    their integers where `quantized` holds them, else bf16 weights; None where the kernel does not apply."""
+    if plan is None or not plan.small:
+        return None
+    if quantized is not None:
+        return decode.quant_pack(quantized.q, quantized.scales, quantized.bits)
+    return decode.small_pack(weight)
 
 
 def pack_each(weights: torch.Tensor, plan: Plan | None) -> list[torch.Tensor] | None:
@@ -168,11 +179,17 @@ class ExpertsPack:
     small: tuple[torch.Tensor, torch.Tensor] | None
 
 
-def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, plan: Plan | None) -> ExpertsPack | None:
+def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, plan: Plan | None,
+                 quantized: tuple[quant.QuantizedWeight | None, quant.QuantizedWeight | None] = (None, None)
+                 ) -> ExpertsPack | None:
     if plan is None:
         return None
     onednn = pack_each(gate_up, plan), pack_each(down, plan)
-    small = pack_stack(gate_up, plan), pack_stack(down, plan)
+    if (quantized[0] is None) != (quantized[1] is None):
+        quantized = (None, None)  # the kernel runs both stacks in one format
+    small = pack_stack(gate_up, plan, quantized[0]), pack_stack(down, plan, quantized[1])
+    if None not in small and type(small[0]) is not type(small[1]):
+        small = (None, None)
     return ExpertsPack(None if None in onednn else onednn, None if None in small else small)
 
 
@@ -188,7 +205,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
             and indices.numel() <= decode.SMALL_ROWS_PER_EXPERT * min(indices.numel(), gate_up.shape[0]):
         # Decoding (few rows per expert, were every routed copy spread evenly; no host sync to count them):
         # the whole layer in one kernel call.
-        return decode.decode_kernels().moe_swiglu(x, weights, indices, *derived.small, down.shape[-1])
+        return decode.moe_swiglu(x, weights, indices, *derived.small, down.shape[-1])
     onednn = derived.onednn if inference and x.dtype == gate_up.dtype else None
 
     def expert(rows: torch.Tensor, e: int) -> torch.Tensor:
@@ -316,27 +333,32 @@ class AbsorbedPack:
 
     w_uk: torch.Tensor
     w_uv_t: torch.Tensor
-    small: tuple[torch.Tensor, torch.Tensor] | None
+    small: tuple[torch.Tensor | None, torch.Tensor | decode.QuantPack | None] | None
     cache_kernel: bool  # a kernel reads decode attention in place from the paged cache (bf16: AVX512-BF16)
 
 
-def pack_absorbed(w_uk: torch.Tensor, w_uv_t: torch.Tensor, plan: Plan | None) -> AbsorbedPack:
+def pack_absorbed(w_uk: torch.Tensor, w_uv_t: torch.Tensor, plan: Plan | None,
+                  uv_quantized: quant.QuantizedWeight | None = None) -> AbsorbedPack:
+    """`uv_quantized`: W_UV [H, v, L] as integers, where kv_b_proj is quantized (its value rows, whose groups run
+    along the latent as the product's do). W_UK reads kv_b_proj's key rows across their groups, so it keeps
+    their dequantized values: the same model on every path."""
     small = None
     if plan is not None and plan.small:
-        small = (pack_stack(w_uk.transpose(1, 2), plan), pack_stack(w_uv_t.transpose(1, 2), plan))
-        small = None if None in small else small
+        small = (pack_stack(w_uk.transpose(1, 2), plan), pack_stack(w_uv_t.transpose(1, 2), plan, uv_quantized))
     kernels = decode.decode_kernels() if plan is not None and plan.fused else None
     cache_kernel = kernels is not None and (
         plan.compute == torch.float32
-        or small is not None and plan.compute == torch.bfloat16 and hasattr(kernels, "mla_decode_attention"))
+        or small is not None and None not in small and plan.compute == torch.bfloat16
+        and hasattr(kernels, "mla_decode_attention"))
     return AbsorbedPack(w_uk.detach().float().contiguous(), w_uv_t.detach().float().contiguous(), small,
                         cache_kernel)
 
 
 def absorbed_query(q_nope: torch.Tensor, derived: AbsorbedPack | None, w_uk: torch.Tensor) -> torch.Tensor:
     """q_nope [R, H, nope] -> the latent query q_nope W_UK [R, H, L] (float32 unless the kernel ran it)."""
-    if derived is not None and derived.small is not None and not torch.is_grad_enabled() \
-            and q_nope.dtype in (torch.bfloat16, torch.float32) and q_nope.shape[0] <= 64:
+    if derived is not None and derived.small is not None and derived.small[0] is not None \
+            and not torch.is_grad_enabled() and q_nope.dtype in (torch.bfloat16, torch.float32) \
+            and q_nope.shape[0] <= 64:
         return decode.per_head_linear(q_nope, derived.small[0], w_uk.shape[-1])
     w = derived.w_uk if derived is not None else w_uk
     return bmm(q_nope.transpose(0, 1).to(w.dtype), w).transpose(0, 1)
@@ -345,8 +367,9 @@ def absorbed_query(q_nope: torch.Tensor, derived: AbsorbedPack | None, w_uk: tor
 def absorbed_output(out_latent: torch.Tensor, derived: AbsorbedPack | None, w_uv_t: torch.Tensor,
                     dtype: torch.dtype) -> torch.Tensor:
     """Per-head latent outputs [R, H, L] -> value outputs [R, H, v] in `dtype`."""
-    if derived is not None and derived.small is not None and not torch.is_grad_enabled() \
-            and dtype in (torch.bfloat16, torch.float32) and out_latent.shape[0] <= 64:
+    if derived is not None and derived.small is not None and derived.small[1] is not None \
+            and not torch.is_grad_enabled() and dtype in (torch.bfloat16, torch.float32) \
+            and out_latent.shape[0] <= 64:
         return decode.per_head_linear(out_latent.to(dtype), derived.small[1], w_uv_t.shape[-1])
     w = derived.w_uv_t if derived is not None else w_uv_t
     return bmm(out_latent.transpose(0, 1).to(w.dtype), w).transpose(0, 1).to(dtype)

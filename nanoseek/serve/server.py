@@ -27,6 +27,7 @@ class ServerSettings:
     dtype: str = "auto"
     kv_cache_memory: str = "1GiB"
     max_model_len: int | None = None
+    quantization: str | None = None
     max_num_seqs: int = 64
     host: str = "127.0.0.1"
     port: int = 8000
@@ -50,7 +51,7 @@ class ServerSettings:
 def build(settings: ServerSettings) -> tuple:
     llm = AsyncLLM(settings.model, device=settings.device, dtype=settings.dtype,
                    kv_cache_memory=settings.kv_cache_memory, max_model_len=settings.max_model_len,
-                   max_num_seqs=settings.max_num_seqs)
+                   max_num_seqs=settings.max_num_seqs, quantization=settings.quantization)
     prices = calibrate(llm.engine, settings.cost_per_hour) if settings.cost_per_hour else None
     config = ServeConfig(model_name=settings.served_model_name or os.path.basename(os.path.normpath(settings.model)),
                          api_key=settings.api_key or os.environ.get("NANOSEEK_API_KEY") or None,

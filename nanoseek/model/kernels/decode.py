@@ -20,6 +20,7 @@ Nothing here knows the model's modules: model/ops.py asks for packed copies and 
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -54,6 +55,43 @@ def small_pack(weight: torch.Tensor) -> torch.Tensor | None:
     return kernels.pack(weight.detach())
 
 
+@dataclass(frozen=True)
+class QuantPack:
+    """The decode kernel's copy of a quantized weight [E, N, K] (model/quant.py): integers packed [E, N/16, K,
+    16] (int8) or [E, N/16, K/2, 16] (int4, two to a byte), scales [E, N/16, K/group, 16] float32."""
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    bits: int
+
+
+def quant_pack(q: torch.Tensor, scales: torch.Tensor, bits: int) -> QuantPack | None:
+    """Packs integers q [N, K] or [E, N, K] (int8; int4 values in [-8, 7]) with scales [..., N, K / group] for
+    the decode kernel, or None where it does not apply (no kernels, N not a multiple of 16)."""
+    if decode_kernels() is None or q.device.type != "cpu" or q.shape[-2] % 16:
+        return None
+    if q.dim() == 2:
+        q, scales = q.unsqueeze(0), scales.unsqueeze(0)
+    E, N, K = q.shape
+    G = scales.shape[-1]
+    if bits == 8:
+        packed = q.view(torch.uint8).reshape(E, N // 16, 16, K).permute(0, 1, 3, 2)
+    else:
+        u = (q + 8).to(torch.uint8).reshape(E, N // 16, 16, K // 2, 2)
+        packed = (u[..., 0] | (u[..., 1] << 4)).permute(0, 1, 3, 2)
+    blocked = scales.float().reshape(E, N // 16, 16, G).permute(0, 1, 3, 2)
+    return QuantPack(packed.contiguous(), blocked.contiguous(), bits)
+
+
+def moe_swiglu(x, weights, indices, gate_up, down, intermediate: int) -> torch.Tensor:
+    """A routed-expert SwiGLU layer in one call over `small_pack`ed (bf16) or `quant_pack`ed expert stacks."""
+    kernels = decode_kernels()
+    if isinstance(gate_up, QuantPack):
+        return kernels.moe_swiglu_q(x, weights, indices, gate_up.packed, gate_up.scales, down.packed, down.scales,
+                                    intermediate, gate_up.bits)
+    return kernels.moe_swiglu(x, weights, indices, gate_up, down, intermediate)
+
+
 def onednn_packs(dtype: torch.dtype) -> bool:
     """Whether oneDNN can pack (and run) weights of `dtype` on this CPU: float32 anywhere it exists, bf16 only
     where it has bf16 GEMMs (it refuses the reorder on AVX2)."""
@@ -74,9 +112,11 @@ def onednn_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | No
     return y.view(*shape[:-1], y.shape[-1])
 
 
-def grouped_linear(x: torch.Tensor, packed: torch.Tensor, offsets: torch.Tensor, out_features: int):
-    """Rows offsets[e]..offsets[e+1] of x [T, K] (bf16 or float32) times weight e of a `small_pack`ed stack ->
-    [T, N] in x's dtype."""
+def grouped_linear(x: torch.Tensor, packed: torch.Tensor | QuantPack, offsets: torch.Tensor, out_features: int):
+    """Rows offsets[e]..offsets[e+1] of x [T, K] (bf16 or float32) times weight e of a `small_pack`ed or
+    `quant_pack`ed stack -> [T, N] in x's dtype."""
+    if isinstance(packed, QuantPack):
+        return decode_kernels().grouped_linear_q(x, packed.packed, packed.scales, offsets, out_features, packed.bits)
     return decode_kernels().grouped_linear(x, packed, offsets, out_features)
 
 

@@ -154,9 +154,128 @@ void rows(int64_t M, const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ld
   });
 }
 
+// The packed bf16 weights of E experts, [E, N/16, K/2, 16, 2]: `run` multiplies rows of x by the 16 outputs of
+// block nb of expert e.
+struct Bf16Weights {
+  const uint16_t* p;
+  int64_t N, K;
+  template <typename X, typename Y>
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy) const {
+    rows(M, x, K, p + (e * N + nb * 16) * K, y, ldy);
+  }
+};
+
+// ---- weight-only quantized weights (int8, int4) ----
+// Layout: weight e [N, K] as [N/16][K][16] int8 (one 16-byte run: 16 outputs at one input), or for int4
+// [N/16][K/2][16] bytes, byte j = (q[k] + 8) | (q[k+1] + 8) << 4 for output j of the block (16 outputs at two
+// inputs). Scales [N/16][K/group][16] float32, one per output and group of `group` inputs (group = K: int8 per
+// output channel). The weights are widened to float32 in registers and multiplied in FMAs against float32 (or
+// widened bf16) activations: the activations are never quantized, so the product is exactly that of the
+// dequantized weight up to summation order. Each group sums into its own pair of accumulators (even and odd
+// inputs: two independent FMA chains) and is scaled once into the output's.
+#if defined(__AVX512F__)
+inline void widen_q8(const uint8_t* p, vf* out) {
+  out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  const __m512i eight = _mm512_set1_epi32(8);
+  lo[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
+  hi[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+}
+#elif defined(__AVX2__)
+inline void widen_q8(const uint8_t* p, vf* out) {
+  for (int v = 0; v < 2; ++v)
+    out[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v))));
+}
+inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
+  const __m256i eight = _mm256_set1_epi32(8), low = _mm256_set1_epi32(15);
+  for (int v = 0; v < 2; ++v) {
+    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v)));
+    lo[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, low), eight));
+    hi[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+  }
+}
+#else
+inline void widen_q8(const uint8_t* p, vf* out) {
+  for (int v = 0; v < NV; ++v) out[v] = float(static_cast<int8_t>(p[v]));
+}
+inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
+  for (int v = 0; v < NV; ++v) {
+    lo[v] = float(int(p[v] & 15) - 8);
+    hi[v] = float(int(p[v] >> 4) - 8);
+  }
+}
+#endif
+
+template <int MC, int BITS, typename X, typename Y>
+inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* sb, int64_t group, Y* y,
+                         int64_t ldy) {
+  vf acc[MC][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
+  for (int64_t k0 = 0; k0 < K; k0 += group, sb += 16) {
+    vf even[MC][NV], odd[MC][NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) even[m][v] = odd[m][v] = set1(0.0f);
+    for (int64_t k = k0; k < k0 + group; k += 2) {
+      vf a[NV], b[NV];
+      if constexpr (BITS == 8) {
+        widen_q8(wb + k * 16, a);
+        widen_q8(wb + (k + 1) * 16, b);
+      } else {
+        widen_q4(wb + k * 8, a, b);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MC; ++m) {
+        const vf xa = set1(as_float(x[m * K + k])), xb = set1(as_float(x[m * K + k + 1]));
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+          even[m][v] = fmadd(a[v], xa, even[m][v]);
+          odd[m][v] = fmadd(b[v], xb, odd[m][v]);
+        }
+      }
+    }
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const vf scale = load(sb + v * W);
+#pragma GCC unroll 8
+      for (int m = 0; m < MC; ++m) acc[m][v] = fmadd(add(even[m][v], odd[m][v]), scale, acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, acc[m][v]);
+}
+
+// Rows per register block: three sums (output, even, odd) per row and vector must stay in registers.
+constexpr int ROWS_Q = W == 16 ? 8 : 2;
+
+// The packed quantized weights of E experts (layout above): `run` multiplies rows of x by block nb of expert e.
+template <int BITS>
+struct QuantWeights {
+  const uint8_t* p;
+  const float* scales;
+  int64_t N, K, group;
+  template <typename X, typename Y>
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy) const {
+    const uint8_t* wb = p + (e * N + nb * 16) * K * BITS / 8;
+    const float* sb = scales + (e * N + nb * 16) * (K / group);
+    in_blocks<ROWS_Q>(M, [&](auto mc, int64_t m) {
+      block_rows_q<decltype(mc)::value, BITS>(x + m * K, K, wb, sb, group, y + m * ldy, ldy);
+    });
+  }
+};
+
 // y [T, N] = rows off[e]..off[e+1] of x [T, K] times packed weight e, for every expert e with rows.
-template <typename X, typename Y>
-void grouped(const X* xp, int64_t K, const uint16_t* wp, int64_t E, const int64_t* off, int64_t N, Y* yp) {
+template <typename Wt, typename X, typename Y>
+void grouped(const X* xp, const Wt& w, int64_t E, const int64_t* off, Y* yp) {
+  const int64_t N = w.N, K = w.K;
   std::vector<int64_t> active;
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
@@ -165,7 +284,7 @@ void grouped(const X* xp, int64_t K, const uint16_t* wp, int64_t E, const int64_
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t e = active[i / blocks], nb = i % blocks, r0 = off[e];
-      rows(off[e + 1] - r0, xp + r0 * K, K, wp + (e * N + nb * 16) * K, yp + r0 * N + nb * 16, N);
+      w.run(off[e + 1] - r0, xp + r0 * K, e, nb, yp + r0 * N + nb * 16, N);
     }
   });
 }
@@ -208,7 +327,7 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor off
   auto y = torch::empty({T, N}, x.options());
   dispatch(x, [&](auto* tx) {
     using X = std::remove_pointer_t<decltype(tx)>;
-    grouped(ptr<X>(x), K, ptr<uint16_t>(w), E, off, N, ptr<X>(y));
+    grouped(ptr<X>(x), Bf16Weights{ptr<uint16_t>(w), N, K}, E, off, ptr<X>(y));
   });
   return y;
 }
@@ -217,13 +336,16 @@ torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor off
 // expert indices [N, k]; gate_up packed [E, 2I, H], down packed [E, H, I] -> sum over k of weight * expert(x),
 // [N, H] in x's dtype. For bf16 x it rounds where the eager layer does (silu, its product with up, each
 // expert's output, its routing weight); the k weighted outputs are summed in float32 and rounded once.
-torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
-                         torch::Tensor down, int64_t I) {
+namespace {
+template <typename Wt>
+torch::Tensor moe_layer(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, const Wt& gate_up,
+                        const Wt& down, int64_t E, int64_t I) {
   TORCH_CHECK(weights.scalar_type() == at::kFloat, "float32 routing weights");
   x = x.contiguous();
   weights = weights.contiguous();
   indices = indices.to(torch::kLong).contiguous();
-  const int64_t N = x.size(0), H = x.size(1), k = indices.size(1), E = gate_up.size(0), T = N * k;
+  const int64_t N = x.size(0), H = x.size(1), k = indices.size(1), T = N * k;
+  TORCH_CHECK(gate_up.K == H && gate_up.N == 2 * I && down.K == I && down.N == H, "expert weights do not match x");
   const int64_t* idx = indices.data_ptr<int64_t>();
   // Counting sort of the N*k (token, slot) pairs by expert, stable.
   std::vector<int64_t> off(E + 1, 0), pos(E), pair_of(T);
@@ -248,10 +370,10 @@ torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor i
     X* xsp = ptr<X>(xs);
     const X* xp = ptr<X>(x);
     for (int64_t r = 0; r < T; ++r) std::memcpy(xsp + r * H, xp + (pair_of[r] / k) * H, H * sizeof(X));
-    grouped(xsp, H, ptr<uint16_t>(gate_up), E, off.data(), 2 * I, ptr<X>(gu));
+    grouped(xsp, gate_up, E, off.data(), ptr<X>(gu));
     // ATen's vectorised silu and product, with the eager layer's roundings.
     auto h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
-    grouped(ptr<X>(h), I, ptr<uint16_t>(down), E, off.data(), H, ptr<X>(ys));
+    grouped(ptr<X>(h), down, E, off.data(), ptr<X>(ys));
     const X* ysp = ptr<X>(ys);
     at::parallel_for(0, N, 4, [&](int64_t n0, int64_t n1) {
       for (int64_t n = n0; n < n1; ++n) {
@@ -272,6 +394,65 @@ torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor i
     });
   });
   return x.scalar_type() == at::kFloat ? acc : acc.to(x.scalar_type());
+}
+}  // namespace
+
+torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
+                         torch::Tensor down, int64_t I) {
+  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && down.scalar_type() == at::kBFloat16, "packed weights are bf16");
+  const int64_t E = gate_up.size(0), H = x.size(1);
+  return moe_layer(x, weights, indices, Bf16Weights{ptr<uint16_t>(gate_up), 2 * I, H},
+                   Bf16Weights{ptr<uint16_t>(down), H, I}, E, I);
+}
+
+// Calls f with the QuantWeights view of packed quantized weights [E, ...] (uint8) and scales [E, N/16, G, 16].
+template <typename F>
+void with_quant(const torch::Tensor& w, const torch::Tensor& scales, int64_t N, int64_t K, int64_t bits, F f) {
+  TORCH_CHECK(w.scalar_type() == at::kByte && scales.scalar_type() == at::kFloat && w.is_contiguous() &&
+                  scales.is_contiguous(), "quantized weights are packed uint8 with float32 scales");
+  TORCH_CHECK(bits == 8 || bits == 4, "bits must be 8 or 4");
+  const int64_t E = w.size(0), G = scales.numel() / (E * N);
+  TORCH_CHECK(N % 16 == 0 && G > 0 && K % G == 0 && (K / G) % 2 == 0 && w.numel() == E * N * K * bits / 8 &&
+                  scales.numel() == E * N * G, "quantized weights do not match their shape");
+  const int64_t group = K / G;
+  if (bits == 8)
+    f(QuantWeights<8>{ptr<uint8_t>(w), ptr<float>(scales), N, K, group});
+  else
+    f(QuantWeights<4>{ptr<uint8_t>(w), ptr<float>(scales), N, K, group});
+}
+
+// grouped_linear over quantized weights: x [T, K] (bf16 or float32), rows of expert e at offsets[e]..[e+1].
+torch::Tensor grouped_linear_q(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor offsets,
+                               int64_t N, int64_t bits) {
+  x = x.contiguous();
+  offsets = offsets.to(torch::kLong).contiguous();
+  const int64_t T = x.size(0), K = x.size(1), E = w.size(0);
+  TORCH_CHECK(offsets.numel() == E + 1, "offsets do not match the weights");
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK(off[0] == 0 && off[E] == T, "offsets must span the rows of x");
+  auto y = torch::empty({T, N}, x.options());
+  with_quant(w, scales, N, K, bits, [&](const auto& weights) {
+    dispatch(x, [&](auto* tx) {
+      using X = std::remove_pointer_t<decltype(tx)>;
+      grouped(ptr<X>(x), weights, E, off, ptr<X>(y));
+    });
+  });
+  return y;
+}
+
+// moe_swiglu over quantized experts (both stacks of the same bit width).
+torch::Tensor moe_swiglu_q(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
+                           torch::Tensor gate_up_scales, torch::Tensor down, torch::Tensor down_scales, int64_t I,
+                           int64_t bits) {
+  const int64_t E = gate_up.size(0), H = x.size(1);
+  torch::Tensor out;
+  with_quant(gate_up, gate_up_scales, 2 * I, H, bits, [&](const auto& gu) {
+    with_quant(down, down_scales, H, I, bits, [&](const auto& dn) {
+      if constexpr (std::is_same<std::decay_t<decltype(gu)>, std::decay_t<decltype(dn)>>::value)
+        out = moe_layer(x, weights, indices, gu, dn, E, I);
+    });
+  });
+  return out;
 }
 
 // RMSNorm of rows in one pass. bf16 x: transformers' rounding (normalise in float32, round to bf16, then
@@ -646,4 +827,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pack", &pack);
   m.def("grouped_linear", &grouped_linear);
   m.def("moe_swiglu", &moe_swiglu);
+  m.def("grouped_linear_q", &grouped_linear_q);
+  m.def("moe_swiglu_q", &moe_swiglu_q);
 }
