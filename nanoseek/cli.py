@@ -105,6 +105,9 @@ def _engine_args(p: argparse.ArgumentParser, model_help: str = "model directory 
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--quantization", default=None, choices=["int8", "int4", "int4-g128"],
                    help="weight-only quantization at load: int8 per output channel, int4 in groups of 32 (or 128)")
+    p.add_argument("--speculative", default=None, choices=["mtp"],
+                   help="speculative decoding: the checkpoint's MTP module drafts, the model verifies")
+    p.add_argument("--num-speculative-tokens", type=int, default=None, help="draft tokens per step (default 1)")
 
 
 def _sampling_args(p: argparse.ArgumentParser, max_tokens: int) -> None:
@@ -129,7 +132,8 @@ def _llm(args):
     from .engine import LLM
 
     return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
-               max_model_len=args.max_model_len, quantization=args.quantization)
+               max_model_len=args.max_model_len, quantization=args.quantization, speculative=args.speculative,
+               num_speculative_tokens=args.num_speculative_tokens)
 
 
 def cmd_generate(args) -> int:

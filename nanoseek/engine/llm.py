@@ -24,11 +24,12 @@ from ..model.transformer import Transformer
 from ..runtime import Precision, inference_precision, notify, resolve_device
 from ..tokenizer import Tokenizer, load_tokenizer
 from .cache import BlockManager, KVCache
-from .runner import ModelRunner
+from .runner import ModelRunner, Span
 from .sampler import Sampler
 from .sampling_params import InvalidRequestError, SamplingParams
 from .scheduler import Scheduler
-from .sequence import Request, RequestOutput, Sequence
+from .speculative import Speculation, accept, propose, speculates
+from .sequence import Request, RequestOutput, Sequence, Status
 from .text import THINK_CLOSE, THINK_OPEN, starts_in_reasoning
 
 log = logging.getLogger("nanoseek.engine")
@@ -51,7 +52,8 @@ class LLMEngine:
                  device: str | None = "cpu", dtype: str | torch.dtype | Precision = "auto", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, block_size: int = 16, kv_cache_memory: int | str = "1GiB",
                  enable_prefix_caching: bool = True, max_model_len: int | None = None, seed: int | None = None,
-                 pack_weights: bool = True, quantization: str | None = None):
+                 pack_weights: bool = True, quantization: str | None = None, speculative: str | None = None,
+                 num_speculative_tokens: int | None = None):
         if isinstance(model, Transformer):
             self.model = model.eval()
             source = getattr(model, "checkpoint_dir", None)
@@ -71,18 +73,22 @@ class LLMEngine:
         self.config = config
         self.pack_weights = pack_weights
         self._quantize(quantization)
+        self.config = config = self.model.config  # quantizing unties a tied LM head
         self._derive_weights()
+        self.speculation = Speculation.make(speculative, num_speculative_tokens, self.model)
+        # The MTP draft module keeps its own cache layer beside the model's.
+        cache_layers = config.num_hidden_layers + (1 if self.speculation else 0)
 
         slot_shape = self.model.kv_cache_shape()
         # The cache holds what the activations are (float32 where bf16 weights compute in float32): exact.
         cache_dtype = self.model.compute_dtype
-        self.kv_bytes_per_token = KVCache.bytes_per_token(config.num_hidden_layers, slot_shape, cache_dtype)
+        self.kv_bytes_per_token = KVCache.bytes_per_token(cache_layers, slot_shape, cache_dtype)
         budget = parse_memory(kv_cache_memory)
         num_blocks = budget // (self.kv_bytes_per_token * block_size)
         if num_blocks < 2:
             raise ConfigError(f"kv_cache_memory {budget:,} bytes holds fewer than 2 blocks of {block_size} tokens "
                               f"({self.kv_bytes_per_token:,} bytes per token): raise kv_cache_memory")
-        self.cache = KVCache(config.num_hidden_layers, num_blocks, block_size, slot_shape, cache_dtype,
+        self.cache = KVCache(cache_layers, num_blocks, block_size, slot_shape, cache_dtype,
                              self.model.device)
         self.max_cached_tokens = num_blocks * block_size
         limit = min(config.max_position_embeddings, self.max_cached_tokens)
@@ -92,7 +98,7 @@ class LLMEngine:
         self.max_model_len = max_model_len or limit
         self.blocks = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, max_num_seqs, max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, self.cache)
+        self.runner = ModelRunner(self.model, self.cache, config.num_hidden_layers)
         self.sampler = Sampler(self.tokenizer, seed)
         self.requests: dict[str, Request] = {}
         self.lock = threading.RLock()
@@ -109,7 +115,8 @@ class LLMEngine:
         self.reasoning = self.tokenizer is not None and self.tokenizer.token_to_id(THINK_CLOSE) is not None
         self.suspects: dict[str, Request] = {}  # requests in a batch that faulted, each to be run alone
         self.totals = {"prompt_tokens": 0, "prompt_cache_hit_tokens": 0, "generation_tokens": 0, "requests": 0,
-                       "requests_aborted": 0, "requests_failed": 0}
+                       "requests_aborted": 0, "requests_failed": 0, "spec_draft_tokens": 0,
+                       "spec_accepted_tokens": 0}
 
     # ---- requests ----
     def tokenize_prompt(self, prompt) -> tuple[str | None, list[int]]:
@@ -256,37 +263,76 @@ class LLMEngine:
         return request.output()
 
     def _run_plan(self, plan, finished_only: bool) -> list[RequestOutput]:
-        """The forward pass of one scheduled batch, then sampling, forks and bookkeeping."""
+        """The forward pass of one scheduled batch, then sampling (or verifying drafts), forks, bookkeeping and,
+        with MTP speculation, the next drafts."""
         outputs = []
-        logits = self.runner.run(plan)
-        sampling = [item.seq for item in plan if item.samples]
+        if self.speculation:
+            logits, hidden = self.runner.run(plan, return_hidden=True)
+        else:
+            logits, hidden = self.runner.run(plan), None
         bs = self.blocks.block_size
+        # Logits rows: one per sampling sequence, 1 + len(draft) for one verifying drafts.
+        seqs, rows, verifying, row = [], [], [], 0
         for item in plan:
-            seq = item.seq
-            seq.num_computed += item.num_new
-            # Hash newly completed blocks now, before a sequence that finishes this step releases them.
-            if seq.num_computed // bs > (seq.num_computed - item.num_new) // bs:
-                self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
-        seqs, rows = [], []
-        for row, seq in enumerate(sampling):
-            seqs.append(seq)
+            if not item.samples:
+                continue
+            if item.draft:
+                verifying.append((item, row))
+                row += 1 + len(item.draft)
+                continue
+            seqs.append(item.seq)
             rows.append(row)
-            if not seq.request.forked:
-                for child in self._fork(seq):
+            if not item.seq.request.forked:
+                for child in self._fork(item.seq):
                     seqs.append(child)
                     rows.append(row)
-        tokens = self.sampler.sample(logits[rows], seqs)
+            row += 1
+        tokens = self.sampler.sample(logits[rows], seqs) if seqs else []
+        appended: list[tuple[Sequence, list[int]]] = [(seq, [token]) for seq, token in zip(seqs, tokens)]
+        for item, first in verifying:
+            kept = accept(self.sampler, logits[first:first + 1 + len(item.draft)], item.seq, item.draft,
+                          item.draft_probs)
+            metrics = item.seq.request.metrics
+            metrics.spec_draft_tokens += len(item.draft)
+            metrics.spec_accepted_tokens += len(kept) - 1
+            self.totals["spec_draft_tokens"] += len(item.draft)
+            self.totals["spec_accepted_tokens"] += len(kept) - 1
+            appended.append((item.seq, kept))
         now = time.monotonic()
         touched: dict[str, Request] = {}
-        for seq, token in zip(seqs, tokens):
-            seq.append(token)
+        generated, valid = 0, {}
+        for seq, kept in appended:
+            count = 0
+            for token in kept:
+                seq.append(token)
+                count += 1
+                seq.request.metrics.token_times.append(now)
+                if seq.finished:
+                    break
+            generated += count
+            valid[id(seq)] = min(len(kept) - 1, count)  # accepted draft tokens that made it into the sequence
             metrics = seq.request.metrics
             metrics.first_token_time = metrics.first_token_time or now
-            metrics.token_times.append(now)
             touched[seq.request.request_id] = seq.request
+        # The cache holds the K/V of every computed token; of a verified draft only the accepted part counts (the
+        # rejected tokens' slots are overwritten later). Newly completed blocks are hashed before a sequence
+        # that finished this step releases them.
+        starts = {}
+        for item in plan:
+            seq = item.seq
+            starts[id(seq)] = before = seq.num_computed
+            if item.draft:  # the last token, then the accepted drafts that made it into the sequence
+                seq.num_computed += 1 + valid[id(seq)]
+            else:
+                seq.num_computed += item.num_new
+            if seq.num_computed // bs > before // bs:
+                self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
+        for seq, _ in appended:
             if seq.finished:
                 self.scheduler.remove(seq)
-        self.totals["generation_tokens"] += len(tokens)
+        if self.speculation:
+            self._draft(plan, hidden, starts)
+        self.totals["generation_tokens"] += generated
         for request in touched.values():
             if request.finished or not finished_only:
                 outputs.append(request.output())
@@ -296,6 +342,59 @@ class LLMEngine:
                 self.totals["prompt_tokens"] += len(request.prompt_token_ids)
                 self.totals["prompt_cache_hit_tokens"] += request.metrics.prompt_cache_hit_tokens
         return outputs
+
+    def _draft(self, plan, hidden: torch.Tensor, starts: dict[int, int]) -> None:
+        """MTP speculation after a step: the draft module runs over the positions each live sequence settled
+        (so its cache layer stays complete, prefills included), and each sequence that now waits on its next
+        token and `speculates` gets up to k draft tokens, the first from the main model's last hidden state,
+        the next ones from the module's own output (vLLM's way with one MTP layer)."""
+        spans, rows, drafting, row = [], [], [], 0
+        for item in plan:
+            seq, start = item.seq, starts[id(item.seq)]
+            settled = seq.num_computed - start
+            if seq.status == Status.RUNNING and settled > 0:
+                wants = speculates(seq) and len(seq.token_ids) - seq.num_computed == 1 and self._room(seq) > 0
+                spans.append(Span(seq.block_table, start, seq.token_ids[start + 1:start + settled + 1],
+                                  "last" if wants else "none"))
+                rows.extend(range(row, row + settled))
+                if wants:
+                    drafting.append((seq, len(rows) - 1))
+            row += item.num_new
+        if not spans:
+            return
+        states, logits = self.runner.run_mtp(spans, hidden[rows])
+        proposals = []
+        for m, (seq, last_row) in enumerate(drafting):
+            token, probs = propose(self.sampler, logits[m], seq)
+            seq.draft, seq.draft_probs = [token], None if probs is None else [probs]
+            proposals.append((seq, states[last_row]))
+        for _ in range(1, self.speculation.num_tokens):
+            # One more draft each: position p = the pending token's, the module's last state as its hidden.
+            proposals = [(seq, h) for seq, h in proposals if len(seq.draft) < self._room(seq)
+                         and self.blocks.can_grow(seq.block_table, seq.num_computed + 1 + len(seq.draft))]
+            if not proposals:
+                break
+            spans = []
+            for seq, _ in proposals:
+                self.blocks.grow(seq.block_table, seq.num_computed + 1 + len(seq.draft))
+                p = seq.num_computed + len(seq.draft) - 1
+                spans.append(Span(seq.block_table, p, [seq.draft[-1]], "last"))
+            states, logits = self.runner.run_mtp(spans, torch.stack([h for _, h in proposals]))
+            for m, (seq, _) in enumerate(proposals):
+                token, probs = propose(self.sampler, logits[m], seq)
+                seq.draft.append(token)
+                if probs is not None:
+                    seq.draft_probs.append(probs)
+                proposals[m] = (seq, states[m])
+        for seq, _ in drafting:
+            if seq.draft_probs is not None:
+                seq.draft_probs = torch.stack(seq.draft_probs)
+
+    def _room(self, seq: Sequence) -> int:
+        """Draft tokens a sequence may verify next step: at most k, and never past its max_tokens (the step adds a
+        token of the target's own) or the context length."""
+        left = min(seq.request.max_tokens - seq.num_output, seq.request.max_model_len - len(seq.token_ids))
+        return max(0, min(self.speculation.num_tokens, left - 1))
 
     def _fork(self, parent: Sequence) -> list[Sequence]:
         """n > 1: the first sequence finished the prompt; its siblings share the prompt's full blocks."""

@@ -1,6 +1,9 @@
-"""Turns a scheduled step into one model call: flattened tokens, positions, cache slots, attention spans."""
+"""Turns a scheduled step into one model call: flattened tokens, positions, cache slots, attention spans. With MTP
+speculation it also runs the draft module over the positions a step settled (`run_mtp`)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -10,11 +13,26 @@ from .cache import KVCache
 from .scheduler import ScheduledSeq
 
 
+@dataclass
+class Span:
+    """Rows of one sequence in a model call: `tokens` at positions start.. (their K/V written to the cache);
+    `logits`: which of its rows give next-token logits ("last", "all" or "none")."""
+
+    block_table: list[int]
+    start: int
+    tokens: list[int]
+    logits: str = "last"
+
+
 class ModelRunner:
-    def __init__(self, model: Transformer, cache: KVCache):
+    def __init__(self, model: Transformer, cache: KVCache, num_model_layers: int | None = None):
         self.model = model
         self.cache = cache
-        self.layers = cache.layers()
+        layers = cache.layers()
+        # The main model's layers first; with MTP speculation, the draft module's own layer last.
+        self.layers = layers[:num_model_layers] if num_model_layers is not None else layers
+        self.mtp_layer = layers[num_model_layers] if num_model_layers is not None and len(layers) > num_model_layers \
+            else None
         self.device = model.device
         bs = cache.block_size
         self._offsets = torch.arange(bs, device=self.device)
@@ -23,32 +41,32 @@ class ModelRunner:
         table = torch.tensor(block_table, dtype=torch.long, device=self.device)
         return (table[:, None] * self.cache.block_size + self._offsets).flatten()[:num_tokens]
 
-    @torch.inference_mode()
-    def run(self, plan: list[ScheduledSeq]) -> torch.Tensor:
-        """Computes every scheduled token; returns logits [M, vocab] for the sequences that sample, in plan
-        order."""
+    def batch(self, spans: list[Span]) -> tuple[torch.Tensor, torch.Tensor, PagedBatch]:
+        """(token ids [N], positions [N], attention metadata) of the spans, rows in span order."""
         bs = self.cache.block_size
         ids, positions, slot_mapping, prefills, logits_rows = [], [], [], [], []
         decode_rows, decode_tables, decode_lengths = [], [], []
         row = 0
-        for item in plan:
-            seq, n = item.seq, item.num_new
-            start, end = seq.num_computed, seq.num_computed + n
-            ids.extend(seq.token_ids[start:end])
+        for span in spans:
+            n, start = len(span.tokens), span.start
+            end = start + n
+            ids.extend(span.tokens)
             if n == 1:  # decoding: one slot to write, the whole block table to read (no per-sequence tensors)
-                table = seq.block_table
+                table = span.block_table
                 positions.append(start)
                 slot_mapping.append(table[start // bs] * bs + start % bs)
                 decode_rows.append(row)
                 decode_tables.append(table[: (end + bs - 1) // bs])
                 decode_lengths.append(end)
             else:
-                context = self._slots(seq.block_table, end)
+                context = self._slots(span.block_table, end)
                 positions.extend(range(start, end))
                 slot_mapping.extend(context[start:end].tolist())
                 prefills.append(PrefillSpan(row, row + n, context))
-            if item.samples:
+            if span.logits == "last":
                 logits_rows.append(row + n - 1)
+            elif span.logits == "all":
+                logits_rows.extend(range(row, row + n))
             row += n
         dev = self.device
         batch = PagedBatch(
@@ -67,5 +85,31 @@ class ModelRunner:
             lengths = torch.tensor(decode_lengths, device=dev)
             batch.decode_mask = (torch.arange(width * bs, device=dev)[None, :] < lengths[:, None])[:, None, None, :]
             batch.decode_lengths = lengths
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        return self.model.forward_paged(input_ids, torch.tensor(positions, device=dev), self.layers, batch)
+        return (torch.tensor(ids, dtype=torch.long, device=dev), torch.tensor(positions, device=dev), batch)
+
+    @staticmethod
+    def spans(plan: list[ScheduledSeq]) -> list[Span]:
+        """A step's spans: each sequence's new tokens, then its draft tokens (all rows give logits, to verify
+        them), logits from the last row of a sequence that samples."""
+        spans = []
+        for item in plan:
+            seq, start = item.seq, item.seq.num_computed
+            tokens = seq.token_ids[start:start + item.num_new - len(item.draft)] + item.draft
+            logits = ("all" if item.draft else "last") if item.samples else "none"
+            spans.append(Span(seq.block_table, start, tokens, logits))
+        return spans
+
+    @torch.inference_mode()
+    def run(self, plan: list[ScheduledSeq], return_hidden: bool = False):
+        """Computes every scheduled token; returns logits [M, vocab] for the rows that sample (one per sequence,
+        1 + drafts for a sequence verifying drafts), in plan order; with `return_hidden`, also every row's
+        final hidden state [N, hidden]."""
+        ids, positions, batch = self.batch(self.spans(plan))
+        return self.model.forward_paged(ids, positions, self.layers, batch, return_hidden=return_hidden)
+
+    @torch.inference_mode()
+    def run_mtp(self, spans: list[Span], hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP draft module over spans whose `tokens` are each position's next token, hidden [N, hidden]
+        the states it combines them with -> (its output states [N, hidden], logits of the spans' logits rows)."""
+        ids, positions, batch = self.batch(spans)
+        return self.model.mtp_forward_paged(hidden, ids, positions, self.mtp_layer, batch)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+import torch
 
 from .cache import BlockManager
 from .sequence import Sequence, Status
@@ -23,12 +25,14 @@ from .sequence import Sequence, Status
 @dataclass
 class ScheduledSeq:
     seq: Sequence
-    num_new: int  # tokens computed this step
+    num_new: int  # tokens computed this step, draft tokens included
+    draft: list[int] = field(default_factory=list)  # speculative tokens after the last one, verified this step
+    draft_probs: torch.Tensor | None = None  # [len(draft), vocab]: the distribution each was sampled from
 
     @property
     def samples(self) -> bool:
         """Whether this step reaches the sequence's last token, so a new token is sampled."""
-        return self.seq.num_computed + self.num_new == len(self.seq.token_ids)
+        return self.seq.num_computed + self.num_new - len(self.draft) == len(self.seq.token_ids)
 
 
 class Scheduler:
@@ -61,6 +65,7 @@ class Scheduler:
         self.running.remove(seq)
         self.blocks.release(seq.block_table)
         seq.num_computed = 0
+        seq.draft, seq.draft_probs = [], None
         self.num_preemptions += 1
         self.add(seq, front=True)
 
@@ -80,7 +85,14 @@ class Scheduler:
             if only is not None and seq.request is not only:
                 i += 1
                 continue
-            n = min(len(seq.token_ids) - seq.num_computed, budget)
+            pending = len(seq.token_ids) - seq.num_computed
+            # Draft tokens ride along with a decode when the budget and free blocks allow; they never cause a
+            # preemption (without room the sequence decodes plainly this step).
+            draft = seq.draft if pending == 1 and 1 + len(seq.draft) <= budget and self.blocks.can_grow(
+                seq.block_table, seq.num_computed + 1 + len(seq.draft)) else []
+            draft_probs = seq.draft_probs if draft else None
+            seq.draft, seq.draft_probs = [], None
+            n = min(pending, budget) + len(draft)
             while not self.blocks.can_grow(seq.block_table, seq.num_computed + n):
                 victim = self.running[-1]
                 self.preempt(victim)
@@ -90,7 +102,7 @@ class Scheduler:
             if seq.status != Status.RUNNING:
                 break
             self.blocks.grow(seq.block_table, seq.num_computed + n)
-            plan.append(ScheduledSeq(seq, n))
+            plan.append(ScheduledSeq(seq, n, draft, draft_probs))
             budget -= n
             i += 1
         # Admit waiting sequences only when nothing had to be preempted: room is scarce otherwise.

@@ -29,6 +29,12 @@ class RequestMetrics:
     token_times: list[float] = field(default_factory=list)  # one per generated token, all sequences
     prompt_cache_hit_tokens: int = 0
     prompt_cache_miss_tokens: int = 0
+    spec_draft_tokens: int = 0  # MTP speculation: draft tokens verified, and how many of them were accepted
+    spec_accepted_tokens: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
 
     @property
     def time_in_queue(self) -> float | None:
@@ -90,6 +96,10 @@ class Sequence:
         self.logprobs: list[dict] | None = [] if request.params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.stop_reason: str | int | None = None
+        # MTP speculation: tokens drafted after the last one, to be verified by the next step, and the
+        # distributions they were drawn from ([len(draft), vocab]; None for greedy drafts).
+        self.draft: list[int] = []
+        self.draft_probs: torch.Tensor | None = None
 
     @property
     def params(self) -> SamplingParams:

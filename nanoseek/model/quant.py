@@ -141,7 +141,7 @@ def quantize(weight: torch.Tensor, bits: int, group: int) -> QuantizedWeight:
 
 def quantizable(model: nn.Module) -> list[tuple[nn.Module, str]]:
     """(module, parameter name) of every weight quantization covers, in module order; a weight shared with
-    the embedding (tied LM head) is left out."""
+    the embedding is left out (quantize_model unties the LM head first)."""
     from .layers import Linear
     from .moe import Experts
 
@@ -161,6 +161,11 @@ def quantize_model(model: nn.Module, chosen: Scheme | str) -> nn.Module:
     the parameter overwritten with their dequantized values. A weight whose width does not fit the scheme
     stays in float (reported by `quantization_summary`)."""
     chosen = scheme(chosen)
+    if model.lm_head.weight is model.model.embed_tokens.weight:
+        # A tied head is the largest matrix a small model streams per token: it gets its own quantized copy
+        # and the embedding stays as it is (the checkpoint then stores both, untied).
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone(), requires_grad=False)
+        model.config = model.config.replace(tie_word_embeddings=False)
     for module, name in quantizable(model):
         param = getattr(module, name)
         group = chosen.group_for(param.shape[-1])

@@ -124,14 +124,30 @@ class Transformer(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, positions, attention_mask, absorbed))
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
-                      batch: PagedBatch) -> torch.Tensor:
+                      batch: PagedBatch, return_hidden: bool = False):
         """Engine forward over N flattened tokens ([N] ids and positions) with a paged cache per layer.
-        Returns logits [M, vocab] for `batch.logits_rows` only: a prefill needs just its last row's."""
+        Returns logits [M, vocab] for `batch.logits_rows` only (a prefill needs just its last row's); with
+        `return_hidden`, also every row's final (normed) hidden state [N, hidden], what MTP drafts from."""
         rope = self.rotary(positions)
         x = self.embed(input_ids)
         for layer, cache in zip(self.model.layers, caches):
             x = layer.forward_paged(x, rope, cache, batch)
+        if return_hidden:
+            hidden = self.model.norm(x)
+            return self.lm_head(hidden[batch.logits_rows]), hidden
         return self.lm_head(self.model.norm(x[batch.logits_rows]))
+
+    def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                          cache: torch.Tensor, batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first MTP depth as a draft model in the engine: row i combines the hidden state of position i
+        (the main model's, or this module's own output when drafting further ahead) with the embedding of the
+        token at i + 1, writes its K/V at position i of its own paged cache layer, and predicts the token at
+        i + 2. Returns (its output states [N, hidden], the pre-norm input of a further draft step; logits
+        [M, vocab] for `batch.logits_rows`)."""
+        module = self.mtp[0]
+        x = module.eh_proj(torch.cat((module.enorm(self.embed(next_ids)), module.hnorm(hidden)), dim=-1))
+        h = module.block.forward_paged(x, self.rotary(positions), cache, batch)
+        return h, self.lm_head(module.shared_head_norm(h[batch.logits_rows]))
 
     def set_precision(self, weights: torch.dtype, compute: torch.dtype | None = None) -> "Transformer":
         """Stores the weights in `weights` and computes in `compute` (default: the same); returns self."""

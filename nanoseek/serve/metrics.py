@@ -1,5 +1,5 @@
 """Prometheus metrics: requests, tokens in/out, queue depth, running sequences, cache hit rate, time to first
-token and inter-token latency histograms. Rendered from the engine's own counters plus per-request outputs."""
+token and inter-token latency histograms, MTP speculation's acceptance. Rendered from the engine's own counters plus per-request outputs."""
 
 from __future__ import annotations
 
@@ -25,6 +25,9 @@ class ServerMetrics:
         self.cache_usage = Gauge("nanoseek_kv_cache_usage", "fraction of KV-cache blocks in use", registry=r)
         self.hit_rate = Gauge("nanoseek_prompt_cache_hit_rate", "prompt tokens served from the prefix cache / all",
                               registry=r)
+        self.spec_drafted = Gauge("nanoseek_spec_draft_tokens_total", "MTP draft tokens verified", registry=r)
+        self.spec_accepted = Gauge("nanoseek_spec_accepted_tokens_total", "MTP draft tokens accepted", registry=r)
+        self.spec_rate = Gauge("nanoseek_spec_acceptance_rate", "accepted / verified MTP draft tokens", registry=r)
 
     def observe_request(self, out, prompt_tokens: int, completion_tokens: int, start: float) -> None:
         self.prompt_tokens.inc(prompt_tokens)
@@ -43,4 +46,8 @@ class ServerMetrics:
         self.cache_usage.set(stats["kv_cache_usage"])
         prompt = stats.get("prompt_tokens", 0)
         self.hit_rate.set(stats.get("prompt_cache_hit_tokens", 0) / prompt if prompt else 0.0)
+        drafted, accepted = stats.get("spec_draft_tokens", 0), stats.get("spec_accepted_tokens", 0)
+        self.spec_drafted.set(drafted)
+        self.spec_accepted.set(accepted)
+        self.spec_rate.set(accepted / drafted if drafted else 0.0)
         return generate_latest(self.registry)

@@ -28,6 +28,8 @@ class ServerSettings:
     kv_cache_memory: str = "1GiB"
     max_model_len: int | None = None
     quantization: str | None = None
+    speculative: str | None = None
+    num_speculative_tokens: int | None = None
     max_num_seqs: int = 64
     host: str = "127.0.0.1"
     port: int = 8000
@@ -51,7 +53,8 @@ class ServerSettings:
 def build(settings: ServerSettings) -> tuple:
     llm = AsyncLLM(settings.model, device=settings.device, dtype=settings.dtype,
                    kv_cache_memory=settings.kv_cache_memory, max_model_len=settings.max_model_len,
-                   max_num_seqs=settings.max_num_seqs, quantization=settings.quantization)
+                   max_num_seqs=settings.max_num_seqs, quantization=settings.quantization,
+                   speculative=settings.speculative, num_speculative_tokens=settings.num_speculative_tokens)
     prices = calibrate(llm.engine, settings.cost_per_hour) if settings.cost_per_hour else None
     config = ServeConfig(model_name=settings.served_model_name or os.path.basename(os.path.normpath(settings.model)),
                          api_key=settings.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
