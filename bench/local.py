@@ -14,7 +14,9 @@ MoE slice (random weights, a trained tokenizer) -- the checkpoint is saved in bf
   on the bf16 export (the same bytes per token), both loaded and run in alternation `--rounds` times, the median
   per-round ratio reported (this host swings between fast and slow memory states from one run to the next);
   llama.cpp's f16/q8_0/q4_0 files and a lone nanoseek run follow once each, with bytes streamed per token / time
-  against the 1 GiB sum-read bandwidth measured around each. nanoseek has no q8_0/q4_0 decoding yet.
+  against the 1 GiB sum-read bandwidth measured around each. The quantized pairs run the same way: nanoseek's
+  int8 (per output channel) against llama.cpp's q8_0 and its int4 (groups of 32) against q4_0, each side on its
+  own quantization of the same bf16 weights, with the bytes each side streams per token.
 Prints one JSON line last, with the CPU class.
 """
 
@@ -113,10 +115,10 @@ def llama_agreement(path: Path, prompt: list[int], reference: list[int]) -> floa
     return float(np.mean(picks == np.array(reference)))
 
 
-def nanoseek_engine(directory: Path, prompt_len: int, dtype: str = "auto") -> LLM:
+def nanoseek_engine(directory: Path, prompt_len: int, dtype: str = "auto", quantization: str | None = None) -> LLM:
     """nanoseek's engine, warmed up, without prefix caching (a repeated prompt must be computed again)."""
     llm = LLM(directory, dtype=dtype, kv_cache_memory="512MiB", max_num_batched_tokens=max(2048, prompt_len),
-              enable_prefix_caching=False)
+              enable_prefix_caching=False, quantization=quantization)
     llm.generate([[5] * 16], SamplingParams(temperature=0, max_tokens=4, ignore_eos=True))
     return llm
 
@@ -136,11 +138,34 @@ def nanoseek_run(directory: Path, prompt: list[int], tokens: int, dtype: str = "
     return result
 
 
-def paired(directory: Path, path: Path, prompt: list[int], tokens: int, rounds: int) -> dict:
-    """nanoseek on the bf16 checkpoint and llama.cpp on its bf16 export (the same bytes per token), loaded side by
-    side and run in alternation `rounds` times: the median of the per-round ratios is robust to this host's swings
-    between its fast and slow memory states, which sequential single runs are not."""
-    ours, theirs = nanoseek_engine(directory, len(prompt)), llama(path, len(prompt) + tokens + 8)
+def nanoseek_bytes(llm: LLM) -> int:
+    """Bytes nanoseek's engine reads per decoded token: every quantizable weight as it streams (integers and
+    scales, or its float dtype), the routed experts at their active share, routers, and one embedding row."""
+    from nanoseek.model import quant
+    from nanoseek.model.moe import Experts, Router
+
+    model, config = llm.engine.model, llm.engine.model.config
+    share = config.num_experts_per_tok / config.n_routed_experts if config.n_routed_experts else 1.0
+    total = 0
+    for module, name in quant.quantizable(model):
+        param, qw = getattr(module, name), quant.quantized_of(module, name)
+        size = qw.q.numel() * qw.bits // 8 + qw.scales.numel() * 4 if qw else param.numel() * param.element_size()
+        total += int(size * share) if isinstance(module, Experts) else size
+    embedding = model.model.embed_tokens.weight
+    total += embedding.numel() * embedding.element_size() if model.lm_head.weight is embedding \
+        else embedding[0].numel() * embedding.element_size()
+    total += sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Router))
+    return total
+
+
+def paired(directory: Path, path: Path, prompt: list[int], tokens: int, rounds: int,
+           quantization: str | None = None) -> dict:
+    """nanoseek on the bf16 checkpoint (quantized at load as asked) and llama.cpp on its export of the same
+    precision, loaded side by side and run in alternation `rounds` times: the median of the per-round ratios is
+    robust to this host's swings between its fast and slow memory states, which sequential single runs are not."""
+    ours = nanoseek_engine(directory, len(prompt), quantization=quantization)
+    theirs = llama(path, len(prompt) + tokens + 8)
+    ours_bytes = nanoseek_bytes(ours)
     per_round = []
     for _ in range(rounds):
         a, b = nanoseek_decode(ours, prompt, tokens), llama_decode(theirs, prompt, tokens)
@@ -148,7 +173,9 @@ def paired(directory: Path, path: Path, prompt: list[int], tokens: int, rounds: 
     dtype = per_round[0][0]["dtype"]
     del ours, theirs
     med = lambda xs: round(statistics.median(xs), 2)  # noqa: E731
-    return {"rounds": rounds, "nanoseek_dtype": dtype,
+    return {"rounds": rounds, "nanoseek_dtype": dtype, "nanoseek_quantization": quantization or "none",
+            "nanoseek_bytes_per_token": ours_bytes, "llama_cpp_bytes_per_token": streamed_bytes(path),
+            "nanoseek_decode_gb_s": round(ours_bytes * med([1 / a["decode_s"] for a, _ in per_round]) / 1e9, 2),
             "nanoseek_decode_tok_s": med([1 / a["decode_s"] for a, _ in per_round]),
             "llama_cpp_decode_tok_s": med([1 / b["decode_s"] for _, b in per_round]),
             "decode_ratio": med([b["decode_s"] / a["decode_s"] for a, b in per_round]),
@@ -194,12 +221,16 @@ def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path,
     f32_path.unlink()
     shutil.rmtree(work / "cache")
     # Speed: nanoseek against llama.cpp's bf16 file in alternation; llama.cpp's other types once each.
-    rows, moved = {}, {}
+    rows, moved, pairs = {}, {}, {}
+    ours_for = {"bf16": None, "q8_0": "int8", "q4_0": "int4"}
     for qtype in ("bf16", "f16", "q8_0", "q4_0"):
         path = export_gguf(directory, work / f"{kind}-{qtype}.gguf", qtype, modelfile=False)
         moved[qtype] = streamed_bytes(path)
-        if qtype == "bf16":
-            pair = paired(directory, path, prompt, tokens, rounds)
+        if qtype in ours_for:
+            before = read_bandwidth(x)
+            pairs[qtype] = paired(directory, path, prompt, tokens, rounds, ours_for[qtype])
+            bw = max(before, read_bandwidth(x))
+            pairs[qtype]["nanoseek_bandwidth_utilization"] = round(pairs[qtype]["nanoseek_decode_gb_s"] / bw, 3)
         before = read_bandwidth(x)
         run = llama_run(path, prompt, tokens)
         bw = max(before, read_bandwidth(x))
@@ -217,7 +248,8 @@ def one_model(kind: str, shapes: dict, tokens: int, prompt_len: int, work: Path,
                 "bandwidth_utilization": round(moved["bf16"] / ours["decode_s"] / 1e9 / ours_bw, 3)}
     return {"params": params, "f32_greedy_identical": f32 == ours_f32, "gguf_to_nanoseek_identical": from_gguf == ours_f32,
             "f32_greedy_agreement": round(sum(a == b for a, b in zip(f32, ours_f32)) / tokens, 3),
-            "paired_with_llama_cpp_bf16": pair, "nanoseek": nanoseek, "llama_cpp": rows,
+            "paired_with_llama_cpp_bf16": pairs["bf16"], "paired_int8_vs_q8_0": pairs["q8_0"],
+            "paired_int4_vs_q4_0": pairs["q4_0"], "nanoseek": nanoseek, "llama_cpp": rows,
             "single_run_decode_ratio_vs_llama_cpp": {q: round(nanoseek["decode_tok_s"] / r["decode_tok_s"], 2)
                                           for q, r in rows.items()}}
 

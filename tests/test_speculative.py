@@ -47,18 +47,20 @@ class Oracle:
         full = self.future[tuple(seq.token_ids[: seq.num_prompt_tokens])]
         at = len(seq.token_ids) + len(seq.draft)
         token = full[at] if at < len(full) else 0
-        return (token + 1 if self.calls % self.wrong == 0 else token), None
+        if self.calls % self.wrong == 0:
+            token = (token + 1) % 150  # a wrong draft, still a valid token id (vocab 160)
+        return token, None
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_greedy_output_is_plain_decoding_s(mtp_checkpoint, monkeypatch, k):
-    plain = outputs(LLM(mtp_checkpoint, dtype="float32"))
-    llm = LLM(mtp_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=k)
+@pytest.mark.parametrize("k,dtype", [(1, "float32"), (3, "float32"), (2, "bfloat16")])
+def test_greedy_output_is_plain_decoding_s(mtp_checkpoint, monkeypatch, k, dtype):
+    plain = outputs(LLM(mtp_checkpoint, dtype=dtype))
+    llm = LLM(mtp_checkpoint, dtype=dtype, speculative="mtp", num_speculative_tokens=k)
     assert outputs(llm) == plain  # the module's own (random) drafts: mostly rejected
     assert llm.engine.totals["spec_draft_tokens"] > 0
     oracle = Oracle(PROMPTS, plain, wrong=5)
     monkeypatch.setattr(engine_module, "propose", oracle)
-    llm = LLM(mtp_checkpoint, dtype="float32", speculative="mtp", num_speculative_tokens=k)
+    llm = LLM(mtp_checkpoint, dtype=dtype, speculative="mtp", num_speculative_tokens=k)
     results = llm.generate(PROMPTS, GREEDY)
     assert [o.outputs[0].token_ids for o in results] == plain
     totals = llm.engine.totals

@@ -355,7 +355,7 @@ class LLMEngine:
             if seq.status == Status.RUNNING and settled > 0:
                 wants = speculates(seq) and len(seq.token_ids) - seq.num_computed == 1 and self._room(seq) > 0
                 spans.append(Span(seq.block_table, start, seq.token_ids[start + 1:start + settled + 1],
-                                  "last" if wants else "none"))
+                                  "last" if wants else "none", as_decodes=settled <= 1 + self.speculation.num_tokens))
                 rows.extend(range(row, row + settled))
                 if wants:
                     drafting.append((seq, len(rows) - 1))

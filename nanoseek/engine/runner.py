@@ -22,6 +22,9 @@ class Span:
     start: int
     tokens: list[int]
     logits: str = "last"
+    # Run each row as a single-token decode (row j attends to positions <= start + j): a few rows -- drafts being
+    # verified, the draft module's rows -- then take the decode path plain decoding takes, with its kernels.
+    as_decodes: bool = False
 
 
 class ModelRunner:
@@ -51,13 +54,17 @@ class ModelRunner:
             n, start = len(span.tokens), span.start
             end = start + n
             ids.extend(span.tokens)
-            if n == 1:  # decoding: one slot to write, the whole block table to read (no per-sequence tensors)
+            if n == 1 or span.as_decodes:
+                # Decoding: one slot to write per row, the block table to read (no per-sequence tensors). The
+                # rows' own K/V are written before any row reads the cache, so row j sees rows before it.
                 table = span.block_table
-                positions.append(start)
-                slot_mapping.append(table[start // bs] * bs + start % bs)
-                decode_rows.append(row)
-                decode_tables.append(table[: (end + bs - 1) // bs])
-                decode_lengths.append(end)
+                for j in range(n):
+                    p = start + j
+                    positions.append(p)
+                    slot_mapping.append(table[p // bs] * bs + p % bs)
+                    decode_rows.append(row + j)
+                    decode_tables.append(table[: (p + bs) // bs])
+                    decode_lengths.append(p + 1)
             else:
                 context = self._slots(span.block_table, end)
                 positions.extend(range(start, end))
@@ -96,7 +103,7 @@ class ModelRunner:
             seq, start = item.seq, item.seq.num_computed
             tokens = seq.token_ids[start:start + item.num_new - len(item.draft)] + item.draft
             logits = ("all" if item.draft else "last") if item.samples else "none"
-            spans.append(Span(seq.block_table, start, tokens, logits))
+            spans.append(Span(seq.block_table, start, tokens, logits, as_decodes=bool(item.draft)))
         return spans
 
     @torch.inference_mode()

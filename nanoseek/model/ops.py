@@ -117,7 +117,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """x @ weight^T + bias, in x's dtype."""
     if derived is not None and not torch.is_grad_enabled():
         rows = x.numel() // x.shape[-1]
-        if derived.small is not None and decode.small_product(rows, derived.out_features, x.shape[-1]):
+        if derived.small is not None and rows and decode.small_product(rows, derived.out_features, x.shape[-1]):
             y = decode.small_linear(x, derived.small, derived.out_features)
             return y if bias is None else y + bias.to(y.dtype)
         if derived.onednn is not None and x.dtype == weight.dtype:
@@ -216,12 +216,15 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
         return linear(act(g) * u, down[e])
 
     N, k = indices.shape
-    if N == 1:  # batch-1 decoding: no sorting to do, just the k chosen experts
-        out = None
-        for e, w in zip(indices[0].tolist(), weights[0].to(x.dtype)):
-            y = expert(x, e) * w
-            out = y if out is None else out + y
-        return out
+    if N <= 2:  # batch-1 decoding (or a draft being verified): no sorting to do, just each row's k experts
+        rows = []
+        for n in range(N):
+            out = None
+            for e, w in zip(indices[n].tolist(), weights[n].to(x.dtype)):
+                y = expert(x[n:n + 1], e) * w
+                out = y if out is None else out + y
+            rows.append(out)
+        return rows[0] if N == 1 else torch.cat(rows)
     flat = indices.flatten()
     order = flat.argsort(stable=True)
     counts = torch.bincount(flat, minlength=gate_up.shape[0]).tolist()
