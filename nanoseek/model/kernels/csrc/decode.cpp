@@ -172,16 +172,17 @@ struct Bf16Weights {
 // output channel). The weights are widened to float32 in registers and multiplied in FMAs against float32 (or
 // widened bf16) activations: the activations are never quantized, so the product is exactly that of the
 // dequantized weight up to summation order. Each group sums into its own pair of accumulators (even and odd
-// inputs: two independent FMA chains) and is scaled once into the output's.
+// inputs: two independent FMA chains) and is scaled once into the output's. int4 is multiplied as its stored
+// nibble u = q + 8 and the offset taken out once per group: sum q x = sum u x - 8 sum x, the row's sum over the
+// group computed once for all 16 outputs (two integer ops fewer per 16 weights).
 #if defined(__AVX512F__)
 inline void widen_q8(const uint8_t* p, vf* out) {
   out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
 inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
   const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  const __m512i eight = _mm512_set1_epi32(8);
-  lo[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), eight));
-  hi[0] = _mm512_cvtepi32_ps(_mm512_sub_epi32(_mm512_srli_epi32(b, 4), eight));
+  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
+  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
 }
 #elif defined(__AVX2__)
 inline void widen_q8(const uint8_t* p, vf* out) {
@@ -189,11 +190,11 @@ inline void widen_q8(const uint8_t* p, vf* out) {
     out[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v))));
 }
 inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
-  const __m256i eight = _mm256_set1_epi32(8), low = _mm256_set1_epi32(15);
+  const __m256i low = _mm256_set1_epi32(15);
   for (int v = 0; v < 2; ++v) {
     const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v)));
-    lo[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_and_si256(b, low), eight));
-    hi[v] = _mm256_cvtepi32_ps(_mm256_sub_epi32(_mm256_srli_epi32(b, 4), eight));
+    lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
+    hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
   }
 }
 #else
@@ -202,8 +203,8 @@ inline void widen_q8(const uint8_t* p, vf* out) {
 }
 inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
   for (int v = 0; v < NV; ++v) {
-    lo[v] = float(int(p[v] & 15) - 8);
-    hi[v] = float(int(p[v] >> 4) - 8);
+    lo[v] = float(p[v] & 15);
+    hi[v] = float(p[v] >> 4);
   }
 }
 #endif
@@ -222,6 +223,15 @@ inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* 
     for (int m = 0; m < MC; ++m)
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) even[m][v] = odd[m][v] = set1(0.0f);
+    float offset[MC];  // int4: 8 x the group's sum of each row's inputs
+    if constexpr (BITS == 4) {
+#pragma GCC unroll 8
+      for (int m = 0; m < MC; ++m) {
+        vf total = set1(0.0f);
+        for_lanes(group, [&](int64_t d, int64_t n) { total = add(total, load(x + m * K + k0 + d, n)); });
+        offset[m] = 8.0f * sum(total);
+      }
+    }
     for (int64_t k = k0; k < k0 + group; k += 2) {
       vf a[NV], b[NV];
       if constexpr (BITS == 8) {
@@ -244,7 +254,11 @@ inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* 
     for (int v = 0; v < NV; ++v) {
       const vf scale = load(sb + v * W);
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) acc[m][v] = fmadd(add(even[m][v], odd[m][v]), scale, acc[m][v]);
+      for (int m = 0; m < MC; ++m) {
+        vf group_sum = add(even[m][v], odd[m][v]);
+        if constexpr (BITS == 4) group_sum = sub(group_sum, set1(offset[m]));
+        acc[m][v] = fmadd(group_sum, scale, acc[m][v]);
+      }
     }
   }
 #pragma GCC unroll 8
