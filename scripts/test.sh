@@ -20,7 +20,7 @@ native=$(.venv/bin/python -c "from nanoseek import runtime; print(runtime.cpu().
 case "$native" in
     avx512|avx512_bf16|amx)
         echo "== the ISA-sensitive tests again under the AVX2 ceiling (this CPU: $native) =="
-        NANOSEEK_ISA=avx2 .venv/bin/python -m pytest tests/test_runtime.py tests/test_cpu_kernels.py tests/test_quant.py \
+        NANOSEEK_ISA=avx2 .venv/bin/python -m pytest tests/test_runtime.py tests/test_cpu_kernels.py tests/test_quant.py tests/test_speculative.py \
             tests/test_train_kernels.py tests/test_engine.py tests/test_grpo.py tests/test_speedrun.py ;;
     *) echo "== this CPU is $native: the suite above already ran on it, no AVX2 pass needed ==" ;;
 esac

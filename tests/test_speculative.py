@@ -160,3 +160,24 @@ def test_acceptance_in_metrics_and_bad_settings(mtp_checkpoint, hf_checkpoint):
         LLM(mtp_checkpoint, speculative="eagle")
     with pytest.raises(ConfigError, match=r"num_speculative_tokens must be in \[1, 8\]"):
         LLM(mtp_checkpoint, speculative="mtp", num_speculative_tokens=0)
+
+
+def test_cli_generate_with_speculation_matches_plain(chat_checkpoint, tmp_path):
+    import json
+    import sys
+
+    import procs
+
+    directory, _ = chat_checkpoint("deepseek_v3")
+    config = ModelConfig.from_pretrained(directory).replace(num_nextn_predict_layers=1)
+    model = Transformer(config)
+    randomize_(model, seed=9)
+    out = nanoseek.save_model(model, tmp_path / "chat-mtp", tokenizer_from=directory)
+    base = [sys.executable, "-m", "nanoseek.cli", "generate", "--model", str(out), "--prompt", "The quick brown",
+            "--max-tokens", "12", "--temperature", "0", "--ignore-eos", "--json"]
+    plain = procs.run(base, capture_output=True, text=True)
+    spec = procs.run(base + ["--speculative", "mtp", "--num-speculative-tokens", "2"], capture_output=True, text=True)
+    assert plain.returncode == 0 and spec.returncode == 0, plain.stderr[-800:] + spec.stderr[-800:]
+    assert json.loads(spec.stdout)["token_ids"] == json.loads(plain.stdout)["token_ids"]
+    bad = procs.run(base + ["--model", str(directory), "--speculative", "mtp"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "needs a checkpoint with MTP layers" in bad.stderr and "Traceback" not in bad.stderr
