@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 X86_LEVELS = ("avx2", "avx512", "avx512_bf16", "amx")
 ISAS = ("scalar", "neon", *X86_LEVELS)
 _FLAGS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "avx512vl", "avx512dq"),
-          "avx512_bf16": ("avx512_bf16",), "amx": ("amx_tile", "amx_bf16")}
+          "avx512_bf16": ("avx512_bf16", "avx512_vnni"), "amx": ("amx_tile", "amx_bf16")}
 # What a ceiling tells torch's own kernels and oneDNN.
 _ATEN_CAPABILITY = {"scalar": "default", "avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512"}
 _ONEDNN_ISA = {"scalar": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16"}

@@ -59,10 +59,26 @@ def test_scheme_names_and_bad_ones():
     assert quant.Scheme(8, None).group_for(48) == 48
 
 
+def int4_reference(x: torch.Tensor, qw: quant.QuantizedWeight) -> torch.Tensor:
+    """The int4 kernel's arithmetic in PyTorch: each row's group of inputs quantized to int8 (scale max |x| / 127,
+    round half to even), integer dot products with the weight's integers, both scales applied per group."""
+    T, K = x.shape
+    G = qw.scales.shape[-1]
+    xg = x.float().view(T, G, K // G)
+    amax = xg.abs().amax(-1, keepdim=True)
+    # An IEEE division, as the kernel's (PyTorch computes scalar / tensor through a reciprocal, 1 ulp off).
+    inv = torch.where(amax > 0, torch.full_like(amax, 127.0) / amax, torch.zeros_like(amax))
+    xq = (xg * inv).round()
+    dots = torch.einsum("tgk,ngk->tng", xq.double(), qw.q.view(-1, G, K // G).double())
+    return (dots * (amax / 127.0).double().view(T, 1, G) * qw.scales.double()[None]).sum(-1).float()
+
+
 @needs_kernels
 @pytest.mark.parametrize("bits,group", SCHEMES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_kernel_equals_the_dequantized_product(bits, group, dtype):
+def test_kernel_equals_its_reference_product(bits, group, dtype):
+    """int8: the dequantized weight times the activations; int4: integer products with activations quantized per
+    group (llama.cpp's q4_0 arithmetic), itself within ~1% of the dequantized product."""
     torch.manual_seed(1)
     E, N, K = 3, 48, 256
     qw = quant.quantize(torch.randn(E, N, K), bits, group or K)
@@ -72,7 +88,14 @@ def test_kernel_equals_the_dequantized_product(bits, group, dtype):
         x = torch.randn(rows, K).to(dtype)
         offsets = torch.tensor([0, rows // 3, rows // 3, rows])  # an expert without rows
         y = decode.grouped_linear(x, pack, offsets, N)
-        ref = torch.cat([x[offsets[e]:offsets[e + 1]].float() @ w[e].T for e in range(E)])
+        spans = [(offsets[e], offsets[e + 1]) for e in range(E)]
+        dequantized = torch.cat([x[a:b].float() @ w[e].T for e, (a, b) in enumerate(spans)])
+        if bits == 8:
+            ref = dequantized
+        else:
+            ref = torch.cat([int4_reference(x[a:b], quant.QuantizedWeight(qw.q[e], qw.scales[e], 4))
+                             for e, (a, b) in enumerate(spans)])
+            assert (ref - dequantized).abs().max() < 0.02 * dequantized.abs().max()
         tol = 2e-5 if dtype == torch.float32 else 1e-2
         assert y.dtype == dtype and torch.allclose(y.float(), ref, rtol=tol, atol=tol * ref.abs().max())
 
@@ -92,20 +115,34 @@ def test_quantized_experts_layer_equals_eager(bits, group):
     assert isinstance(derived.small[0], decode.QuantPack)
     fused = ops.routed_experts(x, weights, indices, q_gu.dequantize(), q_dn.dequantize(), F.silu, derived=derived)
     eager = ops.routed_experts(x, weights, indices, q_gu.dequantize(), q_dn.dequantize(), F.silu)
-    assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-5)
+    if bits == 8:
+        assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-5)
+    else:  # int4 quantizes the activations too: within ~1% of the dequantized layer
+        assert (fused - eager).norm() < 0.03 * eager.norm()
 
 
 @pytest.mark.parametrize("arch", ["deepseek_v3", "deepseek_v2", "qwen2"])
 @pytest.mark.parametrize("scheme", ["int8", "int4"])
 def test_engine_kernels_compute_the_same_quantized_model_as_eager(hf_checkpoint, arch, scheme):
-    """The decode kernel (integers) and the eager path (dequantized weights) are one model: same greedy tokens;
-    and quantization changes the model (the float model's logits differ)."""
+    """int8: the decode kernel (integers) and the eager path (dequantized weights) are one model, same greedy
+    tokens. int4 decodes with quantized activations (as llama.cpp's q4_0): the same model within rounding, so
+    the two agree on most tokens of these near-tied random models. Quantization changes the model."""
     directory, _ = hf_checkpoint(arch)
     packed = LLM(directory, dtype="float32", quantization=scheme)
     eager = LLM(directory, dtype="float32", quantization=scheme, pack_weights=False)
     out = [o.outputs[0].token_ids for o in packed.generate(PROMPTS, GREEDY)]
-    assert out == [o.outputs[0].token_ids for o in eager.generate(PROMPTS, GREEDY)]
+    reference = [o.outputs[0].token_ids for o in eager.generate(PROMPTS, GREEDY)]
     model = packed.engine.model
+    if scheme == "int8" or decode.decode_kernels() is None:
+        assert out == reference
+    else:  # teacher-forced: the eager model's argmax after each prefix of the kernel's continuation
+        agree = total = 0
+        for prompt, tokens in zip(PROMPTS, out):
+            with torch.no_grad():
+                logits = eager.engine.model(torch.tensor([prompt + tokens]))[0, len(prompt) - 1: -1]
+            agree += (logits.argmax(-1) == torch.tensor(tokens)).sum().item()
+            total += len(tokens)
+        assert agree >= 0.85 * total, (agree, total)
     summary = quant.quantization_summary(model)
     assert summary["quantized_params"] > 0.9 * (summary["quantized_params"] + summary["float_params"])
     if decode.decode_kernels() is not None:

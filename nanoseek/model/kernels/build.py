@@ -33,7 +33,7 @@ ISA_FLAGS = {
     "avx2": ["-mavx2", "-mfma", "-mf16c"],
     "avx512": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq"],
     "avx512_bf16": ["-mavx2", "-mfma", "-mf16c", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-                    "-mavx512bf16"],
+                    "-mavx512bf16", "-mavx512vnni"],
 }
 ISA_FLAGS["amx"] = ISA_FLAGS["avx512_bf16"]  # AMX tiles are oneDNN's business; the kernels use AVX512-BF16
 

@@ -159,58 +159,38 @@ void rows(int64_t M, const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ld
 struct Bf16Weights {
   const uint16_t* p;
   int64_t N, K;
+  template <typename X>
+  int prepare(const X*, int64_t) const { return 0; }
   template <typename X, typename Y>
-  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy) const {
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, int, int64_t) const {
     rows(M, x, K, p + (e * N + nb * 16) * K, y, ldy);
   }
 };
 
-// ---- weight-only quantized weights (int8, int4) ----
-// Layout: weight e [N, K] as [N/16][K][16] int8 (one 16-byte run: 16 outputs at one input), or for int4
-// [N/16][K/2][16] bytes, byte j = (q[k] + 8) | (q[k+1] + 8) << 4 for output j of the block (16 outputs at two
-// inputs). Scales [N/16][K/group][16] float32, one per output and group of `group` inputs (group = K: int8 per
-// output channel). The weights are widened to float32 in registers and multiplied in FMAs against float32 (or
-// widened bf16) activations: the activations are never quantized, so the product is exactly that of the
-// dequantized weight up to summation order. Each group sums into its own pair of accumulators (even and odd
-// inputs: two independent FMA chains) and is scaled once into the output's. int4 is multiplied as its stored
-// nibble u = q + 8 and the offset taken out once per group: sum q x = sum u x - 8 sum x, the row's sum over the
-// group computed once for all 16 outputs (two integer ops fewer per 16 weights).
+// ---- weight-only quantized weights: int8 ----
+// Layout: weight e [N, K] as [N/16][K][16] int8 (one 16-byte run: 16 outputs at one input); scales [N/16][K/group]
+// [16] float32, one per output and group of `group` inputs (group = K: one per output channel). The weights are
+// widened to float32 in registers and multiplied in FMAs against float32 (or widened bf16) activations: the
+// activations are not quantized, so the product is that of the dequantized weight up to summation order. Each
+// group sums into its own pair of accumulators (even and odd inputs: two independent FMA chains) and is scaled
+// once into the output's.
 #if defined(__AVX512F__)
 inline void widen_q8(const uint8_t* p, vf* out) {
   out[0] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
-  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo[0] = _mm512_cvtepi32_ps(_mm512_and_si512(b, _mm512_set1_epi32(15)));
-  hi[0] = _mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4));
 }
 #elif defined(__AVX2__)
 inline void widen_q8(const uint8_t* p, vf* out) {
   for (int v = 0; v < 2; ++v)
     out[v] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v))));
 }
-inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
-  const __m256i low = _mm256_set1_epi32(15);
-  for (int v = 0; v < 2; ++v) {
-    const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * v)));
-    lo[v] = _mm256_cvtepi32_ps(_mm256_and_si256(b, low));
-    hi[v] = _mm256_cvtepi32_ps(_mm256_srli_epi32(b, 4));
-  }
-}
 #else
 inline void widen_q8(const uint8_t* p, vf* out) {
   for (int v = 0; v < NV; ++v) out[v] = float(static_cast<int8_t>(p[v]));
 }
-inline void widen_q4(const uint8_t* p, vf* lo, vf* hi) {
-  for (int v = 0; v < NV; ++v) {
-    lo[v] = float(p[v] & 15);
-    hi[v] = float(p[v] >> 4);
-  }
-}
 #endif
 
-template <int MC, int BITS, typename X, typename Y>
-inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* sb, int64_t group, Y* y,
+template <int MC, typename X, typename Y>
+inline void block_rows_q8(const X* x, int64_t K, const uint8_t* wb, const float* sb, int64_t group, Y* y,
                          int64_t ldy) {
   vf acc[MC][NV];
 #pragma GCC unroll 8
@@ -223,23 +203,10 @@ inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* 
     for (int m = 0; m < MC; ++m)
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) even[m][v] = odd[m][v] = set1(0.0f);
-    float offset[MC];  // int4: 8 x the group's sum of each row's inputs
-    if constexpr (BITS == 4) {
-#pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        vf total = set1(0.0f);
-        for_lanes(group, [&](int64_t d, int64_t n) { total = add(total, load(x + m * K + k0 + d, n)); });
-        offset[m] = 8.0f * sum(total);
-      }
-    }
     for (int64_t k = k0; k < k0 + group; k += 2) {
       vf a[NV], b[NV];
-      if constexpr (BITS == 8) {
-        widen_q8(wb + k * 16, a);
-        widen_q8(wb + (k + 1) * 16, b);
-      } else {
-        widen_q4(wb + k * 8, a, b);
-      }
+      widen_q8(wb + k * 16, a);
+      widen_q8(wb + (k + 1) * 16, b);
 #pragma GCC unroll 8
       for (int m = 0; m < MC; ++m) {
         const vf xa = set1(as_float(x[m * K + k])), xb = set1(as_float(x[m * K + k + 1]));
@@ -254,11 +221,7 @@ inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* 
     for (int v = 0; v < NV; ++v) {
       const vf scale = load(sb + v * W);
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        vf group_sum = add(even[m][v], odd[m][v]);
-        if constexpr (BITS == 4) group_sum = sub(group_sum, set1(offset[m]));
-        acc[m][v] = fmadd(group_sum, scale, acc[m][v]);
-      }
+      for (int m = 0; m < MC; ++m) acc[m][v] = fmadd(add(even[m][v], odd[m][v]), scale, acc[m][v]);
     }
   }
 #pragma GCC unroll 8
@@ -267,24 +230,160 @@ inline void block_rows_q(const X* x, int64_t K, const uint8_t* wb, const float* 
     for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, acc[m][v]);
 }
 
-// Rows per register block: three sums (output, even, odd) per row and vector must stay in registers.
+// Rows per register block: two or three sums per row and vector must stay in registers.
 constexpr int ROWS_Q = W == 16 ? 8 : 2;
 
-// The packed quantized weights of E experts (layout above): `run` multiplies rows of x by block nb of expert e.
-template <int BITS>
-struct QuantWeights {
+// The packed int8 weights of E experts (layout above): `run` multiplies rows of x by block nb of expert e.
+struct Int8Weights {
   const uint8_t* p;
   const float* scales;
   int64_t N, K, group;
+  template <typename X>
+  int prepare(const X*, int64_t) const { return 0; }
   template <typename X, typename Y>
-  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy) const {
-    const uint8_t* wb = p + (e * N + nb * 16) * K * BITS / 8;
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, int, int64_t) const {
+    const uint8_t* wb = p + (e * N + nb * 16) * K;
     const float* sb = scales + (e * N + nb * 16) * (K / group);
     in_blocks<ROWS_Q>(M, [&](auto mc, int64_t m) {
-      block_rows_q<decltype(mc)::value, BITS>(x + m * K, K, wb, sb, group, y + m * ldy, ldy);
+      block_rows_q8<decltype(mc)::value>(x + m * K, K, wb, sb, group, y + m * ldy, ldy);
     });
   }
 };
+
+// ---- int4 by integer dot products ----
+// Widening nibbles to float32 costs more instructions than the bytes take to stream, so int4 multiplies in
+// integers, as llama.cpp's q4_0 does: each group of `group` inputs of a row is quantized to int8 (scale =
+// max |x| / 127), and 4 consecutive inputs of an output meet in one 32-bit lane of u8 x s8 products summed in
+// int32 -- vpdpbusd with AVX512-VNNI, vpmaddubsw + vpmaddwd elsewhere (AVX2, AVX-512 without VNNI; u4 x s8 pairs
+// cannot saturate 16 bits). The nibbles are the stored u = q + 8, so a group's sum is sum u xq - 8 sum xq; it is
+// then scaled by the weight's scale times the activation's.
+// Layout: weight e [N, K] as [N/16][K/8][16][4] bytes: for output j of a block and inputs 8b..8b+7, byte i holds
+// u[8b + i] (low nibble) and u[8b + 4 + i] (high nibble). Scales as for int8: [N/16][K/group][16] float32.
+struct Int4Acts {  // the activations, quantized per row and group
+  std::vector<int8_t> q;
+  std::vector<float> scale;  // [T, G]
+  std::vector<int32_t> sum;  // [T, G]: sum of q over the group
+};
+
+#if defined(__AVX512F__)
+using vi = __m512i;
+inline vi load_vi(const uint8_t* p) { return _mm512_loadu_si512(p); }
+inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); }
+inline vi high_nibbles(vi v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
+inline vi bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
+inline vi zero_vi() { return _mm512_setzero_si512(); }
+inline vf group_value(vi acc, int32_t offset) {
+  return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(offset)));
+}
+#if defined(__AVX512VNNI__)
+inline vi dot4(vi acc, vi u, vi s) { return _mm512_dpbusd_epi32(acc, u, s); }
+#else
+inline vi dot4(vi acc, vi u, vi s) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+}
+#endif
+#elif defined(__AVX2__)
+using vi = __m256i;
+inline vi load_vi(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); }
+inline vi high_nibbles(vi v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
+inline vi bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
+inline vi zero_vi() { return _mm256_setzero_si256(); }
+inline vf group_value(vi acc, int32_t offset) {
+  return _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(offset)));
+}
+inline vi dot4(vi acc, vi u, vi s) {
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1)));
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+// MC rows of quantized activations times one block of 16 outputs (NV vectors of W lanes).
+template <int MC, typename Y>
+inline void block_rows_q4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t G,
+                          const uint8_t* wb, const float* sb, int64_t group, Y* y, int64_t ldy) {
+  vf acc[MC][NV];
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
+  for (int64_t g = 0; g < G; ++g, sb += 16) {
+    vi dots[MC][NV];
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) dots[m][v] = zero_vi();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      vi lo[NV], hi[NV];
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        const vi packed = load_vi(wb + k * 8 + v * W * 4);
+        lo[v] = low_nibbles(packed);
+        hi[v] = high_nibbles(packed);
+      }
+#pragma GCC unroll 8
+      for (int m = 0; m < MC; ++m) {
+        const vi xa = bcast4(xq + m * K + k), xb = bcast4(xq + m * K + k + 4);
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) dots[m][v] = dot4(dot4(dots[m][v], lo[v], xa), hi[v], xb);
+      }
+    }
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      const vf scale = load(sb + v * W);
+#pragma GCC unroll 8
+      for (int m = 0; m < MC; ++m)
+        acc[m][v] = fmadd(group_value(dots[m][v], 8 * xsum[m * G + g]), mul(scale, set1(xs[m * G + g])),
+                          acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, acc[m][v]);
+}
+#endif
+
+#if defined(__AVX512F__) || defined(__AVX2__)
+struct Int4Weights {
+  const uint8_t* p;
+  const float* scales;
+  int64_t N, K, group;
+  template <typename X>
+  Int4Acts prepare(const X* x, int64_t T) const {
+    const int64_t G = K / group;
+    Int4Acts a{std::vector<int8_t>(T * K), std::vector<float>(T * G), std::vector<int32_t>(T * G)};
+    at::parallel_for(0, T * G, 64, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        const X* xg = x + (i / G) * K + (i % G) * group;
+        float amax = 0.f;
+        for (int64_t d = 0; d < group; ++d) amax = std::max(amax, std::fabs(as_float(xg[d])));
+        const float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
+        int8_t* q = a.q.data() + (i / G) * K + (i % G) * group;
+        int32_t total = 0;
+        for (int64_t d = 0; d < group; ++d) {
+          q[d] = static_cast<int8_t>(std::nearbyint(as_float(xg[d]) * inv));
+          total += q[d];
+        }
+        a.scale[i] = scale;
+        a.sum[i] = total;
+      }
+    });
+    return a;
+  }
+  template <typename X, typename Y>
+  void run(int64_t M, const X*, int64_t e, int64_t nb, Y* y, int64_t ldy, const Int4Acts& a, int64_t r0) const {
+    const int64_t G = K / group;
+    const uint8_t* wb = p + (e * N + nb * 16) * K / 2;
+    const float* sb = scales + (e * N + nb * 16) * G;
+    in_blocks<ROWS_Q>(M, [&](auto mc, int64_t m) {
+      const int64_t r = r0 + m;
+      block_rows_q4<decltype(mc)::value>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G,
+                                         wb, sb, group, y + m * ldy, ldy);
+    });
+  }
+};
+#endif
 
 // y [T, N] = rows off[e]..off[e+1] of x [T, K] times packed weight e, for every expert e with rows.
 template <typename Wt, typename X, typename Y>
@@ -294,11 +393,12 @@ void grouped(const X* xp, const Wt& w, int64_t E, const int64_t* off, Y* yp) {
   for (int64_t e = 0; e < E; ++e)
     if (off[e + 1] > off[e]) active.push_back(e);
   const int64_t blocks = N / 16, items = static_cast<int64_t>(active.size()) * blocks;
+  const auto acts = w.prepare(xp, off[E]);  // the activations in the form the weights multiply (once per call)
   // Work items in memory order (expert, row block): each thread streams one contiguous stretch of weights.
   at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {
       const int64_t e = active[i / blocks], nb = i % blocks, r0 = off[e];
-      w.run(off[e + 1] - r0, xp + r0 * K, e, nb, yp + r0 * N + nb * 16, N);
+      w.run(off[e + 1] - r0, xp + r0 * K, e, nb, yp + r0 * N + nb * 16, N, acts, r0);
     }
   });
 }
@@ -429,10 +529,16 @@ void with_quant(const torch::Tensor& w, const torch::Tensor& scales, int64_t N, 
   TORCH_CHECK(N % 16 == 0 && G > 0 && K % G == 0 && (K / G) % 2 == 0 && w.numel() == E * N * K * bits / 8 &&
                   scales.numel() == E * N * G, "quantized weights do not match their shape");
   const int64_t group = K / G;
-  if (bits == 8)
-    f(QuantWeights<8>{ptr<uint8_t>(w), ptr<float>(scales), N, K, group});
-  else
-    f(QuantWeights<4>{ptr<uint8_t>(w), ptr<float>(scales), N, K, group});
+  TORCH_CHECK(bits == 8 || group % 8 == 0, "int4 groups must be a multiple of 8 inputs");
+  if (bits == 8) {
+    f(Int8Weights{ptr<uint8_t>(w), ptr<float>(scales), N, K, group});
+  } else {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    f(Int4Weights{ptr<uint8_t>(w), ptr<float>(scales), N, K, group});
+#else
+    TORCH_CHECK(false, "int4 weights need an AVX2 or AVX-512 build");
+#endif
+  }
 }
 
 // grouped_linear over quantized weights: x [T, K] (bf16 or float32), rows of expert e at offsets[e]..[e+1].
