@@ -34,10 +34,12 @@ def decode_all(llm: LLM, prompts, params) -> tuple[float, list[list[int]], int]:
     return time.perf_counter() - start, outs, steps
 
 
-def compare(model: str, prompts, tokens: int, ks: list[int], rounds: int, dtype: str = "auto") -> dict:
+def compare(model: str, prompts, tokens: int, ks: list[int], rounds: int, dtype: str = "auto",
+            quantization: str | None = None) -> dict:
     params = SamplingParams(temperature=0, max_tokens=tokens, ignore_eos=True)
-    plain = LLM(model, dtype=dtype)
-    engines = {k: LLM(model, dtype=dtype, speculative="mtp", num_speculative_tokens=k) for k in ks}
+    plain = LLM(model, dtype=dtype, quantization=quantization)
+    engines = {k: LLM(model, dtype=dtype, quantization=quantization, speculative="mtp", num_speculative_tokens=k)
+               for k in ks}
     for llm in [plain, *engines.values()]:  # warm-up
         llm.generate([prompts[0]], SamplingParams(temperature=0, max_tokens=8))
     results = {k: {"ratios": [], "tok_s": [], "identical": True, "steps": 0} for k in ks}
@@ -52,7 +54,7 @@ def compare(model: str, prompts, tokens: int, ks: list[int], rounds: int, dtype:
             r["tok_s"].append(len(prompts) * tokens / spec_seconds)
             r["identical"] &= outs == reference
             r["steps"] += steps
-    out = {"dtype": str(plain.engine.model.compute_dtype).removeprefix("torch."),
+    out = {"dtype": str(plain.engine.model.compute_dtype).removeprefix("torch."), "quantization": quantization,
            "plain_tok_s": round(statistics.median(plain_rates), 1)}
     for k, llm in engines.items():
         totals, r = llm.engine.totals, results[k]
@@ -75,10 +77,12 @@ def main() -> None:
     ap.add_argument("--k", default="1,2,3")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--quantization", default=None, choices=["int8", "int4"])
     args = ap.parse_args()
     problems = task_problems(args.task, [1, 2, 3], args.prompts, 0, "test")
     prompts = [chat_prompt(p) for p in problems]
-    result = compare(args.model, prompts, args.tokens, [int(k) for k in args.k.split(",")], args.rounds, args.dtype)
+    result = compare(args.model, prompts, args.tokens, [int(k) for k in args.k.split(",")], args.rounds, args.dtype,
+                     args.quantization)
     emit({"bench": "speculative", "model": args.model, "prompts": args.prompts, "tokens": args.tokens,
           "batch": 1, **result})
 
