@@ -107,6 +107,8 @@ def quantized_parameters(model: Transformer) -> dict[str, quant.QuantizedWeight]
     """Parameter name -> its QuantizedWeight, for the weights a quantized model keeps as integers and has not
     changed since (a weight trained further is written as the float it now is)."""
     found = {}
+    if not hasattr(model, "named_modules"):  # a trainer's gathered snapshot (train/checkpointing.py): never quantized
+        return found
     for module_name, module in model.named_modules():
         for name, qw in (getattr(module, "quantized", None) or {}).items():
             if qw.current(getattr(module, name)):

@@ -270,11 +270,21 @@ class LLMEngine:
             logits, hidden = self.runner.run(plan, return_hidden=True)
         else:
             logits, hidden = self.runner.run(plan), None
-        bs = self.blocks.block_size
+        samples = [item.samples for item in plan]  # read before the sequences advance
+        # The cache now holds the K/V of every computed token. Newly completed blocks are hashed before a sequence
+        # that finishes this step releases them, and before a parent forks (its siblings share its full blocks).
+        # Of a verified draft only the accepted part counts (the rejected tokens' slots are overwritten later):
+        # those sequences advance once accepted.
+        starts = {}
+        for item in plan:
+            seq = item.seq
+            starts[id(seq)] = seq.num_computed
+            if not item.draft:
+                self._advance(seq, item.num_new)
         # Logits rows: one per sampling sequence, 1 + len(draft) for one verifying drafts.
         seqs, rows, verifying, row = [], [], [], 0
-        for item in plan:
-            if not item.samples:
+        for item, sampled in zip(plan, samples):
+            if not sampled:
                 continue
             if item.draft:
                 verifying.append((item, row))
@@ -314,19 +324,8 @@ class LLMEngine:
             metrics = seq.request.metrics
             metrics.first_token_time = metrics.first_token_time or now
             touched[seq.request.request_id] = seq.request
-        # The cache holds the K/V of every computed token; of a verified draft only the accepted part counts (the
-        # rejected tokens' slots are overwritten later). Newly completed blocks are hashed before a sequence
-        # that finished this step releases them.
-        starts = {}
-        for item in plan:
-            seq = item.seq
-            starts[id(seq)] = before = seq.num_computed
-            if item.draft:  # the last token, then the accepted drafts that made it into the sequence
-                seq.num_computed += 1 + valid[id(seq)]
-            else:
-                seq.num_computed += item.num_new
-            if seq.num_computed // bs > before // bs:
-                self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
+        for item, _ in verifying:  # the last token, then the accepted drafts that made it into the sequence
+            self._advance(item.seq, 1 + valid[id(item.seq)])
         for seq, _ in appended:
             if seq.finished:
                 self.scheduler.remove(seq)
@@ -342,6 +341,14 @@ class LLMEngine:
                 self.totals["prompt_tokens"] += len(request.prompt_token_ids)
                 self.totals["prompt_cache_hit_tokens"] += request.metrics.prompt_cache_hit_tokens
         return outputs
+
+    def _advance(self, seq: Sequence, computed: int) -> None:
+        """`computed` more tokens of seq have their K/V in the cache; blocks this completes join the prefix cache."""
+        before = seq.num_computed
+        seq.num_computed += computed
+        bs = self.blocks.block_size
+        if seq.num_computed // bs > before // bs:
+            self.blocks.register_computed(seq.token_ids, seq.block_table, seq.num_computed)
 
     def _draft(self, plan, hidden: torch.Tensor, starts: dict[int, int]) -> None:
         """MTP speculation after a step: the draft module runs over the positions each live sequence settled
