@@ -2,14 +2,13 @@
 under the AVX2 ceiling by scripts/test.sh), the engine and the checkpoints `nanoseek quantize` writes."""
 
 import json
-import shutil
 import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nanoseek import LLM, SamplingParams, runtime
+from nanoseek import LLM, SamplingParams
 from nanoseek.checkpoint import load_model, save_model
 from nanoseek.errors import ConfigError
 from nanoseek.interop.quantize import quantize_checkpoint
@@ -17,11 +16,9 @@ from nanoseek.model import ops, quant
 from nanoseek.model.kernels import decode
 
 import procs
+from test_cpu_kernels import needs_kernels  # the one rule for where the decode kernels exist
 
 CLI = [sys.executable, "-m", "nanoseek.cli"]
-ISA = runtime.cpu().isa
-needs_kernels = pytest.mark.skipif(not (ISA in decode.DECODE_KERNELS.isas and shutil.which("c++")),
-                                   reason=f"the decode kernels need an x86 CPU with AVX2 or more ({ISA} here)")
 SCHEMES = [(8, None), (4, 32), (4, 128)]
 GREEDY = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
 PROMPTS = [[5, 9, 13, 2, 7], [40, 41, 42], [3, 1, 4, 1, 5, 9, 2, 6]]
