@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from .errors import NanoseekError
+from .errors import ConfigError, NanoseekError
 
 
 def _human(n: float) -> str:
@@ -233,6 +234,50 @@ def cmd_serve(args) -> int:
     return serve(ServerSettings.from_args(args))
 
 
+def cmd_usage(args) -> int:
+    from .serve.app import parse_time
+    from .serve.errors import APIError
+    from .serve.ledger import COLUMNS, Ledger
+
+    if not Path(args.db).is_file():
+        raise ConfigError(f"no ledger at {args.db}: give the file passed to serve --ledger")
+    try:
+        start, end = parse_time(args.start, "start"), parse_time(args.end, "end")
+    except APIError as e:
+        raise ConfigError(e.message) from None
+    ledger = Ledger(args.db)
+    try:
+        totals = ledger.totals(start, end)
+    finally:
+        ledger.close()
+    if args.json:
+        print(json.dumps({"start": start, "end": end, "keys": totals}))
+        return 0
+    header = ["key"] + list(COLUMNS)
+    rows = [[name] + [f"{v[c]:.6f}" if c == "cost" else str(v[c]) for c in COLUMNS] for name, v in totals.items()]
+    rows.append(["TOTAL"] + [f"{sum(v[c] for v in totals.values()):.6f}" if c == "cost" else
+                             str(sum(v[c] for v in totals.values())) for c in COLUMNS])
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    for r in [header] + rows:
+        print("  ".join(x.rjust(w) if i else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths))))
+    return 0
+
+
+def cmd_keys(args) -> int:
+    import secrets
+
+    from .serve.accounts import key_hash
+
+    if args.action == "new":
+        key = "sk-" + secrets.token_urlsafe(32)
+        print(f"key        {key}\nkey_sha256 {key_hash(key)}")
+        return 0
+    if not args.key:
+        raise ConfigError("nanoseek keys hash needs the KEY to hash")
+    print(key_hash(args.key))
+    return 0
+
+
 def cmd_report(args) -> int:
     from .train.report import write_report
 
@@ -329,6 +374,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: local only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require Bearer auth (or set NANOSEEK_API_KEY)")
+    p.add_argument("--api-keys", default=None,
+                   help="TOML file of API keys (name, key_sha256, models, limits, quotas): many users")
+    p.add_argument("--ledger", default=None, help="SQLite file of per-request usage (GET /v1/usage)")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--policy", default=None, help="policy TOML (moderation rules, system prompt, limits)")
     p.add_argument("--cost-per-hour", type=float, default=None, help="machine price in USD/hour: enables pricing")
@@ -354,6 +402,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", default="int8", choices=["int8", "int4", "int4-g128"],
                    help="int8 per output channel, int4 in groups of 32 inputs (or 128)")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser("usage", help="per-key totals of a server's usage ledger")
+    p.add_argument("db", help="the ledger file given to serve --ledger")
+    p.add_argument("--start", default=None, help="from (unix seconds or ISO date, UTC)")
+    p.add_argument("--end", default=None, help="until, exclusive (unix seconds or ISO date, UTC)")
+    p.add_argument("--json", action="store_true", help="one JSON object instead of a table")
+    p.set_defaults(func=cmd_usage)
+
+    p = sub.add_parser("keys", help="API keys for serve --api-keys")
+    p.add_argument("action", choices=["hash", "new"], help="hash: the key_sha256 of KEY; new: a fresh random key "
+                                                           "and its hash")
+    p.add_argument("key", nargs="?", default=None)
+    p.set_defaults(func=cmd_keys)
 
     p = sub.add_parser("report", help="write runs/NAME/report.md from a finished run")
     p.add_argument("--run", required=True, help="run directory, e.g. runs/speedrun")

@@ -25,7 +25,7 @@ except ImportError:  # the opt-in `llama` extra
     llama_cpp = None
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed (the llama extra)")
 
-R1_FIXTURE = Path(__file__).parent / "data" / "r1_distill_qwen_tokenizer.gguf"  # shared/fixtures, copied
+from tiny import R1_FIXTURE  # noqa: E402
 EXPORTED = ["deepseek_v3", "deepseek_v3_no_q_lora", "deepseek_v2", "qwen2", "llama"]
 
 

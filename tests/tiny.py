@@ -6,6 +6,7 @@ actually varies between tokens: a parity test on near-zero logits would prove no
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -102,7 +103,28 @@ CORPUS = ["The quick brown fox jumps over the lazy dog.", "What is 12 + 30? Let 
           "def add(a, b):\n    return a + b\n", "Ünïcödé text, emoji 🙂 and 数字 42."] * 20
 
 
-def build_tokenizer(directory: Path, vocab_size: int = 160):
+TOOL_TOKENS = ["<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>", "<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>",
+               "<｜tool▁sep｜>", "<｜tool▁outputs▁begin｜>", "<｜tool▁outputs▁end｜>", "<｜tool▁output▁begin｜>",
+               "<｜tool▁output▁end｜>"]
+R1_FIXTURE = Path(__file__).parent / "data" / "r1_distill_qwen_tokenizer.gguf"  # shared/fixtures, copied
+
+
+@functools.cache
+def published_tool_template() -> str:
+    """The real chat template of the published DeepSeek-R1-Distill-Qwen GGUF (shared/fixtures): DeepSeek-V3's
+    tool-call tokens and layout, a generation prompt without <think>."""
+    import gguf
+
+    field = gguf.GGUFReader(str(R1_FIXTURE)).fields["tokenizer.chat_template"]
+    return bytes(field.parts[field.data[0]]).decode()
+
+
+def build_tool_tokenizer(directory: Path, vocab_size: int = 300):
+    """build_tokenizer with DeepSeek's tool-call tokens and the published template that writes them."""
+    return build_tokenizer(directory, vocab_size, extra_special=TOOL_TOKENS, template=published_tool_template())
+
+
+def build_tokenizer(directory: Path, vocab_size: int = 160, extra_special: list[str] = (), template: str | None = None):
     """A byte-level BPE tokenizer saved by transformers, with DeepSeek's special tokens and the R1 template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -110,13 +132,13 @@ def build_tokenizer(directory: Path, vocab_size: int = 160):
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS + list(extra_special),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(CORPUS, trainer)
     bos = SPECIAL_TOKENS[0]
     tok.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                        special_tokens=[(bos, tok.token_to_id(bos))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=bos, eos_token=SPECIAL_TOKENS[1])
-    fast.chat_template = R1_TEMPLATE
+    fast.chat_template = template or R1_TEMPLATE
     fast.save_pretrained(directory)
     return fast

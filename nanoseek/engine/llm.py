@@ -132,6 +132,18 @@ class LLMEngine:
             return None, list(prompt)
         raise InvalidRequestError("prompt must be a string, a list of token ids or a list of chat messages")
 
+    def _prompt_leaves_think_open(self, ids: list[int]) -> bool:
+        """Whether generation starts inside a <think> block: the prompt's last think tag is an opening one (R1's
+        template ends with `<think>\n`; a prefix completion may end inside a long reasoning prefix). By token id
+        where the tags are single tokens, else from the text of the prompt's tail."""
+        tags = (self.tokenizer.token_to_id(THINK_OPEN), self.tokenizer.token_to_id(THINK_CLOSE))
+        if None in tags:
+            return starts_in_reasoning(self.tokenizer.decode(ids[-8:]))
+        for token in reversed(ids):
+            if token in tags:
+                return token == tags[0]
+        return False
+
     def _need_tokenizer(self):
         if self.tokenizer is None:
             raise InvalidRequestError("this model has no tokenizer.json: pass prompts as token ids")
@@ -158,14 +170,14 @@ class LLMEngine:
         if len(ids) >= self.max_model_len:
             raise InvalidRequestError(f"prompt has {len(ids)} tokens but this engine's context is "
                                       f"{self.max_model_len} (KV cache and model limit): shorten the prompt")
-        tail = self.tokenizer.decode(ids[-8:]) if self.reasoning else ""
+        in_reasoning = self.reasoning and self._prompt_leaves_think_open(ids)
         skip = set()
         if self.tokenizer is not None and params.skip_special_tokens:
             keep = {self.tokenizer.token_to_id(THINK_OPEN), self.tokenizer.token_to_id(THINK_CLOSE)}
             skip = self.tokenizer.special_ids - keep
         request_id = request_id or f"req-{next(self._ids)}"
         return Request(request_id, text, ids, params, self.tokenizer, self.eos_ids, self.max_model_len, skip,
-                       self.reasoning, starts_in_reasoning(tail), arrival_time)
+                       self.reasoning, in_reasoning, arrival_time)
 
     def add(self, request: Request) -> Request:
         with self.lock:

@@ -134,13 +134,14 @@ class Sequence:
         """Adds a sampled token and decides whether the sequence is done."""
         self.token_ids.append(token_id)
         params, request = self.params, self.request
-        if self.detok is not None:
-            self._undecoded.append(token_id)
-        # (The sampler masks EOS and stop tokens until min_tokens are out.)
+        # (The sampler masks EOS and stop tokens until min_tokens are out.) The token that ends the sequence is
+        # not part of its text, also when special tokens are kept (tool calls need theirs).
         if token_id in params.stop_token_ids:
             return self.finish("stop", token_id)
         if not params.ignore_eos and token_id in request.eos_ids:
             return self.finish("stop", None)
+        if self.detok is not None:
+            self._undecoded.append(token_id)
         if params.stop and self.detok is not None:
             hit = find_stop(self.text, params.stop, self.searched)
             self.searched = len(self.text)

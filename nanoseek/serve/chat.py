@@ -12,9 +12,10 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError
-from .json_mode import JsonObjectProcessor
+from . import conversation
 from .policy import SYSTEM_PROMPT
 from .protocol import ChatCompletionRequest
+from .tools import ToolStream
 from .service import Choice, Prepared, Service, logprobs_content, read_request, sse_errors
 
 ROUTE = "/v1/chat/completions"
@@ -23,6 +24,7 @@ ROUTE = "/v1/chat/completions"
 async def chat(service: Service, request: Request):
     req = await read_request(request, ChatCompletionRequest)
     p = await prepare(service, req)
+    service.admit(request, p)
     service.metrics.requests_started.inc()
     if req.stream:
         return StreamingResponse(sse_errors(stream(service, request, p)), media_type="text/event-stream",
@@ -31,42 +33,45 @@ async def chat(service: Service, request: Request):
         service.metrics.requests.labels(ROUTE, "200").inc()
         choices = [{"index": i, "message": {"role": "assistant", "content": "", "reasoning_content": None},
                     "logprobs": None, "finish_reason": "content_filter"} for i in range(req.n)]
-        return JSONResponse(body(service, p, choices, empty_usage(p)), headers=p.headers)
+        usage = empty_usage(p)
+        await run_in_threadpool(service.account_usage, p, ROUTE, usage)
+        return JSONResponse(body(service, p, choices, usage), headers=p.headers)
     return await answer(service, request, p)
 
 
 async def prepare(service: Service, req: ChatCompletionRequest) -> Prepared:
-    """Checks, the policy's system prompt, the template and tokenizer (on a worker thread), sampling parameters."""
+    """Checks, the policy's system prompt, the template and tokenizer (on a worker thread), the answer's grammar,
+    sampling parameters."""
     if req.stream_options is not None and not req.stream:
         raise APIError(400, "stream_options is only allowed when stream is true", "invalid_request_error")
-    if req.tools:
-        raise APIError(422, "invalid parameter 'tools': tool calling is not supported yet", "invalid_request_error")
+    conversation.check(req)
     service.check_model(req.model)
     service.check_capacity()
     tokenizer, policy = service.tokenizer, service.policy
     if tokenizer is None or tokenizer.chat_template is None:
         raise APIError(422, "this model has no chat template: use /v1/completions", "invalid_request_error")
     request_id = f"chatcmpl-{uuid.uuid4().hex[:24]}"
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
     interventions = []
-    if policy and policy.system_prompt:
-        messages = policy.with_system_prompt(messages, request_id)
-        interventions.append(SYSTEM_PROMPT)
-    prompt_text = await run_in_threadpool(tokenizer.apply_chat_template, messages, add_generation_prompt=True,
-                                          tokenize=False)
-    prompt_ids = await run_in_threadpool(tokenizer.encode, prompt_text, add_special_tokens=False)
+
+    def system_prompt(messages):
+        if policy and policy.system_prompt:
+            interventions.append(SYSTEM_PROMPT)
+            return policy.with_system_prompt(messages, request_id)
+        return messages
+
+    rendered = await run_in_threadpool(conversation.render, tokenizer, req, system_prompt, service.engine.reasoning)
+    prompt_ids = await run_in_threadpool(tokenizer.encode, rendered.prompt, add_special_tokens=False)
     processors = []
-    if req.response_format and req.response_format.type == "json_object":
-        if req.n > 1:
-            raise APIError(422, "invalid parameter 'n': JSON mode supports n = 1", "invalid_request_error")
-        processors = [JsonObjectProcessor(tokenizer, service.engine.eos_ids)]
+    if rendered.grammar is not None:
+        processors = [await run_in_threadpool(service.grammar_processor, rendered.grammar, rendered.in_reasoning)]
     top = (req.top_logprobs or 0) if req.logprobs else None
-    params = service.sampling(req, len(prompt_ids), top, processors)
-    blocked = await run_in_threadpool(service.input_filter, "\n".join(m["content"] for m in messages), request_id)
+    # Tool calls are written with special tokens of their own: keep them in the text the parser reads.
+    params = service.sampling(req, len(prompt_ids), top, processors, skip_special_tokens=rendered.tools is None)
+    blocked = await run_in_threadpool(service.input_filter, "\n".join(m.text() for m in req.messages), request_id)
     interventions += [blocked] if blocked else []
     headers = {"X-Nanoseek-Policy": policy.header(*interventions)} if interventions else {}
     return Prepared(req, request_id, prompt_ids, params, blocked, headers, int(time.time()),
-                    req.model or service.config.model_name)
+                    req.model or service.config.model_name, rendered.tools)
 
 
 def body(service: Service, p: Prepared, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
@@ -95,9 +100,19 @@ async def answer(service: Service, request: Request, p: Prepared):
         texts.append((c.reasoning, c.content))
         message = {"role": "assistant", "content": c.content,
                    "reasoning_content": c.reasoning if service.engine.reasoning else None}
+        finish = c.finish or "stop"
+        if p.tools is not None:
+            content, calls, _ = p.tools.scan(c.content, final=True)
+            calls = [call for call in calls if call.complete and call.name]
+            calls = calls if p.req.parallel_tool_calls else calls[:1]
+            if calls:
+                message["content"] = content or None
+                message["tool_calls"] = [call.wire() for call in calls]
+                finish = "tool_calls" if finish == "stop" else finish
         results.append({"index": c.index, "message": message, "logprobs": logprobs_content(o.logprobs),
-                        "finish_reason": c.finish or "stop"})
+                        "finish_reason": finish})
     usage = service.usage(last, len(p.prompt_ids), texts)
+    await run_in_threadpool(service.account_usage, p, ROUTE, usage)
     service.metrics.observe_request(last, len(p.prompt_ids), usage["completion_tokens"], start)
     service.metrics.requests.labels(ROUTE, "200").inc()
     return JSONResponse(body(service, p, results, usage), headers=p.headers)
@@ -117,8 +132,10 @@ async def stream(service: Service, request: Request, p: Prepared):
     if p.blocked:
         yield sse(service, p, [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}
                                for i in range(n)])
+        usage = empty_usage(p)
+        await run_in_threadpool(service.account_usage, p, ROUTE, usage)
         if include_usage:
-            yield sse(service, p, [], empty_usage(p))
+            yield sse(service, p, [], usage)
         yield "data: [DONE]\n\n"
         service.metrics.requests.labels(ROUTE, "200").inc()
         return
@@ -138,8 +155,10 @@ async def stream(service: Service, request: Request, p: Prepared):
             break
     if last is None:
         return
+    usage = service.usage(last, len(p.prompt_ids), [(c.reasoning, c.content) for c in choices])
+    await run_in_threadpool(service.account_usage, p, ROUTE, usage)
     if include_usage:
-        yield sse(service, p, [], service.usage(last, len(p.prompt_ids), [(c.reasoning, c.content) for c in choices]))
+        yield sse(service, p, [], usage)
     service.metrics.observe_request(last, len(p.prompt_ids), sum(len(o.token_ids) for o in last.outputs), start)
     service.metrics.requests.labels(ROUTE, "200").inc()
     yield "data: [DONE]\n\n"
@@ -155,7 +174,15 @@ def delta(service: Service, p: Prepared, c: Choice, o) -> dict | None:
     if service.engine.reasoning and len(reasoning) > c.sent_reasoning:
         d["reasoning_content"] = reasoning[c.sent_reasoning:]
         c.sent_reasoning = len(reasoning)
-    if len(content) > c.sent_content:
+    if p.tools is not None:
+        stream = c.__dict__.setdefault("tool_stream", ToolStream(p.tools))
+        new_content, calls = stream.update(content, final=c.finish is not None)
+        calls = calls if p.req.parallel_tool_calls else [x for x in calls if x["index"] == 0]
+        if new_content:
+            d["content"] = new_content
+        if calls:
+            d["tool_calls"] = calls
+    elif len(content) > c.sent_content:
         d["content"] = content[c.sent_content:]
         c.sent_content = len(content)
     lp = None
@@ -164,8 +191,11 @@ def delta(service: Service, p: Prepared, c: Choice, o) -> dict | None:
         c.logprobs_sent = len(o.logprobs)
     if not d and not c.finish:
         return None
+    finish = c.finish
     if c.finish:
         c.reported = True
         if c.rule is not None:
             service.policy.audit(p.request_id, c.rule, "cut", "output", None)
-    return {"index": c.index, "delta": d, "logprobs": lp, "finish_reason": c.finish}
+        if finish == "stop" and p.tools is not None and c.tool_stream.called:
+            finish = "tool_calls"
+    return {"index": c.index, "delta": d, "logprobs": lp, "finish_reason": finish}

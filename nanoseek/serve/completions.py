@@ -32,18 +32,21 @@ async def completions(service: Service, request: Request):
     headers = {"X-Nanoseek-Policy": service.policy.header(blocked)} if blocked else {}
     p = Prepared(req, request_id, prompt_ids, params, blocked, headers, int(time.time()),
                  req.model or service.config.model_name)
+    service.admit(request, p)
     service.metrics.requests_started.inc()
     if blocked:
         empty = body(service, p, [""] * req.n, ["content_filter"] * req.n, [None] * req.n)
+        n = len(prompt_ids)
+        usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n, "prompt_cache_hit_tokens": 0,
+                 "prompt_cache_miss_tokens": n}
+        await run_in_threadpool(service.account_usage, p, ROUTE, usage)
         if req.stream:
             async def blocked_stream():
                 yield f"data: {json.dumps(empty)}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(blocked_stream(), media_type="text/event-stream", headers=headers)
-        n = len(prompt_ids)
-        return JSONResponse({**empty, "usage": {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n}},
-                            headers=headers)
+        return JSONResponse({**empty, "usage": usage}, headers=headers)
     if req.stream:
         return StreamingResponse(sse_errors(stream(service, request, p)), media_type="text/event-stream",
                                  headers=headers)
@@ -100,6 +103,7 @@ async def answer(service: Service, request: Request, p: Prepared):
     if last is None:  # client went away
         return Response(status_code=499)
     usage = service.usage(last, len(p.prompt_ids), [])
+    await run_in_threadpool(service.account_usage, p, ROUTE, usage)
     service.metrics.observe_request(last, len(p.prompt_ids), usage["completion_tokens"], start)
     service.metrics.requests.labels(ROUTE, "200").inc()
     out = body(service, p, [c.text for c in choices], [c.finish or "stop" for c in choices],
@@ -129,7 +133,9 @@ async def stream(service: Service, request: Request, p: Prepared):
                 yield f"data: {json.dumps({**frame, 'choices': [choice]})}\n\n"
         if all(c.reported for c in choices):
             break
-    if last is not None and p.req.stream_options and p.req.stream_options.include_usage:
+    if last is not None:
         usage = service.usage(last, len(p.prompt_ids), [])
-        yield f"data: {json.dumps({**frame, 'choices': [], 'usage': usage})}\n\n"
+        await run_in_threadpool(service.account_usage, p, ROUTE, usage)
+        if p.req.stream_options and p.req.stream_options.include_usage:
+            yield f"data: {json.dumps({**frame, 'choices': [], 'usage': usage})}\n\n"
     yield "data: [DONE]\n\n"

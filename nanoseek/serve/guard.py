@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from typing import TYPE_CHECKING
 
@@ -28,12 +27,16 @@ class GuardMiddleware:
         path, config = scope["path"], self.config
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
         reply = None
-        if config.api_key and not (path in OPEN_PATHS or path.startswith("/static/")) and scope["method"] != "OPTIONS":
+        accounts = config.accounts
+        if accounts is not None and not (path in OPEN_PATHS or path.startswith("/static/")) and \
+                scope["method"] != "OPTIONS":
             header = headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            account = accounts.find(token)  # hashed, compared with every key in constant time
+            if account is None:
                 reply = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
-                               "authentication_error", "invalid_api_key")
+                                       "authentication_error", "invalid_api_key")
+            scope.setdefault("state", {})["account"] = account
         length = headers.get("content-length", "")
         if reply is None and length.isdigit() and int(length) > config.max_body_bytes:
             reply = error_response(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}",

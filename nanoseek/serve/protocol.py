@@ -18,6 +18,7 @@ _BRACKETS = re.compile(r"[\[\]{}]")
 SEED_RANGE = dict(ge=-(1 << 63), lt=1 << 64)  # what a 64-bit generator takes
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 16, 256  # DeepSeek's API takes up to 16 stop sequences
 MAX_MESSAGES = 2048
+MAX_TOOLS = 128  # OpenAI's limit on tools per request
 
 
 class BadRequest(ValueError):
@@ -62,10 +63,30 @@ def _refuse_lone_surrogates(value) -> None:
             _refuse_lone_surrogates(v)
 
 
+class FunctionCall(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+    arguments: StrictStr = "{}"  # a JSON string, as OpenAI's wire format has it
+
+
+class ToolCallIn(BaseModel):
+    """A tool call of an earlier assistant turn, sent back by the client."""
+    model_config = ConfigDict(extra="ignore")
+    id: StrictStr = ""
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant", "developer"]
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = ""
+    name: StrictStr | None = None
+    tool_calls: list[ToolCallIn] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_call_id: StrictStr | None = None
+    # DeepSeek's chat prefix completion (beta): the last assistant message is continued, not answered.
+    prefix: StrictBool = False
+    reasoning_content: StrictStr | None = None
 
     @field_validator("content")
     @classmethod
@@ -85,14 +106,48 @@ class ChatMessage(BaseModel):
         return self.content or ""
 
 
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    parameters: dict | None = None  # a JSON Schema; absent = no arguments
+    strict: StrictBool | None = None
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr
+
+
+class NamedToolChoice(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: NamedFunction
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: StrictBool = False
 
 
+class JsonSchemaFormat(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: StrictStr = Field(default="response", pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: StrictStr | None = None
+    schema_: dict = Field(default_factory=dict, alias="schema")
+    strict: StrictBool | None = None
+
+
 class ResponseFormat(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    type: Literal["text", "json_object"] = "text"
+    type: Literal["text", "json_object", "json_schema"] = "text"
+    json_schema: JsonSchemaFormat | None = None
 
 
 class SamplingFields(BaseModel):
@@ -115,6 +170,18 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: StrictInt = Field(default=0, ge=0)
     ignore_eos: StrictBool = False
+    # OpenAI's token id (as a string) -> bias added to its logit, in [-100, 100].
+    logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_range(cls, bias):
+        for key, value in (bias or {}).items():
+            if not key.isdigit():
+                raise ValueError(f"keys must be token ids, got {key[:20]!r}")
+            if not -100 <= value <= 100:
+                raise ValueError(f"bias of token {key} must be in [-100, 100]")
+        return bias
 
     @field_validator("stop")
     @classmethod
@@ -133,8 +200,9 @@ class ChatCompletionRequest(SamplingFields):
     logprobs: StrictBool = False
     top_logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     response_format: ResponseFormat | None = None
-    tools: list | None = None
-    tool_choice: str | dict | None = None
+    tools: list[Tool] | None = Field(default=None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: StrictBool = True
 
 
 class CompletionRequest(SamplingFields):

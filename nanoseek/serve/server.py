@@ -34,6 +34,8 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
+    api_keys: str | None = None
+    ledger: str | None = None
     served_model_name: str | None = None
     policy: str | None = None
     cost_per_hour: float | None = None
@@ -50,14 +52,36 @@ class ServerSettings:
         return cls(**values)
 
 
+def accounts_and_ledger(settings: ServerSettings, priced: bool):
+    """(Accounts or None, Ledger or None) from --api-keys / --api-key and --ledger; ConfigError on what cannot
+    work (quotas with nowhere to remember them, cost quotas without prices)."""
+    from ..errors import ConfigError
+    from .accounts import Accounts
+    from .ledger import Ledger
+
+    key = settings.api_key or os.environ.get("NANOSEEK_API_KEY") or None
+    if settings.api_keys and key:
+        raise ConfigError("give --api-keys FILE or --api-key KEY, not both (add the key to the file)")
+    accounts = Accounts.load(settings.api_keys) if settings.api_keys else Accounts.single(key) if key else None
+    if accounts is not None and accounts.needs_ledger() and not settings.ledger:
+        raise ConfigError("monthly quotas need a ledger to survive restarts: add --ledger FILE (e.g. usage.sqlite3)")
+    if accounts is not None and accounts.needs_prices() and not priced:
+        raise ConfigError("a monthly_cost quota needs prices: add --cost-per-hour USD")
+    ledger = Ledger(settings.ledger) if settings.ledger else None
+    if accounts is not None and ledger is not None:
+        accounts.seed_month(ledger.month_totals())
+    return accounts, ledger
+
+
 def build(settings: ServerSettings) -> tuple:
+    accounts, ledger = accounts_and_ledger(settings, bool(settings.cost_per_hour))
     llm = AsyncLLM(settings.model, device=settings.device, dtype=settings.dtype,
                    kv_cache_memory=settings.kv_cache_memory, max_model_len=settings.max_model_len,
                    max_num_seqs=settings.max_num_seqs, quantization=settings.quantization,
                    speculative=settings.speculative, num_speculative_tokens=settings.num_speculative_tokens)
     prices = calibrate(llm.engine, settings.cost_per_hour) if settings.cost_per_hour else None
     config = ServeConfig(model_name=settings.served_model_name or os.path.basename(os.path.normpath(settings.model)),
-                         api_key=settings.api_key or os.environ.get("NANOSEEK_API_KEY") or None,
+                         accounts=accounts, ledger=ledger,
                          max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
                          cors_origins=settings.cors,
                          policy=Policy.from_file(settings.policy) if settings.policy else None, prices=prices)

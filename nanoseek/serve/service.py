@@ -10,11 +10,13 @@ import json
 import logging
 from dataclasses import dataclass, field
 
+import torch
 from fastapi import Request
 from fastapi.exceptions import RequestValidationError
 from starlette.concurrency import run_in_threadpool
 
 from .. import __version__
+from ..engine.text import THINK_CLOSE
 from ..engine import AsyncLLM, EngineDeadError, InvalidRequestError, RequestFailedError, SamplingParams
 from .errors import APIError
 from .metrics import ServerMetrics
@@ -36,6 +38,14 @@ class ServeConfig:
     policy: Policy | None = None
     prices: Prices | None = None
     default_max_tokens: int = 2048
+    accounts: object = None  # accounts.Accounts: many keys with limits (--api-keys); None = open or one key
+    ledger: object = None  # ledger.Ledger: the usage ledger (--ledger)
+
+    def __post_init__(self):
+        if self.api_key and self.accounts is None:  # --api-key: the one-key shortcut
+            from .accounts import Accounts
+
+            self.accounts = Accounts.single(self.api_key)
 
 
 async def read_request(request: Request, model):
@@ -81,6 +91,9 @@ class Prepared:
     headers: dict
     created: int
     model: str
+    tools: object = None  # chat: the ToolFormat the reply is parsed with when tools are active
+    account: object = None  # the accounts.Account that sent it (None without keys)
+    started: float = 0.0
 
 
 class Service:
@@ -88,6 +101,7 @@ class Service:
         self.llm, self.config, self.policy = llm, config, config.policy
         self.engine, self.tokenizer = llm.engine, llm.tokenizer
         self.metrics = ServerMetrics()
+        self.grammars = None  # grammar.Grammars, made on the first constrained request
         self.fingerprint = "fp_" + hashlib.sha256(f"{__version__}/{config.model_name}".encode()).hexdigest()[:10]
 
     # ---- checks ----
@@ -115,6 +129,25 @@ class Service:
             self.policy.audit(request_id, rule, "blocked", "input", text)
         return rule
 
+    def admit(self, request: Request, p: Prepared) -> None:
+        """The caller's account (set by the guard) may start this request: its model, rate limits and quotas
+        (403/429 otherwise). Counted from here on."""
+        import time
+
+        p.account, p.started = getattr(request.state, "account", None), time.time()
+        if p.account is not None and self.config.accounts is not None:
+            self.config.accounts.admit(p.account, p.model, len(p.prompt_ids))
+
+    def account_usage(self, p: Prepared, route: str, usage: dict, status: int = 200) -> None:
+        """A finished request in the ledger (committed before its usage reaches the client) and against its
+        account's limits. Runs on a worker thread."""
+        total = usage.get("prompt_tokens", 0) + usage.get("completion_tokens", 0)
+        if p.account is not None and self.config.accounts is not None:
+            self.config.accounts.charge(p.account, usage.get("completion_tokens", 0), total, usage.get("cost", 0.0))
+        if self.config.ledger is not None:
+            name = p.account.name if p.account is not None else "anonymous"
+            self.config.ledger.record(p.request_id, name, p.model, route, status, usage, p.started)
+
     # ---- parameters and usage ----
     def max_tokens(self, req, prompt_len: int) -> int:
         """The request's max_tokens within what fits: the context after the prompt, and the policy's caps."""
@@ -136,7 +169,27 @@ class Service:
                            "invalid_request_error", "max_tokens_too_large")
         return wanted
 
-    def sampling(self, req, prompt_len: int, logprobs: int | None, processors: list) -> SamplingParams:
+    def grammar_processor(self, grammar: tuple[str, object], in_reasoning: bool):
+        """A logits processor for ("json", schema) or ("lark", grammar text); 400 on what cannot be compiled."""
+        from .grammar import Grammars
+
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.engine.config.vocab_size, self.engine.eos_ids)
+        kind, value = grammar
+        compiled = self.grammars.json_schema(value) if kind == "json" else self.grammars.lark(value)
+        self.grammars.check(compiled, "response_format.json_schema" if kind == "json" else "tools")
+        close = self.tokenizer.token_to_id(THINK_CLOSE)
+        return self.grammars.processor(compiled, reasoning=in_reasoning, think_close_id=close)
+
+    def sampling(self, req, prompt_len: int, logprobs: int | None, processors: list,
+                 skip_special_tokens: bool = True) -> SamplingParams:
+        if req.logit_bias:
+            vocab = self.engine.config.vocab_size
+            bias = {int(k): v for k, v in req.logit_bias.items()}
+            if max(bias) >= vocab:
+                raise APIError(422, f"invalid parameter 'logit_bias': token id {max(bias)} is not in [0, {vocab})",
+                               "invalid_request_error")
+            processors = [LogitBias(bias)] + processors  # before any grammar: a bias never unmasks a token
         try:
             return SamplingParams(n=req.n, temperature=req.temperature, top_p=req.top_p, seed=req.seed,
                                   max_tokens=self.max_tokens(req, prompt_len), stop=req.stop,
@@ -144,6 +197,7 @@ class Service:
                                   logprobs=logprobs, logits_processors=processors, top_k=req.top_k,
                                   min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                                   min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
+                                  skip_special_tokens=skip_special_tokens,
                                   output_filter=self.policy.output_filter() if self.policy else None)
         except InvalidRequestError as e:
             raise APIError(422, str(e), "invalid_request_error") from None
@@ -210,6 +264,18 @@ class Service:
                 self.policy.header(rule)
             self.policy.audit(request_id, rule, "cut", "output", None)
         return last
+
+
+class LogitBias:
+    """OpenAI's logit_bias as a logits processor."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, output_ids, logits):
+        logits[self.ids] += self.values.to(logits.device)
+        return logits
 
 
 class Choice:
