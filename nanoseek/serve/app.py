@@ -92,6 +92,10 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
     async def index():
         return FileResponse(WEB_DIR / "index.html")
 
+    @app.get("/favicon.ico")
+    async def favicon():  # browsers ask for it whatever the page says
+        return FileResponse(WEB_DIR / "favicon.svg", media_type="image/svg+xml")
+
     app.mount("/static", StaticFiles(directory=WEB_DIR), name="static")
     return app
 
