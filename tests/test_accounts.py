@@ -108,6 +108,31 @@ def test_monthly_quota_survives_a_restart_through_the_ledger(tmp_path):
     assert e.value.status == 429 and e.value.code == "quota_exceeded" and int(e.value.headers["Retry-After"]) > 0
 
 
+def test_a_cost_quota_stops_a_key_once_its_month_is_spent(tmp_path):
+    accounts = Accounts.load(write_keys(tmp_path, '[[key]]\nname = "c"\nkey = "c-key"\nmonthly_cost = 0.01\n'))
+    c = accounts.by_name("c")
+    accounts.admit(c, "nanoseek", 5)
+    accounts.charge(c, 100, 105, 0.006)
+    accounts.admit(c, "nanoseek", 5)  # 0.006 of 0.01 spent: still allowed
+    accounts.charge(c, 100, 105, 0.006)
+    with pytest.raises(APIError) as e:
+        accounts.admit(c, "nanoseek", 5)
+    assert e.value.status == 429 and "0.01 USD" in e.value.message and e.value.code == "quota_exceeded"
+    assert accounts.needs_prices() and accounts.needs_ledger()
+
+
+def test_serve_refuses_quotas_without_a_ledger_and_cost_quotas_without_prices(chat_checkpoint, tmp_path):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    keys = write_keys(tmp_path, '[[key]]\nname = "c"\nkey = "c-key"\nmonthly_cost = 1.0\n')
+    base = [sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--api-keys", str(keys)]
+    r = procs.run(base, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "need a ledger" in r.stderr
+    r = procs.run(base + ["--ledger", str(tmp_path / "u.sqlite3")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "needs prices: add --cost-per-hour" in r.stderr
+    r = procs.run(base + ["--api-key", "k"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "not both" in r.stderr
+
+
 def _ask(base, key, body=None, stream=False):
     """One request; (status, usage the client received or None, Retry-After)."""
     body = {"messages": MSG, "max_tokens": 20, "ignore_eos": True, "temperature": 1.0, **(body or {})}
