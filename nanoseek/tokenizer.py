@@ -79,6 +79,11 @@ class Tokenizer:
         batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
         return batch([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def encode_batch(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Many texts at once, in parallel across cores (the tokenizers library's batch encoder)."""
+        batch = getattr(self.backend, "encode_batch_fast", self.backend.encode_batch)
+        return [e.ids for e in batch(texts, add_special_tokens=add_special_tokens)]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from nanoseek.data import shards
-from nanoseek.data.sources import completion_text, load_task_file, sft_example, task_problems
+from nanoseek.data.sources import completion_text, load_task_file, read_records, sft_example, task_problems
 from nanoseek.data.tasks import FAMILIES, addition_steps, generate, is_held_out, subtraction_steps
 from nanoseek.data.verify import verify
 from nanoseek.errors import ConfigError
@@ -186,3 +186,55 @@ def test_products_levels_count_the_carries_of_the_last_sum_and_every_line_is_rig
             assert p.solution.endswith(f"so {a}*{b}={a * b}")
     with pytest.raises(ValueError, match="levels 1-3"):
         generate("products", [4], 1, 0)
+
+
+def test_sources_stream_text_parquet_and_directories(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from nanoseek.data import sources
+
+    d = tmp_path / "corpus"
+    (d / "c").mkdir(parents=True)
+    para = " ".join(["word"] * 20_000)  # 100K characters: a large file is cut at blank lines
+    (d / "a.txt").write_text("\n\n".join([para] * 3) + "\n")
+    docs = [r["text"] for r in sources.read_records(d / "a.txt")]
+    assert [x.strip() for x in docs] == [para] * 3
+    (tmp_path / "line.txt").write_text("x" * 2_500_000)  # one line longer than a document may be
+    pieces = [r["text"] for r in sources.read_records(tmp_path / "line.txt")]
+    assert "".join(pieces) == "x" * 2_500_000 and max(map(len, pieces)) <= sources.MAX_DOC_CHARS
+    (tmp_path / "small.txt").write_text("one\n\ntwo\n")
+    assert [r["text"] for r in sources.read_records(tmp_path / "small.txt")] == ["one\n\ntwo\n"]  # small: whole
+    (d / "b.jsonl").write_text('{"text": "j1"}\n{"text": "j2"}\n')
+    table = pa.table({"text": [f"p{i}" for i in range(300)], "id": list(range(300))})
+    pq.write_table(table, d / "c" / "x.parquet", row_group_size=100)
+    assert pq.ParquetFile(d / "c" / "x.parquet").num_row_groups == 3
+    records = list(sources.read_records(d))  # a directory is one source, files in name order
+    assert [r["text"].strip() for r in records] == [para] * 3 + ["j1", "j2"] + [f"p{i}" for i in range(300)]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="holds no"):
+        list(sources.read_records(tmp_path / "empty"))
+
+
+def test_tokenizing_a_corpus_keeps_memory_independent_of_its_size(tmp_path):
+    """bench/data.py's small version: peak RSS of tokenizing 4 MB and 20 MB of text (each in a fresh process,
+    getrusage) differ by far less than the corpora do; the shards hold every document."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).parent.parent / "bench" / "data.py"
+    results = {}
+    for mb in (4, 20):
+        out = subprocess.run([sys.executable, str(bench), "--text-gb", str(mb / 1000), "--parquet-gb", "0.004",
+                              "--keep", str(tmp_path / f"c{mb}")], capture_output=True, text=True, timeout=280)
+        assert out.returncode == 0, out.stderr[-2000:]
+        results[mb] = json.loads(out.stdout.strip().splitlines()[-1])
+    small, large = results[4]["text"], results[20]["text"]
+    assert large["text_mb"] > 4 * small["text_mb"] * 0.9 and large["docs"] > small["docs"]
+    print(results)
+    assert large["peak_rss_mb"] - small["peak_rss_mb"] < 40, results  # 16 MB more text, not 16 MB more memory
+    meta = json.loads((tmp_path / "c20" / "shards_text" / "meta.json").read_text())
+    docs = list(read_records(tmp_path / "c20" / "corpus.txt"))
+    assert meta["docs"] == len(docs) and meta["total_bytes"] == sum(len(r["text"].encode()) for r in docs)
+    assert results[20]["parquet_dir"]["docs"] > 0

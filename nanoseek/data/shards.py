@@ -72,13 +72,29 @@ class ShardWriter:
         return meta
 
 
-def write_documents(directory, tokenizer, texts: Iterable[str], shard_tokens: int = 1 << 24) -> dict:
-    """Pretraining shards: BOS + text + EOS per document."""
+def write_documents(directory, tokenizer, texts: Iterable[str], shard_tokens: int = 1 << 24,
+                    batch_chars: int = 1 << 20) -> dict:
+    """Pretraining shards: BOS + text + EOS per document. Documents are tokenized a bounded batch at a time
+    (about `batch_chars` characters) by the tokenizers library's batch encoder, which spreads a batch over every
+    core; memory holds one batch and one shard, whatever the corpus size."""
     writer = ShardWriter(directory, tokenizer.vocab_size, shard_tokens=shard_tokens)
     eos = tokenizer.eos_token_id
-    for text in texts:
-        writer.add(tokenizer.encode(text) + [eos], len(text.encode()))
+    for batch in _batches(texts, batch_chars):
+        for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+            writer.add(ids + [eos], len(text.encode()))
     return writer.close(bytes_per_token=writer.total_bytes / max(writer.trained_tokens, 1))
+
+
+def _batches(texts: Iterable[str], batch_chars: int, max_docs: int = 4096) -> Iterator[list[str]]:
+    batch, size = [], 0
+    for text in texts:
+        batch.append(text)
+        size += len(text)
+        if size >= batch_chars or len(batch) >= max_docs:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
 
 
 def write_chats(directory, tokenizer, examples: Iterable[tuple[list[dict], str]],

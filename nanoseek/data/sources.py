@@ -4,9 +4,10 @@ Every stage reads the same sources:
   * pretraining documents: plain text (`doc_text`);
   * SFT examples: (chat messages up to the assistant turn, assistant completion) pairs (`sft_example`);
   * evaluation and RL problems: `Problem`s with a verifier.
-Formats: plain text files (.txt, .md: one document per file, or per blank-line-separated block with
-`split_paragraphs`), JSONL with `text` or chat `messages`, parquet with the same columns (needs pyarrow), and
-JSONL task files (`question`, `answer`, optional `verifier` exact|numeric|math, `solution`, `level`).
+Formats: plain text files (.txt, .md: one document per file, a large file cut at blank lines into documents of
+64K-1M characters), JSONL with `text` or chat `messages`, parquet with the same columns (needs pyarrow; read a
+batch of rows at a time), a directory of such files as one source, and JSONL task files (`question`, `answer`,
+optional `verifier` exact|numeric|math, `solution`, `level`). Everything streams: no reader holds a file whole.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from .tasks import Problem, generate, is_held_out
 from .verify import VERIFIERS
 
 ANSWER_PREFIX = "The answer is "
+DOC_CHARS, MAX_DOC_CHARS = 1 << 16, 1 << 20  # how large text files are cut into documents
+DATA_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
 
 
 def doc_text(problem: Problem) -> str:
@@ -57,26 +60,57 @@ def _jsonl(path: Path) -> Iterator[dict]:
 
 
 def _parquet(path: Path) -> Iterator[dict]:
+    """Records of a parquet file, a batch of rows at a time (row group by row group, never the whole table)."""
     try:
         import pyarrow.parquet as pq
     except ImportError:
         raise ConfigError(f"{path} is parquet: install pyarrow (pip install pyarrow) to read it") from None
-    table = pq.read_table(path)
-    for batch in table.to_batches(max_chunksize=1024):
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=256):
         yield from batch.to_pylist()
 
 
+def _text(path: Path) -> Iterator[dict]:
+    """A text file as {"text"} documents, read a bounded piece at a time: a small file is one document; a large one
+    is cut into documents of at least DOC_CHARS characters at blank lines (at most MAX_DOC_CHARS, then at a line
+    end; a line longer than that is cut too)."""
+    buf, size = [], 0
+    with path.open(errors="replace") as f:
+        for line in iter(lambda: f.readline(MAX_DOC_CHARS), ""):
+            blank = not line.strip()
+            if size >= MAX_DOC_CHARS or (size >= DOC_CHARS and blank):
+                yield {"text": "".join(buf)}
+                buf, size = [], 0
+                if blank:
+                    continue
+            buf.append(line)
+            size += len(line)
+    if buf:
+        yield {"text": "".join(buf)}
+
+
+def data_files(path: Path) -> list[Path]:
+    """A directory as one source: its data files (any depth), in name order."""
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in DATA_SUFFIXES)
+    if not files:
+        raise ConfigError(f"data directory {path} holds no {'/'.join(DATA_SUFFIXES)} files")
+    return files
+
+
 def read_records(path: str | Path) -> Iterator[dict]:
-    """Records of a JSONL or parquet file, or {"text": ...} documents of a text file."""
+    """Records of a JSONL or parquet file, {"text": ...} documents of a text file, or the records of every data
+    file in a directory (e.g. a FineWeb-style parquet dump), streamed: memory does not grow with the corpus."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"data file {path} does not exist")
-    if path.suffix == ".jsonl" or path.suffix == ".json":
+    if path.is_dir():
+        for f in data_files(path):
+            yield from read_records(f)
+    elif path.suffix == ".jsonl" or path.suffix == ".json":
         yield from _jsonl(path)
     elif path.suffix == ".parquet":
         yield from _parquet(path)
     else:
-        yield {"text": path.read_text(errors="replace")}
+        yield from _text(path)
 
 
 def load_task_file(path: str | Path) -> list[Problem]:

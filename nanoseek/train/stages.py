@@ -7,6 +7,7 @@ plots, checkpoints/step_N/, model/ = the stage's final HF checkpoint, summary.js
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import time
 from pathlib import Path
@@ -33,7 +34,9 @@ def tokenizer_dir(recipe: dict) -> Path:
     return Path(path) if path else run_dir(recipe) / "tokenizer"
 
 
-def _tokenizer_corpus(recipe: dict, limit: int) -> list[str]:
+def _tokenizer_corpus(recipe: dict, limit: int, max_chars: int) -> list[str]:
+    """A bounded sample to train the tokenizer on: task documents, then the start of each file (at most `limit`
+    documents and `max_chars` characters per file), so a corpus larger than memory costs only its sample."""
     data = recipe.get("data", {})
     texts = []
     task = data.get("task", "arithmetic")
@@ -43,10 +46,12 @@ def _tokenizer_corpus(recipe: dict, limit: int) -> list[str]:
         texts.append(doc_text(p))
         texts.append(p.question + "\n" + sft_example(p)[1])
     for f in data.get("files", []):
-        for i, doc in enumerate(file_documents(f)):
-            if i >= limit:
-                break
+        taken = 0
+        for doc in itertools.islice(file_documents(f), limit):
             texts.append(doc)
+            taken += len(doc)
+            if taken >= max_chars:
+                break
     return texts
 
 
@@ -56,7 +61,7 @@ def prepare_tokenizer(recipe: dict) -> Path:
     if (directory / "tokenizer.json").exists():
         return directory
     cfg = recipe.get("tokenizer", {})
-    texts = _tokenizer_corpus(recipe, cfg.get("train_docs", 20000))
+    texts = _tokenizer_corpus(recipe, cfg.get("train_docs", 20000), cfg.get("train_chars", 64 << 20))
     tok = train_tokenizer(texts, cfg.get("vocab_size", 512), directory)
     sample = texts[: 2000]
     n_bytes = sum(len(t.encode()) for t in sample)
@@ -89,17 +94,17 @@ def prepare_data(recipe: dict, stage: str, tokenizer: Tokenizer, cfg: dict) -> t
     problems = task_problems(spec["task"], levels, spec["train_problems"], spec["seed"], "train") \
         if spec["train_problems"] else []
     held_out = task_problems(spec["task"], levels, spec["val_problems"], spec["seed"], "test")
+    # Streams, never lists: a corpus larger than memory goes to the shards a bounded batch at a time.
     if stage == "pretrain":
-        texts = [doc_text(p) for p in problems]
-        for f in spec["files"]:
-            texts.extend(file_documents(f))
+        texts = itertools.chain((doc_text(p) for p in problems), *(file_documents(f) for f in spec["files"]))
         shards.write_documents(train, tokenizer, texts)
         shards.write_documents(val, tokenizer, [doc_text(p) for p in held_out])
     else:
-        examples = [sft_example(p, spec["with_reasoning"]) for p in problems]
-        for f in spec["files"]:
-            examples.extend(file_chats(f) if not is_task_file(f) else
-                            (sft_example(p, spec["with_reasoning"]) for p in task_problems(f, [], 0, 0, "train")))
+        examples = itertools.chain(
+            (sft_example(p, spec["with_reasoning"]) for p in problems),
+            *(file_chats(f) if not is_task_file(f) else
+              (sft_example(p, spec["with_reasoning"]) for p in task_problems(f, [], 0, 0, "train"))
+              for f in spec["files"]))
         shards.write_chats(train, tokenizer, examples)
         shards.write_chats(val, tokenizer, [sft_example(p, spec["with_reasoning"]) for p in held_out])
     (base / "spec.json").write_text(json.dumps({"digest": digest, **spec}, indent=2) + "\n")
