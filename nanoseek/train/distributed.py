@@ -41,7 +41,8 @@ class Distributed:
         return self.rank == 0
 
     def wrap(self, module: nn.Module, parallel: str) -> nn.Module:
-        if not self.active:
+        """DDP or FSDP2 around `module`; "none" leaves it alone (the caller all-reduces gradients itself)."""
+        if not self.active or parallel == "none":
             return module
         if parallel == "fsdp":
             from torch.distributed.fsdp import fully_shard
@@ -77,6 +78,32 @@ class Distributed:
         if self.active:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def all_reduce_grads(self, params) -> None:
+        """Sums every parameter's gradient over the ranks (a rank that did not touch a parameter, e.g. an expert
+        no token of its micro-batches was routed to, takes part with zeros: the collectives must match)."""
+        if not self.active:
+            return
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+
+    def all_gather_json(self, value) -> list:
+        """Every rank's JSON-serialisable `value`, in rank order (JSON bytes in a tensor: no pickle between ranks)."""
+        if not self.active:
+            return [value]
+        import json
+
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8)
+        sizes = [torch.zeros(1, dtype=torch.long) for _ in range(self.world_size)]
+        dist.all_gather(sizes, torch.tensor([data.numel()]))
+        longest = max(int(s) for s in sizes)
+        padded = torch.zeros(longest, dtype=torch.uint8)
+        padded[: data.numel()] = data
+        gathered = [torch.zeros(longest, dtype=torch.uint8) for _ in range(self.world_size)]
+        dist.all_gather(gathered, padded)
+        return [json.loads(g[: int(n)].numpy().tobytes().decode()) for g, n in zip(gathered, sizes)]
 
     def barrier(self) -> None:
         if self.active:

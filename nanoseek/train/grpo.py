@@ -20,6 +20,7 @@ No reference copy of the model exists when beta = 0.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -39,6 +40,7 @@ from ..runtime import fast_precision
 from ..tokenizer import load_tokenizer
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 from .rewards import build_rewards, combine, score
+from .distributed import Distributed
 from .trainer import Trainer, lr_factor
 
 GRPO_DEFAULTS = {
@@ -154,9 +156,14 @@ def sequence_logprobs(model: Transformer, sequences: list[list[int]], starts: li
 
 class GRPOTrainer(Trainer):
     def __init__(self, model: Transformer, cfg: dict, sampler: ProblemSampler, out_dir: Path, *, tokenizer_dir,
-                 evaluator=None, seed: int = 0, show_progress: bool = True):
-        super().__init__(model, cfg, sampler, out_dir, stage="grpo", evaluator=evaluator,
-                         tokenizer_dir=tokenizer_dir, seed=seed, show_progress=show_progress)
+                 evaluator=None, seed: int = 0, show_progress: bool = True, dist: Distributed | None = None):
+        # Under torchrun each rank rolls out its share of the prompts with its own engine, every rank sees every
+        # group (gathered), and each trains on its share of the micro-batches; gradients are summed over the ranks
+        # (the all-reduce DDP does, by hand: the log-prob passes do not go through a DDP forward).
+        if dist is not None and dist.active and cfg["parallel"] == "fsdp":
+            raise ConfigError("grpo under torchrun is data-parallel with replicated weights: set train.parallel=ddp")
+        super().__init__(model, {**cfg, "parallel": "none"}, sampler, out_dir, stage="grpo", evaluator=evaluator,
+                         tokenizer_dir=tokenizer_dir, seed=seed, show_progress=show_progress, dist=dist)
         self.sampler = sampler
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.rewards = build_rewards(cfg["rewards"])
@@ -189,13 +196,18 @@ class GRPOTrainer(Trainer):
         return resumed
 
     # ---- rollouts ----
-    def rollout(self, problems: list[Problem]) -> list[dict]:
+    def rollout(self, problems: list[Problem], indices: list[int] | None = None) -> list[dict]:
+        """Groups of completions for `problems`; each prompt's sampling seed depends on its index in the step's
+        global list (`indices`), so a rank's share samples exactly what one process would."""
         cfg = self.cfg
+        indices = list(range(len(problems))) if indices is None else indices
         params = [SamplingParams(n=cfg["group_size"], temperature=cfg["temperature"], top_p=cfg["top_p"],
                                  max_tokens=cfg["max_completion_tokens"], ignore_eos=cfg["ignore_eos"], logprobs=0,
                                  logprobs_mode="processed",
                                  seed=zlib.crc32(f"{self.seed}/{self.step}/{i}/{p.key}".encode()))
-                  for i, p in enumerate(problems)]
+                  for i, p in zip(indices, problems)]
+        if not problems:
+            return []
         outs = self.llm.generate([chat_prompt(p) for p in problems], params)
         groups = []
         for p, out in zip(problems, outs):
@@ -206,6 +218,20 @@ class GRPOTrainer(Trainer):
                               "truncated": o.finish_reason == "length"})
             groups.append({"problem": p, "prompt_ids": out.prompt_token_ids, "items": items})
         return groups
+
+    def scored_rollouts(self, problems: list[Problem]) -> list[dict]:
+        """Rolled out and scored, in `problems` order: by this process alone, or each rank its share (every
+        world_size-th prompt) and then every group to every rank."""
+        world, rank = self.dist.world_size, self.dist.rank
+        mine = list(range(rank, len(problems), world))
+        groups = self.rollout([problems[i] for i in mine], mine)
+        if groups:
+            self.score_groups(groups)
+        if not self.dist.active:
+            return groups
+        shared = self.dist.all_gather_json([[i, _group_json(g)] for i, g in zip(mine, groups)])
+        by_index = {i: g for part in shared for i, g in part}
+        return [_group_from_json(by_index[i]) for i in range(len(problems))]
 
     def score_groups(self, groups: list[dict]) -> dict[str, list[float]]:
         cfg = self.cfg
@@ -234,8 +260,7 @@ class GRPOTrainer(Trainer):
         groups, all_groups, refills = [], [], 0
         need = cfg["prompts_per_step"]
         while True:
-            new = self.rollout(self.sampler.next(need))
-            self.score_groups(new)
+            new = self.scored_rollouts(self.sampler.next(need))
             all_groups.extend(new)
             keep = [g for g in new if not cfg["dynamic_sampling"]
                     or len({it["reward"] for it in g["items"]}) > 1]
@@ -302,6 +327,8 @@ class GRPOTrainer(Trainer):
                 trunc.append(it["truncated"])
         micro = cfg["micro_batch_size"]
         chunks = [list(range(i, min(i + micro, len(seqs)))) for i in range(0, len(seqs), micro)]
+        # Under torchrun a rank takes every world_size-th micro-batch; weights stay those of the global batch.
+        mine = chunks[self.dist.rank::self.dist.world_size]
         T = max(lengths)
         masks = torch.arange(T)[None, :] < torch.tensor(lengths)[:, None]
         eng = torch.zeros(len(seqs), T)
@@ -317,7 +344,7 @@ class GRPOTrainer(Trainer):
         old, ref = torch.zeros(len(seqs), T), torch.zeros(len(seqs), T)
         if old_pass or self.ref is not None:
             with torch.no_grad(), self._autocast():
-                for idx in chunks:
+                for idx in mine:
                     args = ([seqs[i] for i in idx], [starts[i] for i in idx], [lengths[i] for i in idx],
                             cfg["temperature"], self.device)
                     if old_pass:
@@ -328,7 +355,7 @@ class GRPOTrainer(Trainer):
                         ref[idx, : rlp.shape[1]] = rlp.float().cpu()
         entropies, stats_acc, loss_total = [], {"clip_fraction": 0.0, "kl": 0.0}, 0.0
         for it in range(cfg["mu"]):
-            for idx in chunks:
+            for idx in mine:
                 with self._autocast():
                     lp, ent, m = sequence_logprobs(self.model, [seqs[i] for i in idx], [starts[i] for i in idx],
                                                    [lengths[i] for i in idx], cfg["temperature"], self.device)
@@ -350,6 +377,7 @@ class GRPOTrainer(Trainer):
                 entropies.append(float((ent * m).sum() / m.sum().clamp(min=1)))
                 for k in stats_acc:
                     stats_acc[k] += stats[k] / (len(chunks) * cfg["mu"])
+            self.dist.all_reduce_grads(self.model.parameters())
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg["grad_clip"]))
             if math.isfinite(grad_norm) and math.isfinite(loss_total):
                 self.optimizer.step()
@@ -357,9 +385,16 @@ class GRPOTrainer(Trainer):
             else:
                 self.bad_streak += 1
             self.optimizer.zero_grad(set_to_none=True)
-        gap = (old - eng).abs()[masks]
-        record["engine_logprob_gap"] = float(gap.mean()) if gap.numel() else 0.0
-        record.update({"loss": loss_total / cfg["mu"], "grad_norm": grad_norm, "entropy": sum(entropies) / len(entropies),
+        rows = torch.tensor(sorted(i for idx in mine for i in idx), dtype=torch.long)
+        gap = (old[rows] - eng[rows]).abs()[masks[rows]] if len(rows) else torch.zeros(0)
+        # Sums over this rank's micro-batches, then over the ranks: the figures one process would log.
+        totals = self.dist.all_reduce_sum(torch.tensor(
+            [float(gap.sum()), gap.numel(), loss_total, sum(entropies), len(entropies), *stats_acc.values()],
+            dtype=torch.float64))
+        gap_sum, gap_n, loss_total, ent_sum, ent_n = totals[:5].tolist()
+        stats_acc = dict(zip(stats_acc, totals[5:].tolist()))
+        record["engine_logprob_gap"] = gap_sum / gap_n if gap_n else 0.0
+        record.update({"loss": loss_total / cfg["mu"], "grad_norm": grad_norm, "entropy": ent_sum / max(ent_n, 1),
                        "skipped": not math.isfinite(grad_norm), **stats_acc})
         return int(sum(len(s) for s in seqs) * cfg["mu"])
 
@@ -378,6 +413,14 @@ class GRPOTrainer(Trainer):
                               enabled=self.autocast_dtype is not None)
 
 
+def _group_json(group: dict) -> dict:
+    return {**group, "problem": dataclasses.asdict(group["problem"])}
+
+
+def _group_from_json(data: dict) -> dict:
+    return {**data, "problem": Problem(**data["problem"])}
+
+
 def grpo_config(recipe: dict) -> dict:
     cfg = {**GRPO_DEFAULTS, **stage_config(recipe, "grpo")}
     if cfg["loss_type"] not in ("grpo", "dr_grpo", "dapo"):
@@ -392,8 +435,14 @@ def run_grpo(recipe: dict, resume: bool = False, show_progress: bool = True) -> 
 
     cfg = grpo_config(recipe)
     device = torch.device(recipe.get("run", {}).get("device", "cuda" if torch.cuda.is_available() else "cpu"))
+    dist = Distributed.from_env(device.type)
+    if device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+        torch.cuda.set_device(device)
     torch.manual_seed(recipe["run"]["seed"])
-    prepare_tokenizer(recipe)
+    if dist.is_main:
+        prepare_tokenizer(recipe)
+    dist.barrier()
     tok_dir = tokenizer_dir(recipe)
     init = resolve_init(recipe, cfg["init_from"] or "sft")
     if init is None:
@@ -404,21 +453,28 @@ def run_grpo(recipe: dict, resume: bool = False, show_progress: bool = True) -> 
     problems = task_problems(data.get("task", "arithmetic"), levels, cfg["problems"], recipe["run"]["seed"], "train")
     sampler = ProblemSampler(problems, recipe["run"]["seed"])
     out_dir = run_dir(recipe) / "grpo"
-    if not resume and out_dir.exists():
+    if not resume and out_dir.exists() and dist.is_main:
         import shutil
 
         shutil.rmtree(out_dir)
+    dist.barrier()
     eval_recipe = {**recipe, "eval": {**recipe.get("eval", {}), "levels": recipe.get("eval", {}).get("grpo_levels", levels)}}
     evaluator = make_evaluator(eval_recipe, tok_dir) if recipe.get("eval", {}).get("during_training", True) else None
     trainer = GRPOTrainer(model, cfg, sampler, out_dir, tokenizer_dir=tok_dir, evaluator=evaluator,
-                          seed=recipe["run"]["seed"], show_progress=show_progress)
+                          seed=recipe["run"]["seed"], show_progress=show_progress, dist=dist)
     start = time.time()
-    path = trainer.fit(resume=resume)
-    plot_metrics(out_dir / "metrics.jsonl", out_dir, title="grpo")
-    plot_grpo(out_dir / "metrics.jsonl", out_dir)
-    summary = json.loads((out_dir / "summary.json").read_text())
-    summary["wall_seconds"] = time.time() - start
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    try:
+        path = trainer.fit(resume=resume)
+        if dist.is_main:
+            plot_metrics(out_dir / "metrics.jsonl", out_dir, title="grpo")
+            plot_grpo(out_dir / "metrics.jsonl", out_dir)
+            summary = json.loads((out_dir / "summary.json").read_text())
+            summary["wall_seconds"] = time.time() - start
+            summary["world_size"] = dist.world_size
+            (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        dist.barrier()
+    finally:
+        dist.close()
     return path
 
 
