@@ -1,6 +1,7 @@
 """Data parallelism on CPU (gloo, 2 processes): the loss curve and the expert-balancing biases match one
 process with the same global batch, under DDP and under FSDP2."""
 
+import json
 import sys
 
 import pytest
@@ -100,3 +101,60 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
     wa = load_model(runs / "grpo_one" / "model").state_dict()
     wb = load_model(runs / "grpo" / "model").state_dict()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # Adam steps of lr 1e-3, sums reordered
+
+
+def test_distillation_on_two_processes_matches_one(chat_checkpoint, tmp_path):
+    """torchrun distillation: each rank samples the teacher on half the problems, the traces are gathered in
+    problem order, the student trains under DDP: the same traces, losses and student as one process."""
+    directory, _ = chat_checkpoint("deepseek_v3")
+    recipe = tmp_path / "distill.toml"
+    recipe.write_text(f"""
+[run]
+name = "one"
+out_dir = "{tmp_path / 'runs'}"
+seed = 0
+
+[tokenizer]
+path = "{directory}"
+
+[student]
+model_type = "qwen2"
+hidden_size = 32
+intermediate_size = 64
+num_hidden_layers = 1
+num_attention_heads = 2
+num_key_value_heads = 1
+max_position_embeddings = 256
+
+[distill]
+teacher = "{directory}"
+problems = 6
+k = 2
+temperature = 1.0
+max_tokens = 12
+eval_problems = 4
+steps = 3
+seq_len = 64
+batch_size = 4
+micro_batch_size = 2
+keep = "all"
+warmup_steps = 0
+save_every = 0
+eval_every = 0
+dtype = "float32"
+""")
+    cli = ["-m", "nanoseek.cli", "distill", "--no-progress", "--recipe", str(recipe)]
+    r = procs.run([sys.executable, *cli], capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = procs.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                   *cli, "run.name=two"], capture_output=True, text=True, timeout=280)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one, two = tmp_path / "runs" / "one" / "distill", tmp_path / "runs" / "two" / "distill"
+    traces = (one / "traces.jsonl").read_text()
+    assert traces == (two / "traces.jsonl").read_text() and traces.count("\n") >= 6
+    la = [m["loss"] for m in read_metrics(one / "student" / "metrics.jsonl") if "loss" in m]
+    lb = [m["loss"] for m in read_metrics(two / "student" / "metrics.jsonl") if "loss" in m]
+    assert len(la) == len(lb) == 3 and la == pytest.approx(lb, rel=1e-4, abs=1e-5)
+    wa, wb = load_model(one / "student" / "model").state_dict(), load_model(two / "student" / "model").state_dict()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
+    assert json.loads((two / "summary.json").read_text())["kept"] == json.loads((one / "summary.json").read_text())["kept"]

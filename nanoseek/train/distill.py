@@ -22,6 +22,7 @@ from ..endpoint import Endpoint, is_endpoint
 from ..engine.text import THINK_CLOSE
 from ..errors import ConfigError
 from ..runtime import fast_precision
+from .distributed import Distributed
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 
 # keep: "correct" is rejection sampling (the verifier keeps correct traces only); "all" is plain sequence-level
@@ -102,13 +103,7 @@ def build_student(student: str, tokenizer, recipe: dict, device):
 
 def run_distill(recipe: dict, teacher: str | None = None, student: str | None = None, task: str | None = None,
                 show_progress: bool = True) -> dict:
-    from ..engine import LLM
-    from ..eval import evaluate
-    from ..model.accounting import model_cost
-    from ..tokenizer import load_tokenizer
-    from .metrics import plot_metrics
-    from .stages import resolve_init, tokenizer_dir
-    from .trainer import Trainer
+    from .stages import resolve_init
 
     cfg = {**DISTILL_DEFAULTS, **stage_config(recipe, "distill")}
     if cfg["keep"] not in ("correct", "all"):
@@ -119,6 +114,26 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     task = task or data.get("task", "arithmetic")
     levels = cfg["levels"] or data.get("levels", [1, 2, 3])
     device = torch.device("cpu")
+    dist = Distributed.from_env(device.type)
+    try:
+        return _distill(recipe, cfg, teacher, student, task, levels, device, dist, show_progress)
+    finally:
+        dist.close()
+
+
+def _distill(recipe: dict, cfg: dict, teacher: str, student: str, task: str, levels, device, dist: Distributed,
+             show_progress: bool) -> dict:
+    """Under torchrun each rank asks the teacher about its share of the problems (every world_size-th), the
+    traces are gathered to every rank in problem order, the student trains data-parallel (DDP or FSDP2, as
+    `train.parallel` says), and rank 0 writes the data, evaluates and reports."""
+    from ..engine import LLM
+    from ..eval import evaluate
+    from ..model.accounting import model_cost
+    from ..tokenizer import load_tokenizer
+    from .metrics import plot_metrics
+    from .stages import tokenizer_dir
+    from .trainer import Trainer
+
     out_dir = run_dir(recipe) / "distill"
     out_dir.mkdir(parents=True, exist_ok=True)
     recorded = teacher.endswith(".jsonl")
@@ -131,7 +146,13 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
     if recorded:
         traces = recorded_traces(Path(teacher), problems[0].verifier if problems else "numeric")
     else:
-        traces = teacher_traces(teacher, problems, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer)
+        mine = problems[dist.rank::dist.world_size]
+        local = teacher_traces(teacher, mine, cfg["k"], cfg["temperature"], cfg["max_tokens"], tokenizer) \
+            if mine else []
+        shares = dist.all_gather_json(local)  # rank r holds problems r, r + world, ...: k traces each
+        k, world = cfg["k"], dist.world_size
+        traces = [tuple(t) for i in range(len(problems))
+                  for t in shares[i % world][(i // world) * k:(i // world + 1) * k]]
     kept, seen = [], set()
     for messages, text, ok in traces:
         key = (messages[-1]["content"], text)
@@ -140,20 +161,24 @@ def run_distill(recipe: dict, teacher: str | None = None, student: str | None = 
             kept.append((messages, text))
     if not kept:
         raise ConfigError("rejection sampling kept no trace: the teacher solved none of the training problems")
-    with (out_dir / "traces.jsonl").open("w") as f:
-        for messages, text in kept:
-            f.write(json.dumps({"messages": messages + [{"role": "assistant", "content": text}]}) + "\n")
     held_out = task_problems(task, levels, min(cfg["eval_problems"], 200), recipe["run"]["seed"], "test")
-    shards.write_chats(out_dir / "data" / "train", tokenizer, kept)
-    shards.write_chats(out_dir / "data" / "val", tokenizer,
-                       [(chat_prompt(p), f"{p.solution}\n{THINK_CLOSE}\n\nThe answer is {p.answer}.") for p in held_out])
+    if dist.is_main:
+        with (out_dir / "traces.jsonl").open("w") as f:
+            for messages, text in kept:
+                f.write(json.dumps({"messages": messages + [{"role": "assistant", "content": text}]}) + "\n")
+        shards.write_chats(out_dir / "data" / "train", tokenizer, kept)
+        shards.write_chats(out_dir / "data" / "val", tokenizer, [
+            (chat_prompt(p), f"{p.solution}\n{THINK_CLOSE}\n\nThe answer is {p.answer}.") for p in held_out])
+    dist.barrier()
     model = build_student(student, tokenizer, recipe, device)
     loader = shards.PackedLoader(out_dir / "data" / "train", cfg["seq_len"], seed=recipe["run"]["seed"])
     val = shards.PackedLoader(out_dir / "data" / "val", cfg["seq_len"], seed=recipe["run"]["seed"])
     trainer = Trainer(model, cfg, loader, out_dir / "student", stage="distill", val_loader=val,
-                      tokenizer_dir=tok_dir, seed=recipe["run"]["seed"], show_progress=show_progress)
+                      tokenizer_dir=tok_dir, dist=dist, seed=recipe["run"]["seed"], show_progress=show_progress)
     train_start = time.time()
     student_path = trainer.fit()
+    if not dist.is_main:
+        return {}
     student_summary = out_dir / "student" / "summary.json"  # the report's stage table reads its wall time
     stage = json.loads(student_summary.read_text())
     stage["wall_seconds"] = time.time() - train_start
