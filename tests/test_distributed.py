@@ -2,6 +2,7 @@
 process with the same global batch, under DDP and under FSDP2."""
 
 import json
+import subprocess
 import sys
 
 import pytest
@@ -11,7 +12,7 @@ from nanoseek.checkpoint import load_model
 from nanoseek.train.metrics import read_metrics
 import procs
 from recipes import policy_dtypes, write_tiny_recipe
-from serving import free_port
+from serving import free_port, wait_until
 
 CLI = ["-m", "nanoseek.cli", "train", "pretrain", "--no-progress"]
 
@@ -68,9 +69,10 @@ rewards = [{name = "house_rewards:digits", weight = 1.0}]
 HOUSE_REWARDS = "def digits(prompt, completion, reference, meta):\n    return sum(c.isdigit() for c in completion) / 8\n"
 
 
-def test_grpo_on_two_processes_matches_one(tmp_path):
+def test_grpo_on_two_processes_matches_one_and_resumes_after_sigkill(tmp_path):
     """torchrun GRPO: each rank rolls out half the prompts (seeded by their global index) and trains on half the
-    micro-batches, gradients summed over the ranks: the same rewards, losses and final weights as one process."""
+    micro-batches, gradients summed over the ranks: the same rewards, losses and final weights as one process; and
+    a 2-process run killed mid-way and resumed ends where the uninterrupted one did."""
     import shutil
 
     recipe = write_tiny_recipe(tmp_path, "g", extra=GRPO)
@@ -101,6 +103,21 @@ def test_grpo_on_two_processes_matches_one(tmp_path):
     wa = load_model(runs / "grpo_one" / "model").state_dict()
     wb = load_model(runs / "grpo" / "model").state_dict()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4  # Adam steps of lr 1e-3, sums reordered
+    # SIGKILL after the step-2 checkpoint, then --resume: the same step 3 and final weights as without the kill.
+    shutil.move(runs / "grpo", runs / "grpo_two")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", *grpo, "grpo.save_every=1"]
+    with procs.spawn([*torchrun[:4], f"--master_port={free_port()}", *torchrun[4:]], cwd=tmp_path,
+                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL):
+        assert wait_until(lambda: (runs / "grpo" / "checkpoints" / "step_000002").exists(), timeout=240)
+    assert not (runs / "grpo" / "model").exists()  # killed before the end
+    r = procs.run([*torchrun[:4], f"--master_port={free_port()}", *torchrun[4:], "--resume"], capture_output=True,
+                  text=True, timeout=280, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = [m for m in read_metrics(runs / "grpo" / "metrics.jsonl") if "reward_mean" in m]
+    assert resumed[-1]["step"] == 3 and resumed[-1]["reward_mean"] == two[-1]["reward_mean"]
+    assert resumed[-1]["loss"] == pytest.approx(two[-1]["loss"], rel=1e-5, abs=1e-7)
+    wc = load_model(runs / "grpo" / "model").state_dict()
+    assert max((wb[k] - wc[k]).abs().max().item() for k in wb) < 1e-6
 
 
 def test_distillation_on_two_processes_matches_one(chat_checkpoint, tmp_path):
