@@ -377,6 +377,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-keys", default=None,
                    help="TOML file of API keys (name, key_sha256, models, limits, quotas): many users")
     p.add_argument("--ledger", default=None, help="SQLite file of per-request usage (GET /v1/usage)")
+    p.add_argument("--admin-key", default=None, help="enables /admin/weights (a trainer pushes new weights: GRPO "
+                                                      "rollout servers); or set NANOSEEK_ADMIN_KEY")
     p.add_argument("--served-model-name", default=None)
     p.add_argument("--policy", default=None, help="policy TOML (moderation rules, system prompt, limits)")
     p.add_argument("--cost-per-hour", type=float, default=None, help="machine price in USD/hour: enables pricing")

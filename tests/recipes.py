@@ -85,3 +85,23 @@ def policy_dtypes() -> list[str]:
 
     autocast, _ = training_autocast("auto", torch.device("cpu"))
     return ["float32"] + (["auto"] if autocast is not None else [])
+
+
+# A small GRPO stage with a learning signal on a barely trained model: a reward that varies with the output
+# (accuracy would be 0 everywhere) and truncated completions kept in the loss (16 tokens rarely finish).
+GRPO_SIGNAL = """
+[grpo]
+init_from = "sft"
+steps = 3
+prompts_per_step = 4
+group_size = 4
+max_completion_tokens = 16
+micro_batch_size = 4
+lr = 1e-3
+dynamic_sampling = false
+log_every = 1
+rollout_dtype = "float32"
+mask_truncated = false
+rewards = [{name = "house_rewards:digits", weight = 1.0}]
+"""
+HOUSE_REWARDS = "def digits(prompt, completion, reference, meta):\n    return sum(c.isdigit() for c in completion) / 8\n"

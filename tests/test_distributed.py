@@ -11,7 +11,7 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.train.metrics import read_metrics
 import procs
-from recipes import policy_dtypes, write_tiny_recipe
+from recipes import GRPO_SIGNAL as GRPO, HOUSE_REWARDS, policy_dtypes, write_tiny_recipe
 from serving import free_port, wait_until
 
 CLI = ["-m", "nanoseek.cli", "train", "pretrain", "--no-progress"]
@@ -50,23 +50,6 @@ def test_two_processes_match_one(tmp_path, parallel, dtype):
     wb = load_model(runs / "two" / "pretrain" / "model").state_dict()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-4
 
-
-GRPO = """
-[grpo]
-init_from = "sft"
-steps = 3
-prompts_per_step = 4
-group_size = 4
-max_completion_tokens = 16
-micro_batch_size = 4
-lr = 1e-3
-dynamic_sampling = false
-log_every = 1
-rollout_dtype = "float32"
-rewards = [{name = "house_rewards:digits", weight = 1.0}]
-"""
-# A reward that varies on a barely trained model's output (accuracy would be 0 everywhere: no signal to compare).
-HOUSE_REWARDS = "def digits(prompt, completion, reference, meta):\n    return sum(c.isdigit() for c in completion) / 8\n"
 
 
 def test_grpo_on_two_processes_matches_one_and_resumes_after_sigkill(tmp_path):

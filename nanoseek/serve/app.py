@@ -11,7 +11,7 @@ shapes and the body parser), service.py (checks, sampling parameters, usage, run
 engine), chat.py and completions.py (the two POST routes and their JSON and SSE renderers), conversation.py
 (messages, tools and prefixes to a prompt), tools.py (tool-call formats: render, constrain, parse), grammar.py
 (constrained decoding through llguidance), accounts.py (keys, rate limits, quotas), ledger.py (the SQLite
-usage ledger), policy.py (the operator's moderation layer). Each request reads its metrics (cache hits, timings) from the engine's outputs
+usage ledger), admin.py (weight pushes from a trainer, with --admin-key), policy.py (the operator's moderation layer). Each request reads its metrics (cache hits, timings) from the engine's outputs
 and the engine's public stats, never from engine internals.
 """
 
@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from .. import __version__
 from ..engine import AsyncLLM, EngineDeadError
 from ..errors import NanoseekError
+from .admin import install_admin_routes
 from .chat import chat
 from .completions import completions
 from .errors import APIError, error_response, install_error_handlers
@@ -77,6 +78,8 @@ def create_app(llm: AsyncLLM, config: ServeConfig) -> FastAPI:
                                     (("/v1/pricing", "/pricing"), pricing, "GET")):
         for path in paths:
             app.add_api_route(path, endpoint, methods=[method])
+
+    install_admin_routes(app, service)
 
     @app.get("/health")
     async def health():

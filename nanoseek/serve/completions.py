@@ -108,6 +108,10 @@ async def answer(service: Service, request: Request, p: Prepared):
     service.metrics.requests.labels(ROUTE, "200").inc()
     out = body(service, p, [c.text for c in choices], [c.finish or "stop" for c in choices],
                [legacy_logprobs(o.logprobs) for o in last.outputs])
+    if p.req.return_token_ids:
+        out["prompt_token_ids"] = list(p.prompt_ids)
+        for choice, o in zip(out["choices"], last.outputs):
+            choice["token_ids"] = list(o.token_ids)
     return JSONResponse({**out, "usage": usage}, headers=p.headers)
 
 

@@ -28,7 +28,9 @@ class GuardMiddleware:
         headers = {k.decode().lower(): v.decode() for k, v in scope.get("headers", [])}
         reply = None
         accounts = config.accounts
-        if accounts is not None and not (path in OPEN_PATHS or path.startswith("/static/")) and \
+        # /admin authenticates itself with the admin key (before reading a body that may be a whole model).
+        admin = config.admin_key is not None and path.startswith("/admin/")
+        if accounts is not None and not (path in OPEN_PATHS or path.startswith("/static/") or admin) and \
                 scope["method"] != "OPTIONS":
             header = headers.get("authorization", "")
             token = header[7:] if header.lower().startswith("bearer ") else ""
@@ -38,7 +40,7 @@ class GuardMiddleware:
                                        "authentication_error", "invalid_api_key")
             scope.setdefault("state", {})["account"] = account
         length = headers.get("content-length", "")
-        if reply is None and length.isdigit() and int(length) > config.max_body_bytes:
+        if reply is None and not admin and length.isdigit() and int(length) > config.max_body_bytes:
             reply = error_response(413, f"request body of {length} bytes exceeds the limit of {config.max_body_bytes}",
                            "invalid_request_error", "body_too_large")
         if reply is None and self.state.shutting_down and path not in OPEN_PATHS:
@@ -59,7 +61,7 @@ class GuardMiddleware:
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > config.max_body_bytes:
+                if received > config.max_body_bytes and not admin:
                     raise APIError(413, f"request body exceeds the limit of {config.max_body_bytes} bytes",
                                    "invalid_request_error", "body_too_large")
             return message

@@ -170,6 +170,8 @@ class SamplingFields(BaseModel):
     repetition_penalty: float = Field(default=1.0, gt=0.0)
     min_tokens: StrictInt = Field(default=0, ge=0)
     ignore_eos: StrictBool = False
+    # vLLM's: log-probs of the model's raw distribution, or after penalties and temperature (what RL needs).
+    logprobs_mode: Literal["raw", "processed"] = "raw"
     # OpenAI's token id (as a string) -> bias added to its logit, in [-100, 100].
     logit_bias: dict[str, float] | None = Field(default=None, max_length=1024)
 
@@ -210,6 +212,7 @@ class CompletionRequest(SamplingFields):
     suffix: StrictStr | None = None
     logprobs: StrictInt | None = Field(default=None, ge=0, le=20)
     echo: StrictBool = False
+    return_token_ids: StrictBool = False  # vLLM's: the prompt's and each choice's token ids in the answer
 
 
 def error_body(message: str, type_: str, code: str | int | None = None) -> dict:

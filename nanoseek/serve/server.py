@@ -36,6 +36,7 @@ class ServerSettings:
     api_key: str | None = None
     api_keys: str | None = None
     ledger: str | None = None
+    admin_key: str | None = None
     served_model_name: str | None = None
     policy: str | None = None
     cost_per_hour: float | None = None
@@ -82,6 +83,7 @@ def build(settings: ServerSettings) -> tuple:
     prices = calibrate(llm.engine, settings.cost_per_hour) if settings.cost_per_hour else None
     config = ServeConfig(model_name=settings.served_model_name or os.path.basename(os.path.normpath(settings.model)),
                          accounts=accounts, ledger=ledger,
+                         admin_key=settings.admin_key or os.environ.get("NANOSEEK_ADMIN_KEY") or None,
                          max_queue=settings.max_queue, max_body_bytes=settings.max_body_bytes,
                          cors_origins=settings.cors,
                          policy=Policy.from_file(settings.policy) if settings.policy else None, prices=prices)

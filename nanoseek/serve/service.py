@@ -38,6 +38,7 @@ class ServeConfig:
     policy: Policy | None = None
     prices: Prices | None = None
     default_max_tokens: int = 2048
+    admin_key: str | None = None  # enables /admin (weight pushes from a trainer)
     accounts: object = None  # accounts.Accounts: many keys with limits (--api-keys); None = open or one key
     ledger: object = None  # ledger.Ledger: the usage ledger (--ledger)
 
@@ -102,6 +103,7 @@ class Service:
         self.engine, self.tokenizer = llm.engine, llm.tokenizer
         self.metrics = ServerMetrics()
         self.grammars = None  # grammar.Grammars, made on the first constrained request
+        self.weights_version = 0  # set by admin weight pushes
         self.fingerprint = "fp_" + hashlib.sha256(f"{__version__}/{config.model_name}".encode()).hexdigest()[:10]
 
     # ---- checks ----
@@ -135,6 +137,8 @@ class Service:
         import time
 
         p.account, p.started = getattr(request.state, "account", None), time.time()
+        if self.config.admin_key:  # which pushed weights answer this request (rollout staleness checks)
+            p.headers["X-Nanoseek-Weights-Version"] = str(self.weights_version)
         if p.account is not None and self.config.accounts is not None:
             self.config.accounts.admit(p.account, p.model, len(p.prompt_ids))
 
@@ -197,7 +201,7 @@ class Service:
                                   logprobs=logprobs, logits_processors=processors, top_k=req.top_k,
                                   min_p=req.min_p, repetition_penalty=req.repetition_penalty,
                                   min_tokens=req.min_tokens, ignore_eos=req.ignore_eos,
-                                  skip_special_tokens=skip_special_tokens,
+                                  skip_special_tokens=skip_special_tokens, logprobs_mode=req.logprobs_mode,
                                   output_filter=self.policy.output_filter() if self.policy else None)
         except InvalidRequestError as e:
             raise APIError(422, str(e), "invalid_request_error") from None

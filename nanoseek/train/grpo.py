@@ -41,6 +41,7 @@ from ..tokenizer import load_tokenizer
 from .recipe import STAGE_EXTRA_KEYS, run_dir, stage_config
 from .rewards import build_rewards, combine, score
 from .distributed import Distributed
+from .rollout_servers import RolloutServers
 from .trainer import Trainer, lr_factor
 
 GRPO_DEFAULTS = {
@@ -49,6 +50,8 @@ GRPO_DEFAULTS = {
     "dynamic_sampling": True, "max_refills": 2, "mask_truncated": True, "tis_cap": 2.0, "rewards": None,
     "levels": None, "problems": 20000, "rollout_dtype": "auto", "overlong_buffer": 0, "samples_to_log": 2,
     "ignore_eos": False,  # every completion runs to max_completion_tokens (benchmarks: equal work per step)
+    # Rollouts on running `nanoseek serve --admin-key KEY` processes instead of an in-process engine.
+    "rollout_servers": [], "admin_key": "", "rollout_api_key": "", "max_staleness": 0,
 }
 STAGE_EXTRA_KEYS["grpo"] = set(GRPO_DEFAULTS)
 
@@ -176,23 +179,40 @@ class GRPOTrainer(Trainer):
             # Training mode (nothing in the model behaves differently in it but the numeric path): the reference's
             # log-probs come from the same fused kernels as the policy's, so identical weights give a zero KL.
             self.ref.train().requires_grad_(False)
-        rollout = Transformer(model.config)
-        rollout.load_state_dict(model.state_dict())
-        # bf16 rollouts where bf16 is native, float32 elsewhere ("auto"; runtime.fast_precision).
-        precision = fast_precision(cfg["rollout_dtype"], self.device)
-        rollout.set_precision(precision.weights, precision.compute)
-        self.llm = LLM(rollout.eval(), tokenizer=self.tokenizer, kv_cache_memory="512MiB",
-                       max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"] * (1 + cfg["max_refills"]),
-                       max_num_batched_tokens=4096)
+        self.llm = self.servers = None
+        if cfg["rollout_servers"]:
+            import os
+
+            self.servers = RolloutServers(list(cfg["rollout_servers"]),
+                                          cfg["admin_key"] or os.environ.get("NANOSEEK_ADMIN_KEY", ""),
+                                          cfg["max_staleness"], api_key=cfg["rollout_api_key"] or
+                                          os.environ.get("NANOSEEK_API_KEY", ""))
+            self.push_weights(0)  # the servers may have started from any checkpoint of this architecture
+        else:
+            rollout = Transformer(model.config)
+            rollout.load_state_dict(model.state_dict())
+            # bf16 rollouts where bf16 is native, float32 elsewhere ("auto"; runtime.fast_precision).
+            precision = fast_precision(cfg["rollout_dtype"], self.device)
+            rollout.set_precision(precision.weights, precision.compute)
+            self.llm = LLM(rollout.eval(), tokenizer=self.tokenizer, kv_cache_memory="512MiB",
+                           max_num_seqs=cfg["prompts_per_step"] * cfg["group_size"] * (1 + cfg["max_refills"]),
+                           max_num_batched_tokens=4096)
         self.samples_logged = []
 
-    def push_weights(self) -> None:
-        self.llm.update_weights(self.model.state_dict())
+    def push_weights(self, version: int) -> None:
+        """The trainer's weights into the rollout engine (in memory) or every rollout server (version = the
+        number of updates they hold; rank 0 pushes, the others wait for it)."""
+        if self.servers is None:
+            self.llm.update_weights(self.model.state_dict())
+            return
+        if self.dist.is_main:
+            self.servers.push(self.model.state_dict(), version)
+        self.dist.barrier()
 
     def resume(self) -> bool:
         resumed = super().resume()
         if resumed:
-            self.push_weights()
+            self.push_weights(self.step)
         return resumed
 
     # ---- rollouts ----
@@ -208,6 +228,8 @@ class GRPOTrainer(Trainer):
                   for i, p in zip(indices, problems)]
         if not problems:
             return []
+        if self.servers is not None:
+            return self._remote_rollout(problems, params)
         outs = self.llm.generate([chat_prompt(p) for p in problems], params)
         groups = []
         for p, out in zip(problems, outs):
@@ -218,6 +240,14 @@ class GRPOTrainer(Trainer):
                               "truncated": o.finish_reason == "length"})
             groups.append({"problem": p, "prompt_ids": out.prompt_token_ids, "items": items})
         return groups
+
+    def _remote_rollout(self, problems: list[Problem], params: list[SamplingParams]) -> list[dict]:
+        """The same requests on the rollout servers: the prompt as the token ids the local engine would build."""
+        prompts = [self.tokenizer.apply_chat_template(chat_prompt(p), add_generation_prompt=True) for p in problems]
+        bodies = [{"n": sp.n, "temperature": sp.temperature, "top_p": sp.top_p, "max_tokens": sp.max_tokens,
+                   "ignore_eos": sp.ignore_eos, "seed": sp.seed} for sp in params]
+        outs = self.servers.generate(prompts, bodies, self.step)
+        return [{"problem": p, "prompt_ids": ids, "items": items} for p, ids, items in zip(problems, prompts, outs)]
 
     def scored_rollouts(self, problems: list[Problem]) -> list[dict]:
         """Rolled out and scored, in `problems` order: by this process alone, or each rank its share (every
@@ -284,7 +314,7 @@ class GRPOTrainer(Trainer):
         t_train = time.perf_counter()
         train_tokens = self._update(groups, record)
         record["train_tok_s"] = train_tokens / max(time.perf_counter() - t_train, 1e-9)
-        self.push_weights()
+        self.push_weights(self.step + 1)
         self.step += 1
         self.tokens_seen += train_tokens
         record.update({"step": self.step, "tokens": self.tokens_seen})
