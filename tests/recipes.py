@@ -88,7 +88,8 @@ def policy_dtypes() -> list[str]:
 
 
 # A small GRPO stage with a learning signal on a barely trained model: a reward that varies with the output
-# (accuracy would be 0 everywhere) and truncated completions kept in the loss (16 tokens rarely finish).
+# (accuracy would be 0 everywhere) and truncated completions kept in the loss (16 tokens rarely finish). The
+# reward's module, written as signal_rewards.py next to the run, has a name no other test imports.
 GRPO_SIGNAL = """
 [grpo]
 init_from = "sft"
@@ -102,6 +103,6 @@ dynamic_sampling = false
 log_every = 1
 rollout_dtype = "float32"
 mask_truncated = false
-rewards = [{name = "house_rewards:digits", weight = 1.0}]
+rewards = [{name = "signal_rewards:digits", weight = 1.0}]
 """
-HOUSE_REWARDS = "def digits(prompt, completion, reference, meta):\n    return sum(c.isdigit() for c in completion) / 8\n"
+SIGNAL_REWARDS = "def digits(prompt, completion, reference, meta):\n    return sum(c.isdigit() for c in completion) / 8\n"

@@ -11,7 +11,7 @@ import torch
 from nanoseek.checkpoint import load_model
 from nanoseek.train.metrics import read_metrics
 import procs
-from recipes import GRPO_SIGNAL as GRPO, HOUSE_REWARDS, policy_dtypes, write_tiny_recipe
+from recipes import GRPO_SIGNAL as GRPO, SIGNAL_REWARDS, policy_dtypes, write_tiny_recipe
 from serving import free_port, wait_until
 
 CLI = ["-m", "nanoseek.cli", "train", "pretrain", "--no-progress"]
@@ -59,7 +59,7 @@ def test_grpo_on_two_processes_matches_one_and_resumes_after_sigkill(tmp_path):
     import shutil
 
     recipe = write_tiny_recipe(tmp_path, "g", extra=GRPO)
-    (tmp_path / "house_rewards.py").write_text(HOUSE_REWARDS)  # importable from the working directory
+    (tmp_path / "signal_rewards.py").write_text(SIGNAL_REWARDS)  # importable from the working directory
     common = ["train.dtype=float32", "eval.during_training=false"]
     for stage, steps in (("pretrain", 3), ("sft", 2)):
         r = procs.run([sys.executable, "-m", "nanoseek.cli", "train", stage, "--no-progress", "--recipe", str(recipe),

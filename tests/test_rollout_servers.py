@@ -68,9 +68,9 @@ def test_grpo_through_two_rollout_servers_trains_as_in_process_rollouts(tmp_path
     from nanoseek.train.metrics import read_metrics
     from nanoseek.train.recipe import load_recipe
     from nanoseek.train.stages import run_stage
-    from recipes import GRPO_SIGNAL, HOUSE_REWARDS, write_tiny_recipe
+    from recipes import GRPO_SIGNAL, SIGNAL_REWARDS, write_tiny_recipe
 
-    (tmp_path / "house_rewards.py").write_text(HOUSE_REWARDS)
+    (tmp_path / "signal_rewards.py").write_text(SIGNAL_REWARDS)
     monkeypatch.syspath_prepend(str(tmp_path))
     overrides = ["pretrain.steps=3", "sft.steps=2", "grpo.steps=2", "train.dtype=float32", "eval.during_training=false"]
     recipe = load_recipe(write_tiny_recipe(tmp_path, extra=GRPO_SIGNAL), overrides)
