@@ -21,6 +21,7 @@ completions of the requests it has in flight (one, for a client that waits for e
 
 from __future__ import annotations
 
+import calendar
 import collections
 import hashlib
 import hmac
@@ -67,8 +68,6 @@ def month_of(t: float) -> str:
 def seconds_to_next_month(t: float) -> int:
     g = time.gmtime(t)
     year, month = (g.tm_year + 1, 1) if g.tm_mon == 12 else (g.tm_year, g.tm_mon + 1)
-    import calendar
-
     return max(1, int(calendar.timegm((year, month, 1, 0, 0, 0)) - t))
 
 

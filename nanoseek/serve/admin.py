@@ -22,13 +22,13 @@ from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError
+from .guard import bearer_token
 
 VERSION_HEADER = "X-Nanoseek-Weights-Version"
 
 
 def _authorized(request: Request, admin_key: str) -> bool:
-    header = request.headers.get("authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else ""
+    token = bearer_token(request.headers.get("authorization", ""))
     return hmac.compare_digest(hashlib.sha256(token.encode()).digest(), hashlib.sha256(admin_key.encode()).digest())
 
 

@@ -16,7 +16,7 @@ from . import conversation
 from .policy import SYSTEM_PROMPT
 from .protocol import ChatCompletionRequest
 from .tools import ToolStream
-from .service import Choice, Prepared, Service, logprobs_content, read_request, sse_errors
+from .service import Choice, Prepared, Service, empty_usage, logprobs_content, read_request, sse_errors
 
 ROUTE = "/v1/chat/completions"
 
@@ -33,7 +33,7 @@ async def chat(service: Service, request: Request):
         service.metrics.requests.labels(ROUTE, "200").inc()
         choices = [{"index": i, "message": {"role": "assistant", "content": "", "reasoning_content": None},
                     "logprobs": None, "finish_reason": "content_filter"} for i in range(req.n)]
-        usage = empty_usage(p)
+        usage = empty_usage(len(p.prompt_ids))
         await run_in_threadpool(service.account_usage, p, ROUTE, usage)
         return JSONResponse(body(service, p, choices, usage), headers=p.headers)
     return await answer(service, request, p)
@@ -82,12 +82,6 @@ def body(service: Service, p: Prepared, choices: list, usage: dict | None = None
     return out
 
 
-def empty_usage(p: Prepared) -> dict:
-    n = len(p.prompt_ids)
-    return {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n, "prompt_cache_hit_tokens": 0,
-            "prompt_cache_miss_tokens": n, "completion_tokens_details": {"reasoning_tokens": 0}}
-
-
 async def answer(service: Service, request: Request, p: Prepared):
     """The whole answer as one JSON body."""
     choices = [Choice(service, i) for i in range(p.req.n)]
@@ -132,7 +126,7 @@ async def stream(service: Service, request: Request, p: Prepared):
     if p.blocked:
         yield sse(service, p, [{"index": i, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}
                                for i in range(n)])
-        usage = empty_usage(p)
+        usage = empty_usage(len(p.prompt_ids))
         await run_in_threadpool(service.account_usage, p, ROUTE, usage)
         if include_usage:
             yield sse(service, p, [], usage)
@@ -140,6 +134,8 @@ async def stream(service: Service, request: Request, p: Prepared):
         service.metrics.requests.labels(ROUTE, "200").inc()
         return
     choices = [Choice(service, i) for i in range(n)]
+    for c in choices:
+        c.tool_stream = ToolStream(p.tools) if p.tools is not None else None
     last, start, got_token = None, time.monotonic(), False
     async for out in service.run_request(request, p.prompt_ids, p.params, p.request_id):
         if out is None:
@@ -175,8 +171,7 @@ def delta(service: Service, p: Prepared, c: Choice, o) -> dict | None:
         d["reasoning_content"] = reasoning[c.sent_reasoning:]
         c.sent_reasoning = len(reasoning)
     if p.tools is not None:
-        stream = c.__dict__.setdefault("tool_stream", ToolStream(p.tools))
-        new_content, calls = stream.update(content, final=c.finish is not None)
+        new_content, calls = c.tool_stream.update(content, final=c.finish is not None)
         calls = calls if p.req.parallel_tool_calls else [x for x in calls if x["index"] == 0]
         if new_content:
             d["content"] = new_content

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from .errors import APIError
 from .protocol import CompletionRequest
-from .service import Choice, Prepared, Service, read_request, sse_errors
+from .service import Choice, Prepared, Service, empty_usage, read_request, sse_errors
 
 ROUTE = "/v1/completions"
 FIM_TOKENS = ("<｜fim▁begin｜>", "<｜fim▁hole｜>", "<｜fim▁end｜>")
@@ -36,9 +36,7 @@ async def completions(service: Service, request: Request):
     service.metrics.requests_started.inc()
     if blocked:
         empty = body(service, p, [""] * req.n, ["content_filter"] * req.n, [None] * req.n)
-        n = len(prompt_ids)
-        usage = {"prompt_tokens": n, "completion_tokens": 0, "total_tokens": n, "prompt_cache_hit_tokens": 0,
-                 "prompt_cache_miss_tokens": n}
+        usage = empty_usage(len(prompt_ids))
         await run_in_threadpool(service.account_usage, p, ROUTE, usage)
         if req.stream:
             async def blocked_stream():

@@ -14,6 +14,11 @@ log = logging.getLogger("nanoseek.serve")
 OPEN_PATHS = ("/health", "/", "/index.html", "/favicon.ico")
 
 
+def bearer_token(authorization: str) -> str:
+    """The token of an `Authorization: Bearer TOKEN` header value ("" when there is none)."""
+    return authorization[7:] if authorization.lower().startswith("bearer ") else ""
+
+
 class GuardMiddleware:
     """Pure ASGI middleware (streaming and disconnects pass through untouched): API-key check on every route
     but the open ones, body-size limit, 503 while shutting down, and no traceback ever reaches a client."""
@@ -32,9 +37,7 @@ class GuardMiddleware:
         admin = config.admin_key is not None and path.startswith("/admin/")
         if accounts is not None and not (path in OPEN_PATHS or path.startswith("/static/") or admin) and \
                 scope["method"] != "OPTIONS":
-            header = headers.get("authorization", "")
-            token = header[7:] if header.lower().startswith("bearer ") else ""
-            account = accounts.find(token)  # hashed, compared with every key in constant time
+            account = accounts.find(bearer_token(headers.get("authorization", "")))  # hashed, compared with every key in constant time
             if account is None:
                 reply = error_response(401, "missing or invalid API key: send 'Authorization: Bearer <key>'",
                                        "authentication_error", "invalid_api_key")

@@ -9,6 +9,7 @@ loop. `totals` serves GET /v1/usage and `nanoseek usage DB`.
 
 from __future__ import annotations
 
+import calendar
 import sqlite3
 import threading
 import time
@@ -80,8 +81,6 @@ class Ledger:
     def month_totals(self, now: float | None = None) -> dict[str, tuple[int, float]]:
         """This calendar month's (UTC) total tokens and cost per key: what quotas start from after a restart."""
         g = time.gmtime(now or time.time())
-        import calendar
-
         start = calendar.timegm((g.tm_year, g.tm_mon, 1, 0, 0, 0))
         return {k: (v["total_tokens"], v["cost"]) for k, v in self.totals(start=start).items()}
 

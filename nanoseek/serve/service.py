@@ -306,6 +306,13 @@ class Choice:
                 self.rule = self.policy.output_rule(o.stop_reason)
 
 
+def empty_usage(prompt_len: int) -> dict:
+    """The usage of a request answered without generating (the policy blocked its input)."""
+    return {"prompt_tokens": prompt_len, "completion_tokens": 0, "total_tokens": prompt_len,
+            "prompt_cache_hit_tokens": 0, "prompt_cache_miss_tokens": prompt_len,
+            "completion_tokens_details": {"reasoning_tokens": 0}}
+
+
 def logprobs_content(entries: list[dict] | None) -> dict | None:
     """The chat API's logprobs object for engine log-prob entries."""
     if entries is None:

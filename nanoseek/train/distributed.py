@@ -90,7 +90,8 @@ class Distributed:
             dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
 
     def all_gather_json(self, value) -> list:
-        """Every rank's JSON-serialisable `value`, in rank order (JSON bytes in a tensor: no pickle between ranks)."""
+        """Every rank's JSON-serialisable `value`, in rank order: sent as UTF-8 JSON text in a uint8 tensor and
+        parsed with json.loads (torch's all_gather_object would deserialize arbitrary objects)."""
         if not self.active:
             return [value]
         import json
