@@ -38,7 +38,9 @@ from nanoseek.checkpoint import save_model  # noqa: E402
 from nanoseek.data.sources import chat_prompt, doc_text, task_problems  # noqa: E402
 from nanoseek.model.transformer import Transformer  # noqa: E402
 from nanoseek.tokenizer import train_tokenizer  # noqa: E402
-from nanoseek.train.grpo import GRPOTrainer, ProblemSampler, grpo_config  # noqa: E402
+from nanoseek.train.grpo import GRPOTrainer  # noqa: E402
+from nanoseek.train.recipe import stage_config  # noqa: E402
+from nanoseek.train.rollouts import ProblemSampler  # noqa: E402
 from nanoseek.train.rewards import Reward  # noqa: E402
 from nanoseek.train.stages import model_config  # noqa: E402
 
@@ -54,7 +56,7 @@ def build_checkpoint(directory: Path) -> tuple[Path, list]:
     recipe = tomllib.loads((ROOT / "recipes" / "speedrun_cpu.toml").read_text())
     problems = task_problems("arithmetic", [1, 2, 3], 2000, 0, "train")
     tokenizer = train_tokenizer([doc_text(p) for p in problems], recipe["tokenizer"]["vocab_size"], directory / "tok")
-    config = model_config(recipe, tokenizer)
+    config = model_config(recipe.get("model", {}), tokenizer)
     config.num_nextn_predict_layers = 0  # transformers' DeepseekV3ForCausalLM has no MTP; GRPO does not use it
     model = Transformer(config)
     model.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
@@ -71,7 +73,7 @@ def run_nanoseek(model_dir: Path, problems, args) -> dict:
                        "max_completion_tokens": args.completion, "ignore_eos": True, "mu": 1, "beta": 0.0,
                        "loss_type": "dapo", "dynamic_sampling": False, "mask_truncated": False,
                        "micro_batch_size": args.micro, "steps": args.steps + 1}}
-    cfg = grpo_config(recipe)
+    cfg = stage_config(recipe, "grpo")
     model = load_model(model_dir, dtype=torch.float32)
     with tempfile.TemporaryDirectory() as out:
         trainer = GRPOTrainer(model, cfg, ProblemSampler(problems, 0), Path(out), tokenizer_dir=model_dir,

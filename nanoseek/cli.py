@@ -167,7 +167,7 @@ def cmd_train(args) -> int:
 
     recipe = load_recipe(args.recipe, args.overrides)
     if args.stage == "tokenizer":
-        from .train.stages import prepare_tokenizer
+        from .train.corpus import prepare_tokenizer
 
         path = prepare_tokenizer(recipe)
         print(f"tokenizer: {path}")

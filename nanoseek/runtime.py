@@ -319,6 +319,13 @@ def training_autocast(requested, device: torch.device) -> tuple[torch.dtype | No
 _NOTIFIED: set[str] = set()
 
 
+def autocast(dtype: torch.dtype | None, device: torch.device):
+    """The context a training forward runs in: autocast to `dtype` (training_autocast's choice), or none."""
+    import torch
+
+    return torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def notify(note: str) -> None:
     """Prints a one-line note about a hardware-driven choice to stderr, once per process."""
     if note not in _NOTIFIED:

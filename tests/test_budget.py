@@ -19,25 +19,25 @@ def test_a_slower_machine_scales_every_stage_and_keeps_the_scale_for_the_run(tmp
     monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 100.0)
     recipe = _recipe(tmp_path, minutes=60, reference_minutes=15, reference_tokens_per_second=800)
     cfg = stage_config(recipe, "pretrain")  # 60/15 x 100/800 = 0.5
-    assert (cfg["steps"], cfg["warmup_steps"], cfg["save_every"]) == (450, 25, 125)
-    assert cfg["batch_size"] == stage_config({"run": {"name": "x"}}, "pretrain")["batch_size"]  # sizes, not shapes
+    assert (cfg.steps, cfg.warmup_steps, cfg.save_every) == (450, 25, 125)
+    assert cfg.batch_size == stage_config({"run": {"name": "x"}}, "pretrain").batch_size  # sizes, not shapes
     record = json.loads((tmp_path / "r" / "budget.json").read_text())
     assert record["scale"] == 0.5 and record["tokens_per_second"] == 100
     # Later stages (and resumes) read the recorded scale, whatever the machine measures now.
     monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 1.0)
     later = stage_config(recipe, "distill")
-    assert (later["steps"], later["problems"]) == (1200, 8000)
+    assert (later.steps, later.problems) == (1200, 8000)
 
 
 def test_a_machine_as_fast_as_the_reference_runs_the_recipe_as_written(tmp_path, monkeypatch):
     monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: 900.0)
     cfg = stage_config(_recipe(tmp_path, minutes=60, reference_minutes=15, reference_tokens_per_second=800), "pretrain")
-    assert cfg["steps"] == 900
+    assert cfg.steps == 900
 
 
 @pytest.mark.parametrize("run", [{}, {"minutes": 0, "reference_minutes": 15, "reference_tokens_per_second": 800}])
 def test_no_dial_leaves_the_recipe_alone(tmp_path, run):
-    assert stage_config(_recipe(tmp_path, **run), "pretrain")["steps"] == 900
+    assert stage_config(_recipe(tmp_path, **run), "pretrain").steps == 900
     assert not (tmp_path / "r" / "budget.json").exists()
 
 

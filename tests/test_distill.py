@@ -7,7 +7,8 @@ import pytest
 from nanoseek.data.sources import completion_text, task_problems
 from nanoseek.data.verify import verify
 from nanoseek.errors import ConfigError
-from nanoseek.train.distill import _engine_dtype, recorded_traces, run_distill, teacher_traces
+from nanoseek.train.distill import recorded_traces, run_distill, teacher_traces
+from nanoseek.train.engines import engine_precision
 from serving import live_server
 
 
@@ -16,7 +17,7 @@ def test_a_served_teacher_writes_the_traces_its_local_engine_writes(chat_checkpo
     problems = task_problems("arithmetic", [1, 2], 3, 0, "train")
     local = teacher_traces(str(directory), problems, k=2, temperature=0.0, max_tokens=12)
     assert [m for m, _, _ in local] == [[{"role": "user", "content": p.question}] for p in problems for _ in range(2)]
-    with live_server(directory, dtype=_engine_dtype()) as (base, _, _):  # the local teacher's precision
+    with live_server(directory, dtype=engine_precision()) as (base, _, _):  # the local teacher's precision
         served = teacher_traces(base, problems, k=2, temperature=0.0, max_tokens=12)
     # Greedy, so both samples agree, and the API's reasoning/content split is undone exactly.
     assert [t for _, t, _ in served] == [t for _, t, _ in local]

@@ -8,7 +8,8 @@ import torch
 
 from nanoseek.data.tasks import generate
 from nanoseek.eval import pass_at_k, summarize, wilson
-from nanoseek.train.grpo import ProblemSampler, group_advantages, policy_loss
+from nanoseek.train.grpo import group_advantages, policy_loss
+from nanoseek.train.rollouts import ProblemSampler
 from nanoseek.train.rewards import accuracy_reward, build_rewards, combine, format_reward, overlong_reward, score
 
 
@@ -161,10 +162,11 @@ def test_single_update_without_an_old_policy_pass_is_exact(tmp_path, monkeypatch
     the weights after one step must be the same as with the separate pass."""
     from nanoseek.checkpoint import load_model
     from nanoseek.data.sources import task_problems
-    from nanoseek.train.grpo import GRPOTrainer, ProblemSampler, grpo_config
-    from nanoseek.train.recipe import load_recipe
+    from nanoseek.train.corpus import tokenizer_dir
+    from nanoseek.train.grpo import GRPOTrainer
+    from nanoseek.train.recipe import load_recipe, stage_config
     from nanoseek.train.rewards import Reward
-    from nanoseek.train.stages import run_stage, tokenizer_dir
+    from nanoseek.train.stages import run_stage
     from recipes import write_tiny_recipe
 
     extra = """
@@ -180,7 +182,7 @@ mask_truncated = false
 """
     recipe = load_recipe(write_tiny_recipe(tmp_path, extra=extra), ["pretrain.steps=2"])
     run_stage(recipe, "pretrain", show_progress=False)
-    cfg = grpo_config(recipe)
+    cfg = stage_config(recipe, "grpo")
     model_dir = tmp_path / "runs" / "tiny" / "pretrain" / "model"
     problems = task_problems("arithmetic", [1, 2], 50, 0, "train")
     weights = []
@@ -199,7 +201,7 @@ mask_truncated = false
     moved = sum(float((weights[0][k] - v).abs().max()) for k, v in load_model(model_dir).state_dict().items())
     assert moved > 0
     # With mu = 2 the second pass sees a moved policy: the clip fraction now measures how far it moved.
-    trainer = GRPOTrainer(load_model(model_dir), {**cfg, "mu": 2}, ProblemSampler(problems, 0), tmp_path / "mu2",
+    trainer = GRPOTrainer(load_model(model_dir), cfg.replace(mu=2), ProblemSampler(problems, 0), tmp_path / "mu2",
                           tokenizer_dir=tokenizer_dir(recipe), show_progress=False)
     trainer.rewards = [Reward("parity", lambda p, c, r, m: float(zlib.crc32(c.encode()) % 2), 1.0)]
     assert trainer.train_step()["clip_fraction"] > 0
@@ -212,5 +214,5 @@ def test_distill_rejects_an_unknown_keep_mode_before_any_work(tmp_path):
     from nanoseek.train.distill import run_distill
 
     recipe = {"run": {"name": "x", "out_dir": str(tmp_path), "seed": 0}, "distill": {"keep": "some"}}
-    with pytest.raises(ConfigError, match="distill.keep 'some': use correct"):
+    with pytest.raises(ConfigError, match=r"\[distill\] keep 'some': use correct"):
         run_distill(recipe, teacher=str(tmp_path / "no-such-teacher"))

@@ -66,8 +66,8 @@ def test_balance_bias_moves_towards_the_mean_load():
 def test_lr_schedules():
     cfg = stage_config({"train": {"steps": 100, "warmup_steps": 10, "min_lr_ratio": 0.1}}, "pretrain")
     assert lr_factor(0, cfg) == pytest.approx(0.1) and lr_factor(9, cfg) == pytest.approx(1.0)
-    assert lr_factor(99, {**cfg, "schedule": "cosine"}) == pytest.approx(0.1, abs=0.01)
-    wsd = {**cfg, "schedule": "wsd", "decay_fraction": 0.2}
+    assert lr_factor(99, cfg.replace(schedule="cosine")) == pytest.approx(0.1, abs=0.01)
+    wsd = cfg.replace(schedule="wsd", decay_fraction=0.2)
     assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0 and lr_factor(99, wsd) == pytest.approx(0.145, abs=0.01)
 
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from . import ops
 from .attention import GQAttention, MLAttention
 from .layers import MLP, Linear, RMSNorm
 from .moe import MoE
@@ -148,6 +149,16 @@ class Transformer(nn.Module):
         x = module.eh_proj(torch.cat((module.enorm(self.embed(next_ids)), module.hnorm(hidden)), dim=-1))
         h = module.block.forward_paged(x, self.rotary(positions), cache, batch)
         return h, self.lm_head(module.shared_head_norm(h[batch.logits_rows]))
+
+    # ---- training heads (fused with the LM head in CPU training: model/kernels/training.py) ----
+    def summed_loss(self, hidden: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Next-token cross-entropy of the LM head over hidden [B, T, H], summed over (masked) positions."""
+        return ops.summed_cross_entropy(hidden, self.lm_head, targets, mask, training=self.training)
+
+    def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor,
+                       temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden [R, H] rows, targets [R] -> (log p(target), entropy) under softmax(LM head / temperature)."""
+        return ops.token_logprobs(hidden, self.lm_head, targets, temperature, training=self.training)
 
     def set_precision(self, weights: torch.dtype, compute: torch.dtype | None = None) -> "Transformer":
         """Stores the weights in `weights` and computes in `compute` (default: the same); returns self."""

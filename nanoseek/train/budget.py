@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from ..runtime import cpu, dtype_name, resolve_device, training_autocast
+from ..runtime import autocast, cpu, dtype_name, resolve_device, training_autocast
 
 SCALED_KEYS = ("steps", "warmup_steps", "save_every", "eval_every", "max_seconds", "problems")
 PROBE_STEPS = 3
@@ -40,10 +40,10 @@ def budget(recipe: dict) -> dict | None:
     if path.exists():
         return json.loads(path.read_text())
     device = resolve_device(recipe.get("train", {}).get("device", "cpu"))
-    autocast, _ = training_autocast(recipe.get("train", {}).get("dtype", "auto"), device)
-    rate = training_rate(recipe, device, autocast)
+    train_dtype, _ = training_autocast(recipe.get("train", {}).get("dtype", "auto"), device)
+    rate = training_rate(recipe, device, train_dtype)
     raw = spec["minutes"] / spec["reference_minutes"] * rate / spec["reference_tokens_per_second"]
-    record = {"scale": round(min(1.0, raw), 2), "tokens_per_second": round(rate), "dtype": dtype_name(autocast),
+    record = {"scale": round(min(1.0, raw), 2), "tokens_per_second": round(rate), "dtype": dtype_name(train_dtype),
               "isa": cpu().isa if device.type == "cpu" else str(device), "minutes": spec["minutes"],
               "reference_minutes": spec["reference_minutes"],
               "reference_tokens_per_second": spec["reference_tokens_per_second"]}
@@ -54,13 +54,13 @@ def budget(recipe: dict) -> dict | None:
     return record
 
 
-def training_rate(recipe: dict, device: torch.device, autocast: torch.dtype | None) -> float:
+def training_rate(recipe: dict, device: torch.device, train_dtype: torch.dtype | None) -> float:
     """Training tokens per second of the recipe's model here: forward and backward of one pretraining
     micro-batch of random tokens, after one warm-up pass (kernel builds, oneDNN's JIT)."""
     from ..config import ModelConfig
     from ..model.transformer import Transformer
     from ..presets import load_preset
-    from .recipe import TRAIN_DEFAULTS
+    from .config import build_config
     from .trainer import LossModule
 
     spec = dict(recipe.get("model", {}))
@@ -70,16 +70,16 @@ def training_rate(recipe: dict, device: torch.device, autocast: torch.dtype | No
     hf.setdefault("model_type", "deepseek_v3")
     vocab = recipe.get("tokenizer", {}).get("vocab_size", 384)
     hf["vocab_size"] = max(hf.get("vocab_size", 0), -(-vocab // 32) * 32)
-    cfg = {**TRAIN_DEFAULTS, **recipe.get("train", {}), **recipe.get("pretrain", {})}
+    cfg = build_config("pretrain", {**recipe.get("train", {}), **recipe.get("pretrain", {})})
     model = Transformer(ModelConfig.from_hf_dict(hf))
     model.init_weights(generator=torch.Generator().manual_seed(0))
     module = LossModule(model.to(device).train())
-    ids = torch.randint(0, hf["vocab_size"], (cfg["micro_batch_size"], cfg["seq_len"] + 1),
+    ids = torch.randint(0, hf["vocab_size"], (cfg.micro_batch_size, cfg.seq_len + 1),
                         generator=torch.Generator().manual_seed(0)).to(device)
 
     def step():
-        with torch.autocast(device.type, dtype=autocast or torch.float32, enabled=autocast is not None):
-            main, mtp, aux = module(ids[:, :-1], ids[:, 1:], None, cfg["mtp_lambda"])
+        with autocast(train_dtype, device):
+            main, mtp, aux = module(ids[:, :-1], ids[:, 1:], None, cfg.mtp_lambda)
         (main + mtp + aux).backward()
         model.zero_grad(set_to_none=True)
         if device.type == "cuda":
@@ -89,7 +89,7 @@ def training_rate(recipe: dict, device: torch.device, autocast: torch.dtype | No
     start = time.perf_counter()
     for _ in range(PROBE_STEPS):
         step()
-    return PROBE_STEPS * cfg["micro_batch_size"] * cfg["seq_len"] / (time.perf_counter() - start)
+    return PROBE_STEPS * cfg.micro_batch_size * cfg.seq_len / (time.perf_counter() - start)
 
 
 def scale_stage(cfg: dict, scale: float) -> dict:

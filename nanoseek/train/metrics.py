@@ -1,4 +1,5 @@
-"""Training metrics: JSON lines on disk and PNG plots (loss, learning rate, expert load balance)."""
+"""Training metrics: JSON lines on disk and PNG plots (loss, learning rate, expert load balance; GRPO's reward,
+completion length and diagnostics)."""
 
 from __future__ import annotations
 
@@ -92,3 +93,41 @@ def plot_metrics(metrics_path: Path, out_dir: Path, title: str = "") -> list[Pat
         plt.close(fig)
         written.append(out_dir / "expert_load.png")
     return written
+
+
+def plot_grpo(metrics_path: Path, out_dir: Path) -> Path | None:
+    """reward / accuracy, completion length, KL / clip fraction / entropy over steps: grpo.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in read_metrics(metrics_path) if "reward_mean" in r]
+    if not rows:
+        return None
+    steps = [r["step"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    axes[0].plot(steps, [r["reward_mean"] for r in rows], label="reward")
+    if "accuracy" in rows[0]:
+        axes[0].plot(steps, [r["accuracy"] for r in rows], label="accuracy (rollouts)")
+    evals = [r for r in read_metrics(metrics_path) if "task_pass@1" in r]
+    if evals:
+        axes[0].plot([r["step"] for r in evals], [r["task_pass@1"] for r in evals], "o-", label="held-out pass@1")
+    axes[0].legend(fontsize=7)
+    axes[0].set_title("reward")
+    axes[1].plot(steps, [r["completion_length_mean"] for r in rows], label="mean")
+    axes[1].plot(steps, [r["completion_length_max"] for r in rows], label="max", alpha=0.6)
+    axes[1].legend(fontsize=7)
+    axes[1].set_title("completion length")
+    for key in ("kl", "clip_fraction", "entropy", "zero_spread_fraction"):
+        if key in rows[0]:
+            axes[2].plot(steps, [r.get(key, 0) for r in rows], label=key)
+    axes[2].legend(fontsize=7)
+    axes[2].set_title("diagnostics")
+    for ax in axes:
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path = out_dir / "grpo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from ..errors import NanoseekError
 from ..serve.admin import VERSION_HEADER
+from .rollouts import Rollout
 
 
 class RolloutError(NanoseekError):
@@ -53,9 +54,8 @@ class RolloutServers:
         with ThreadPoolExecutor(len(self.urls)) as pool:
             list(pool.map(one, self.urls))
 
-    def generate(self, prompts: list[list[int]], bodies: list[dict], step: int) -> list[list[dict]]:
-        """Completions of each token-id prompt (its request body given), in order: per prompt a list of
-        {"tokens", "text", "engine_logp", "truncated"}."""
+    def generate(self, prompts: list[list[int]], bodies: list[dict], step: int) -> list[list[Rollout]]:
+        """Completions of each token-id prompt (its request body given), in order."""
         import httpx
 
         oldest = step - self.max_staleness
@@ -75,8 +75,7 @@ class RolloutServers:
                 raise RolloutError(f"rollout server {url} answered with weights version {version}, older than "
                                    f"step {step} allows (max_staleness {self.max_staleness})")
             out = r.json()
-            return [{"tokens": c["token_ids"], "text": c["text"], "engine_logp": c["logprobs"]["token_logprobs"],
-                     "truncated": c["finish_reason"] == "length"}
+            return [Rollout(c["token_ids"], c["text"], c["logprobs"]["token_logprobs"], c["finish_reason"] == "length")
                     for c in sorted(out["choices"], key=lambda c: c["index"])]
 
         with ThreadPoolExecutor(max(1, min(len(prompts), 64))) as pool:

@@ -25,10 +25,10 @@ from torch import nn
 from ..errors import NanoseekError
 from ..model.accounting import model_cost
 from ..model.moe import MoE, update_balance_bias
-from ..model import ops
-from ..runtime import notify, peak_flops, training_autocast
+from ..runtime import autocast, notify, peak_flops, training_autocast
 from ..model.transformer import Transformer
 from . import checkpointing
+from .config import TrainConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
 
@@ -49,12 +49,12 @@ class LossModule(nn.Module):
     def forward(self, x, y, mask, mtp_lambda: float):
         model = self.model
         hidden = model.hidden_states(x)
-        main = self.summed_loss(hidden, y, mask)
+        main = model.summed_loss(hidden, y, mask)
         mtp = hidden.new_zeros((), dtype=torch.float32)
         if mtp_lambda > 0 and len(model.mtp):
             for k, states in enumerate(model.mtp_hidden_states(hidden, x), start=1):
                 normed = model.mtp[k - 1].shared_head_norm(states)
-                mtp = mtp + self.summed_loss(normed, y[:, k:], mask[:, k:] if mask is not None else None)
+                mtp = mtp + model.summed_loss(normed, y[:, k:], mask[:, k:] if mask is not None else None)
         aux = hidden.new_zeros((), dtype=torch.float32)
         for m in model.modules():
             if isinstance(m, MoE) and m.aux_loss is not None:
@@ -63,20 +63,15 @@ class LossModule(nn.Module):
         return main, mtp, aux
 
 
-    def summed_loss(self, hidden, y, mask):
-        """Next-token cross-entropy of the LM head over hidden [B, T, H], summed over (masked) positions."""
-        return ops.summed_cross_entropy(hidden, self.model.lm_head, y, mask, training=self.training)
-
-
-def lr_factor(step: int, cfg: dict) -> float:
-    warmup, total = cfg["warmup_steps"], cfg["steps"]
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    warmup, total = cfg.warmup_steps, cfg.steps
     if step < warmup:
         return (step + 1) / warmup
-    floor = cfg["min_lr_ratio"]
-    if cfg["schedule"] == "constant":
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
         return 1.0
-    if cfg["schedule"] == "wsd":
-        decay_start = total - int(cfg["decay_fraction"] * total)
+    if cfg.schedule == "wsd":
+        decay_start = total - int(cfg.decay_fraction * total)
         if step < decay_start:
             return 1.0
         return 1.0 - (1.0 - floor) * (step - decay_start) / max(total - decay_start, 1)
@@ -84,12 +79,12 @@ def lr_factor(step: int, cfg: dict) -> float:
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def build_optimizer(model: nn.Module, cfg: dict) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg["weight_decay"]},
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg["lr"], betas=(cfg["beta1"], cfg["beta2"]), eps=cfg["eps"],
+                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
                              fused=fused_adamw_applies([*decay, *no_decay]))
 
 
@@ -109,7 +104,7 @@ def training_flops_per_token(model: Transformer, seq_len: int, with_mtp: bool) -
 
 
 class Trainer:
-    def __init__(self, model: Transformer, cfg: dict, train_loader, out_dir: Path, *, stage: str,
+    def __init__(self, model: Transformer, cfg: TrainConfig, train_loader, out_dir: Path, *, stage: str,
                  val_loader=None, evaluator=None, tokenizer_dir: Path | None = None, dist: Distributed | None = None,
                  seed: int = 0, show_progress: bool = True):
         self.model = model
@@ -125,22 +120,26 @@ class Trainer:
         self.show_progress = show_progress and self.dist.is_main
         self.device = model.device
         # bf16 autocast over float32 weights where bf16 is native (train.dtype = "auto"), float32 elsewhere.
-        self.autocast_dtype, note = training_autocast(cfg["dtype"], self.device)
+        self.autocast_dtype, note = training_autocast(cfg.dtype, self.device)
         if note and self.dist.is_main:
             notify(note)
         self.moe_layers = [m for m in model.modules() if isinstance(m, MoE)]
         for m in self.moe_layers:
-            m.aux_alpha = cfg["seq_aux_alpha"]
+            m.aux_alpha = cfg.seq_aux_alpha
         model.train()  # the training numerics (model/kernels/training.py) follow the module's mode
-        self.module = self.dist.wrap(LossModule(model), cfg["parallel"])
+        self.module = self.dist.wrap(LossModule(model), cfg.parallel)
         self.optimizer = build_optimizer(self.module, cfg)
         self.step = 0
         self.bad_streak = 0
         self.tokens_seen = 0
         self.metrics = MetricsLog(self.out_dir / "metrics.jsonl", enabled=self.dist.is_main)
-        self.with_mtp = cfg["mtp_lambda"] > 0 and len(model.mtp) > 0
-        self.flops_per_token = training_flops_per_token(model, cfg["seq_len"], self.with_mtp)
+        self.with_mtp = cfg.mtp_lambda > 0 and len(model.mtp) > 0
+        self.flops_per_token = training_flops_per_token(model, cfg.seq_len, self.with_mtp)
         self.peak_flops = peak_flops(self.autocast_dtype or torch.float32, self.device)
+
+    def autocast(self):
+        """The training precision's context: bf16 autocast over the float32 weights, or plain float32."""
+        return autocast(self.autocast_dtype, self.device)
 
     # ---- checkpoints ----
     def checkpoint_dir(self) -> Path:
@@ -152,7 +151,7 @@ class Trainer:
                  "tokens_seen": self.tokens_seen, "loader": self.loader.state_dict()}
         path = checkpointing.save_checkpoint(self, target, state)
         if not final and self.dist.is_main:
-            checkpointing.prune(self.checkpoint_dir(), keep=self.cfg["keep_checkpoints"])
+            checkpointing.prune(self.checkpoint_dir(), keep=self.cfg.keep_checkpoints)
         return path
 
     def resume(self) -> bool:
@@ -170,7 +169,7 @@ class Trainer:
     def _global_counts(self, indices: list[int]) -> tuple[int, list[int]]:
         """Target tokens of the whole global batch, for the main loss and each MTP depth (every rank computes
         the same numbers from the same window indices: no communication)."""
-        T = self.cfg["seq_len"]
+        T = self.cfg.seq_len
         depths = len(self.model.mtp) if self.with_mtp else 0
         if not self.loader.has_mask:
             return len(indices) * T, [len(indices) * (T - k) for k in range(1, depths + 1)]
@@ -180,13 +179,13 @@ class Trainer:
     def train_step(self) -> dict:
         cfg = self.cfg
         world, rank = self.dist.world_size, self.dist.rank
-        global_indices = self.loader.next_indices(cfg["batch_size"])
+        global_indices = self.loader.next_indices(cfg.batch_size)
         n_main, n_mtp = self._global_counts(global_indices)
-        per_rank = cfg["batch_size"] // world
+        per_rank = cfg.batch_size // world
         mine = global_indices[rank * per_rank:(rank + 1) * per_rank]
-        micro = cfg["micro_batch_size"]
+        micro = cfg.micro_batch_size
         chunks = [mine[i:i + micro] for i in range(0, len(mine), micro)]
-        lr = cfg["lr"] * lr_factor(self.step, cfg)
+        lr = cfg.lr * lr_factor(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         loads = torch.zeros(len(self.moe_layers), self.moe_layers[0].experts.n_experts) if self.moe_layers else None
@@ -195,20 +194,18 @@ class Trainer:
             x, y, mask = self.loader.batch(chunk)
             x, y = x.to(self.device), y.to(self.device)
             mask = mask.to(self.device) if mask is not None else None
-            with self.dist.no_sync(self.module, last=i == len(chunks) - 1), \
-                    torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                   enabled=self.autocast_dtype is not None):
-                main, mtp, aux = self.module(x, y, mask, cfg["mtp_lambda"] if self.with_mtp else 0.0)
+            with self.dist.no_sync(self.module, last=i == len(chunks) - 1), self.autocast():
+                main, mtp, aux = self.module(x, y, mask, cfg.mtp_lambda if self.with_mtp else 0.0)
                 # Sums over this micro-batch divided by global counts: accumulated over micro-batches and
                 # averaged by data parallelism (hence * world) this is exactly the global-batch mean.
                 loss = main / max(n_main, 1)
                 if self.with_mtp:
-                    loss = loss + cfg["mtp_lambda"] * mtp / max(sum(n_mtp), 1)
-                loss = (loss + aux * len(chunk) / cfg["batch_size"]) * world
+                    loss = loss + cfg.mtp_lambda * mtp / max(sum(n_mtp), 1)
+                loss = (loss + aux * len(chunk) / cfg.batch_size) * world
             loss.backward()
             main_sum += float(main.detach())
             mtp_sum += float(mtp.detach())
-            aux_sum += float(aux.detach()) * len(chunk) / cfg["batch_size"]
+            aux_sum += float(aux.detach()) * len(chunk) / cfg.batch_size
             if loads is not None:
                 loads += torch.stack([m.last_expert_load.float().cpu() for m in self.moe_layers])
         sums = self.dist.all_reduce_sum(torch.tensor([main_sum, mtp_sum, aux_sum]))
@@ -216,7 +213,7 @@ class Trainer:
             loads = self.dist.all_reduce_sum(loads)
         main_loss = float(sums[0]) / max(n_main, 1)
         mtp_loss = float(sums[1]) / max(sum(n_mtp), 1) if n_mtp else 0.0
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg["grad_clip"]))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip))
         finite = math.isfinite(main_loss) and math.isfinite(grad_norm)
         if finite:
             self.optimizer.step()
@@ -227,12 +224,12 @@ class Trainer:
             self.bad_streak += 1
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens_seen += cfg["batch_size"] * cfg["seq_len"]
+        self.tokens_seen += cfg.batch_size * cfg.seq_len
         record = {"step": self.step, "loss": main_loss, "lr": lr, "grad_norm": grad_norm,
                   "tokens": self.tokens_seen, "skipped": not finite}
         if self.with_mtp:
             record["mtp_loss"] = mtp_loss
-        if cfg["seq_aux_alpha"] > 0 and loads is not None:
+        if cfg.seq_aux_alpha > 0 and loads is not None:
             record["aux_loss"] = float(sums[2])
         if loads is not None:
             per_layer = loads / loads.sum(-1, keepdim=True).clamp(min=1)
@@ -242,7 +239,7 @@ class Trainer:
     @torch.no_grad()
     def _update_expert_bias(self, loads: torch.Tensor) -> None:
         """Aux-loss-free balancing (DeepSeek-V3 report, section 2.1.2): b_i += gamma * sign(mean load - load_i)."""
-        gamma = self.cfg["bias_update_gamma"]
+        gamma = self.cfg.bias_update_gamma
         if gamma <= 0:
             return
         for layer, load in zip(self.moe_layers, loads):
@@ -259,10 +256,9 @@ class Trainer:
 
         self.module.eval()
         total, count = 0.0, 0
-        for x, y, mask in iter_eval_batches(self.val_loader, self.cfg["micro_batch_size"], max_windows):
+        for x, y, mask in iter_eval_batches(self.val_loader, self.cfg.micro_batch_size, max_windows):
             mask = mask.to(self.device) if mask is not None else None
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                                enabled=self.autocast_dtype is not None):
+            with self.autocast():
                 main, _, _ = self.module(x.to(self.device), y.to(self.device), mask, 0.0)
             total += float(main)
             count += int(mask.sum()) if mask is not None else y.numel()
@@ -292,27 +288,27 @@ class Trainer:
         if self.show_progress:
             from tqdm import tqdm
 
-            bar = tqdm(total=cfg["steps"], initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
+            bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
         last_time, last_tokens = time.perf_counter(), self.tokens_seen
-        deadline = time.perf_counter() + cfg["max_seconds"] if cfg["max_seconds"] else None
+        deadline = time.perf_counter() + cfg.max_seconds if cfg.max_seconds else None
         try:
-            while self.step < cfg["steps"]:
+            while self.step < cfg.steps:
                 if deadline is not None and time.perf_counter() > deadline:
-                    self.metrics.event({"step": self.step, "event": f"wall-time budget of {cfg['max_seconds']} s "
+                    self.metrics.event({"step": self.step, "event": f"wall-time budget of {cfg.max_seconds} s "
                                                                     "reached: stopping"})
                     break
                 record = self.train_step()
                 if record["skipped"]:
                     self.metrics.event({"step": self.step, "event": "non-finite loss or gradient: step skipped",
                                         "loss": record["loss"], "grad_norm": record["grad_norm"]})
-                    if self.bad_streak >= cfg["max_bad_steps"]:
+                    if self.bad_streak >= cfg.max_bad_steps:
                         raise TrainingError(
                             f"{self.stage}: loss or gradient was NaN/Inf for {self.bad_streak} steps in a row (step "
                             f"{self.step}); stopped. The last good checkpoint is in {self.checkpoint_dir()}; "
                             "lower the learning rate or check the data, then resume with --resume")
                 now = time.perf_counter()
                 elapsed = now - last_time
-                if self.step % cfg["log_every"] == 0 or self.step == cfg["steps"]:
+                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     tok_s = (self.tokens_seen - last_tokens) / max(elapsed, 1e-9)
                     record["tok_s"] = tok_s
                     record["mfu"] = tok_s * self.flops_per_token / self.peak_flops
@@ -320,13 +316,13 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tok_s:,.0f}",
                                         mfu=f"{100 * record['mfu']:.1f}%")
-                if cfg["eval_every"] and self.step % cfg["eval_every"] == 0 and self.step < cfg["steps"]:
+                if cfg.eval_every and self.step % cfg.eval_every == 0 and self.step < cfg.steps:
                     record.update(self.evaluate())
                     last_time = time.perf_counter()
                 self.metrics.log(record)
                 if bar is not None:
                     bar.update(1)
-                if cfg["save_every"] and self.step % cfg["save_every"] == 0 and self.step < cfg["steps"]:
+                if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
                     self.save()
                     last_time = time.perf_counter()
         finally:
