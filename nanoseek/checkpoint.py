@@ -510,7 +510,8 @@ def _write_weights(model: Transformer, directory: Path, dtype, max_shard_size: i
 
 
 def _keep_fp32(key: str) -> bool:
-    """Routing tensors stay float32 on disk, as in DeepSeek's and transformers' checkpoints; so do the scales
-    of quantized weights."""
+    """Routing tensors (and V3.2's indexer head weights) stay float32 on disk, as in DeepSeek's and
+    transformers' checkpoints; so do the scales of quantized weights."""
     return (key.endswith("mlp.gate.weight") or key.endswith("e_score_correction_bias")
+            or key.endswith("indexer.weights_proj.weight")
             or key.endswith(".weight" + QUANT_SCALE_SUFFIX))

@@ -309,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="parameters, active parameters, KV-cache bytes and FLOPs of a model")
     p.add_argument("model", help="model directory, config.json, or a preset "
-                                 "(deepseek-v3, deepseek-v2-lite, deepseek-r1-distill-qwen-1.5b)")
+                                 "(deepseek-v3, deepseek-v3.2, deepseek-v2-lite, deepseek-r1-distill-qwen-1.5b)")
     p.add_argument("--context", type=int, default=4096, help="context length for the attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)

@@ -1,7 +1,7 @@
 """ModelConfig: one dataclass for the DeepSeek family and its dense students, <-> HF config.json.
 
-Supported `model_type`s: deepseek_v3, deepseek_v2 (MLA + DeepSeekMoE) and llama, qwen2 (GQA + dense MLP,
-the students of the R1-Distill family). Field names are the HF ones, so a config round-trips; keys we do not
+Supported `model_type`s: deepseek_v3, deepseek_v2 (MLA + DeepSeekMoE), deepseek_v32 (V3 + DeepSeek Sparse
+Attention's lightning indexer) and llama, qwen2 (GQA + dense MLP, the students of the R1-Distill family). Field names are the HF ones, so a config round-trips; keys we do not
 model are kept in `extra` and written back unchanged.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")
+MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 DENSE_MODEL_TYPES = ("llama", "qwen2")
 SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + DENSE_MODEL_TYPES
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
@@ -24,6 +24,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 _ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
+    "deepseek_v32": "DeepseekV32ForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
@@ -76,6 +77,10 @@ class ModelConfig:
     routed_scaling_factor: float = 1.0
     # --- MTP ---
     num_nextn_predict_layers: int = 0
+    # --- DeepSeek Sparse Attention (V3.2): the lightning indexer picks each query's top-k context tokens ---
+    index_topk: int = 2048
+    index_head_dim: int = 128
+    index_n_heads: int = 64
     # Unmodelled HF keys, written back unchanged.
     extra: dict = field(default_factory=dict)
 
@@ -95,8 +100,16 @@ class ModelConfig:
                     f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                     f"num_key_value_heads ({self.num_key_value_heads})"
                 )
-        if self.model_type == "deepseek_v2":
-            self.rope_interleave = True  # V2 checkpoints are always interleaved
+        if self.model_type in ("deepseek_v2", "deepseek_v32"):
+            self.rope_interleave = True  # V2 and V3.2 checkpoints are always interleaved
+        if self.has_indexer:
+            if not self.q_lora_rank:
+                raise ConfigError("deepseek_v32 needs q_lora_rank: its indexer reads the query's low-rank latent")
+            if not self.qk_rope_head_dim <= self.index_head_dim:
+                raise ConfigError(f"index_head_dim ({self.index_head_dim}) must hold the rotary dims "
+                                  f"(qk_rope_head_dim {self.qk_rope_head_dim})")
+            if self.index_topk < 1 or self.index_n_heads < 1:
+                raise ConfigError("index_topk and index_n_heads must be at least 1")
         if self.rope_scaling is not None:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -123,6 +136,11 @@ class ModelConfig:
     @property
     def is_mla(self) -> bool:
         return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def has_indexer(self) -> bool:
+        """DeepSeek-V3.2: every MLA layer carries a lightning indexer (sparse attention over its top-k keys)."""
+        return self.model_type == "deepseek_v32"
 
     @property
     def is_moe(self) -> bool:
@@ -201,8 +219,11 @@ class ModelConfig:
             kwargs["num_nextn_predict_layers"] = d["num_mtp_layers"]
         if "dtype" in d and "torch_dtype" not in d:
             kwargs["torch_dtype"] = d["dtype"]
-        if model_type == "deepseek_v3":
-            # The V3 format implies these where older transformers-saved files omit them.
+        if model_type == "deepseek_v32":
+            _dense_prefix(d, kwargs)
+        if model_type in ("deepseek_v3", "deepseek_v32"):
+            # The V3 format implies these where older transformers-saved files omit them (V3.2's never has them:
+            # its router is V3's).
             kwargs.setdefault("topk_method", "noaux_tc")
             kwargs.setdefault("scoring_func", "sigmoid")
             kwargs.setdefault("n_group", d.get("n_group", 1))
@@ -213,7 +234,7 @@ class ModelConfig:
             if kwargs.get(k) is None:
                 kwargs.pop(k, None)
         extra = {k: v for k, v in d.items() if k not in names and k not in _DERIVED_KEYS
-                 and k not in ("num_mtp_layers", "dtype")}
+                 and k not in ("num_mtp_layers", "dtype", "mlp_layer_types", "layer_types")}
         try:
             return cls(rope_theta=float(theta), rope_scaling=rope_scaling, extra=extra, **kwargs)
         except TypeError as e:  # a wrongly typed field
@@ -239,6 +260,11 @@ class ModelConfig:
                 d[k] = getattr(self, k)
             if self.model_type == "deepseek_v3":
                 d["rope_interleave"] = self.rope_interleave
+            if self.has_indexer:
+                for k in ("index_topk", "index_head_dim", "index_n_heads"):
+                    d[k] = getattr(self, k)
+                d["mlp_layer_types"] = ["sparse" if self.is_moe_layer(i) else "dense"
+                                        for i in range(self.num_hidden_layers)]
         else:
             d["head_dim"] = self.head_dim
             d["mlp_bias"] = self.mlp_bias
@@ -271,3 +297,16 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _dense_prefix(d: dict, kwargs: dict) -> None:
+    """V3.2 names each layer's MLP (`mlp_layer_types`); nanoseek's rule is DeepSeek's: a dense prefix of
+    `first_k_dense_replace` layers, then MoE in every layer."""
+    types = d.get("mlp_layer_types")
+    if types is None:
+        return
+    dense = types.index("sparse") if "sparse" in types else len(types)
+    if any(t != "sparse" for t in types[dense:]) or any(t != "dense" for t in types[:dense]):
+        raise ConfigError(f"mlp_layer_types {types}: nanoseek supports a dense prefix followed by MoE layers only")
+    kwargs["first_k_dense_replace"] = dense
+    kwargs["moe_layer_freq"] = 1

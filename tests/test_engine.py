@@ -85,7 +85,7 @@ def test_a_bf16_checkpoint_in_the_policy_dtype_follows_transformers(arch, tmp_pa
         assert engine_err.mean() <= 1.5 * hf_err.mean() + 0.01 and engine_err.max() <= max(hf_err.max(), 0.1) + 0.1
 
 
-@pytest.mark.parametrize("arch_name", ["deepseek_v3", "llama"])
+@pytest.mark.parametrize("arch_name", ["deepseek_v3", "deepseek_v32", "llama"])
 def test_greedy_matches_transformers_with_prefix_cache_hits(arch_name, hf_checkpoint):
     directory, hf = hf_checkpoint(arch_name)
     llm = LLM(directory, block_size=4)

@@ -40,10 +40,18 @@ def _attention_params(c: ModelConfig) -> int:
         kv_a = H * (c.kv_lora_rank + c.qk_rope_head_dim) + (c.kv_lora_rank + c.qk_rope_head_dim) * c.attention_bias
         kv = kv_a + c.kv_lora_rank + c.kv_lora_rank * nh * (c.qk_nope_head_dim + c.v_head_dim)
         o = nh * c.v_head_dim * H + (H if c.attention_bias else 0)
-        return q + kv + o
+        return q + kv + o + _indexer_params(c)
     q_out, kv_out = c.num_attention_heads * c.head_dim, c.num_key_value_heads * c.head_dim
     bias = (q_out + 2 * kv_out) if c.qkv_bias else 0
     return H * (q_out + 2 * kv_out) + bias + q_out * H + (H if c.attention_bias else 0)
+
+
+def _indexer_params(c: ModelConfig) -> int:
+    """V3.2's lightning indexer: wq_b, wk, k_norm (LayerNorm: weight and bias) and weights_proj."""
+    if not c.has_indexer:
+        return 0
+    d, h = c.index_head_dim, c.index_n_heads
+    return c.q_lora_rank * h * d + c.hidden_size * d + 2 * d + c.hidden_size * h
 
 
 def _mlp_params(hidden: int, inter: int, bias: bool = False) -> int:
@@ -66,17 +74,23 @@ def _layer_params(c: ModelConfig, layer_idx: int) -> tuple[int, int]:
 
 
 def attention_flops_per_token(c: ModelConfig, context: int) -> int:
-    """Forward FLOPs of QK^T and PV for one query attending to `context` keys, over all layers."""
+    """Forward FLOPs of QK^T and PV for one query attending to `context` keys, over all layers. V3.2 attends
+    to at most index_topk of them, after its indexer has scored all of them (every head, and the weighted sum)."""
     if c.is_mla:
         per_head = c.qk_head_dim + c.v_head_dim
     else:
         per_head = 2 * c.head_dim
-    return 2 * c.num_hidden_layers * c.num_attention_heads * per_head * context
+    attended = min(context, c.index_topk) if c.has_indexer else context
+    indexer = c.index_n_heads * (c.index_head_dim + 1) * context if c.has_indexer else 0
+    return 2 * c.num_hidden_layers * (c.num_attention_heads * per_head * attended + indexer)
 
 
 def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_element: int = 2) -> int:
-    """MLA caches the normed latent and the rotary key (shared by all heads); GQA caches K and V per KV head."""
+    """MLA caches the normed latent and the rotary key (shared by all heads), V3.2 its indexer's key too; GQA
+    caches K and V per KV head."""
     per_layer = (c.kv_lora_rank + c.qk_rope_head_dim) if c.is_mla else 2 * c.num_key_value_heads * c.head_dim
+    if c.has_indexer:
+        per_layer += c.index_head_dim
     return per_layer * c.num_hidden_layers * bytes_per_element
 
 

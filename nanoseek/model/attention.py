@@ -13,6 +13,10 @@ Two ways to compute it, which agree to float tolerance:
 
 Masks: `mask` is a bool tensor broadcastable to [B, heads, T, S] (True = may attend), or None for causal
 attention over a sequence that is its own context (T == S).
+
+DeepSeek-V3.2 adds a lightning indexer to every MLA layer (model/indexer.py): each query attends only to its
+top-k context tokens by the indexer's score. Its per-token keys live in the same cache rows, after the latent:
+[c_kv | k_r | index key].
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from . import ops, quant
+from .indexer import Indexer
 from .layers import Linear, RMSNorm
 from .paged import PagedBatch
 from .rope import Rope
@@ -47,23 +52,27 @@ class MLAttention(nn.Module):
         self.kv_b_proj = Linear(c.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = Linear(self.n_heads * self.v_dim, c.hidden_size, bias=c.attention_bias)
         self.scale = c.softmax_scale()
+        self.latent_width = c.kv_lora_rank + c.qk_rope_head_dim  # one token's [c_kv | k_r]
+        self.indexer = Indexer(c) if c.has_indexer else None
         self.derived: ops.AbsorbedPack | None = None  # inference: the absorbed projections (ops.pack_absorbed)
 
     # ---- shared first half: project and rotate ----
     def compress(self, x: torch.Tensor, rope: Rope):
-        """x [B,T,hidden] -> q_nope [B,T,H,nope], q_rope [B,T,H,rope], latent [B,T,kv_lora], k_rope [B,T,rope].
+        """x [B,T,hidden] -> q_nope [B,T,H,nope], q_rope [B,T,H,rope], latent [B,T,kv_lora], k_rope [B,T,rope],
+        and the query's low-rank latent [B,T,q_lora] (None without q LoRA; V3.2's indexer reads it).
 
         latent and k_rope are exactly what the latent KV cache stores for these tokens.
         """
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_lora_rank else self.q_proj(x)
+        q_latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        q = self.q_b_proj(q_latent) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
         q_rope = rope.rotate(q_rope)
         k_rope = rope.rotate(k_rope.unsqueeze(-2)).squeeze(-2)
-        return q_nope, q_rope, latent, k_rope
+        return q_nope, q_rope, latent, k_rope, q_latent
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_UK [H, nope, L] and W_UV^T [H, L, v], the two halves of kv_b_proj per head, as views of the weight
@@ -120,13 +129,24 @@ class MLAttention(nn.Module):
 
     def forward(self, x, rope: Rope, mask=None, absorbed: bool = False):
         B, T, _ = x.shape
-        if (mask is None and not absorbed and ops.fused_training(x, self.training)
+        if (mask is None and not absorbed and self.indexer is None and ops.fused_training(x, self.training)
                 and ops.training_fits(B * self.n_heads, T, x)):
             return self._forward_fused(x, rope)
-        q_nope, q_rope, latent, k_rope = self.compress(x, rope)
+        q_nope, q_rope, latent, k_rope, q_latent = self.compress(x, rope)
         cached = torch.cat((latent, k_rope), dim=-1)
+        if self.indexer is not None:
+            allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
+            mask = self._sparse_mask(x, q_latent, rope, self.indexer.keys(x, rope), allowed)
         heads = self.heads_absorbed if absorbed else self.heads_full
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
+
+    def _sparse_mask(self, x, q_latent, rope: Rope, keys, allowed) -> torch.Tensor:
+        """V3.2: `allowed` ([T, S], or broadcastable to [B, 1, T, S]) narrowed to each query's top-k keys by the
+        indexer -> [B, 1, T, S]. x [B, T, hidden] and q_latent are the queries' rows, keys [B, S, D_i]."""
+        q, weights = self.indexer.query(x, q_latent, rope)
+        scores = self.indexer.scores(q, weights, keys)  # [B, T, S]
+        allowed = allowed.reshape(-1, *allowed.shape[-2:]) if allowed.dim() > 2 else allowed[None]
+        return self.indexer.select(scores, allowed.expand_as(scores))[:, None]
 
     def _forward_fused(self, x, rope: Rope):
         """Causal self-attention in CPU training (model/kernels/training.py): the same projections, then queries,
@@ -145,8 +165,12 @@ class MLAttention(nn.Module):
         New tokens' [c_kv | k_r] are written to their slots first, then each prefill span runs the full path over
         its gathered context and all single-token decodes run the absorbed path together.
         """
-        q_nope, q_rope, latent, k_rope = (t[0] for t in self.compress(x[None], rope[None]))
-        cache.index_copy_(0, batch.slot_mapping, torch.cat((latent, k_rope), dim=-1).to(cache.dtype))
+        q_nope, q_rope, latent, k_rope, q_latent = (t[0] if t is not None else None
+                                                    for t in self.compress(x[None], rope[None]))
+        new = [latent, k_rope] + ([self.indexer.keys(x, rope)] if self.indexer is not None else [])
+        cache.index_copy_(0, batch.slot_mapping, torch.cat(new, dim=-1).to(cache.dtype))
+        if self.indexer is not None:
+            return self.o_proj(self._sparse_paged(x, q_nope, q_rope, q_latent, rope, cache, batch))
         if not batch.prefills:  # decoding only: every row is one sequence's token, in order (no scatter)
             return self.o_proj(self._decode(q_nope, q_rope, cache, batch))
         out = x.new_empty(x.shape[0], self.n_heads * self.v_dim)
@@ -158,6 +182,29 @@ class MLAttention(nn.Module):
             rows = batch.decode_rows
             out[rows] = self._decode(q_nope[rows], q_rope[rows], cache, batch)
         return self.o_proj(out)
+
+    def _sparse_paged(self, x, q_nope, q_rope, q_latent, rope: Rope, cache, batch: PagedBatch):
+        """V3.2 in the engine. Prefill spans: the indexer's top-k of each query's causal context as a mask over
+        the span's context. Decodes: only each sequence's top-k cached rows are gathered and attended to, so a
+        decoded token reads k rows whatever its context length."""
+        out = x.new_empty(x.shape[0], self.n_heads * self.v_dim)
+        width = self.latent_width
+        for span in batch.prefills:
+            rows = slice(span.start, span.end)
+            context = cache[span.context_slots].to(x.dtype)
+            mask = self._sparse_mask(x[rows][None], q_latent[rows][None], rope[rows][None], context[None, :, width:],
+                                     span.mask)
+            out[rows] = self.heads_full(q_nope[rows][None], q_rope[rows][None], context[None, :, :width], mask)[0]
+        if batch.decode_rows is not None:
+            rows = batch.decode_rows
+            context = cache[batch.decode_slots]  # [B, S, width + D_i]
+            q, weights = self.indexer.query(x[rows][:, None], q_latent[rows][:, None], rope[rows][:, None])
+            scores = self.indexer.scores(q, weights, context[..., width:])[:, 0]  # [B, S]
+            top, valid = self.indexer.top(scores, batch.decode_mask[:, 0, 0])
+            chosen = context[..., :width].gather(1, top[..., None].expand(-1, -1, width)).to(x.dtype)
+            out[rows] = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], chosen,
+                                            valid[:, None, None])[:, 0]
+        return out
 
     def _decode(self, q_nope, q_rope, cache, batch: PagedBatch):
         """The absorbed path for B single-token decodes ([B, H, *] queries) -> [B, H * v]: read in place from the

@@ -80,6 +80,14 @@ class Rope:
         sub.cos, sub.sin, sub.interleaved, sub._cis = self.cos[index], self.sin[index], self.interleaved, None
         return sub
 
+    def half_split(self) -> "Rope":
+        """The same angles in the half-split layout (V3.2's indexer rotates that way beside interleaved MLA)."""
+        if not self.interleaved:
+            return self
+        sub = Rope.__new__(Rope)
+        sub.cos, sub.sin, sub.interleaved, sub._cis = self.cos, self.sin, False, None
+        return sub
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotates x [..., T, heads, dim] (positions broadcast over heads)."""
         if self.interleaved:

@@ -171,10 +171,11 @@ class Transformer(nn.Module):
         return x if self.activation_dtype is None else x.to(self.activation_dtype)
 
     def kv_cache_shape(self) -> tuple[int, ...]:
-        """Per-slot shape of one layer's cache: MLA holds [c_kv | k_r]; GQA holds K and V per KV head."""
+        """Per-slot shape of one layer's cache: MLA holds [c_kv | k_r] (V3.2: [c_kv | k_r | index key]); GQA
+        holds K and V per KV head."""
         c = self.config
-        if c.is_mla:
-            return (c.kv_lora_rank + c.qk_rope_head_dim,)
+        if c.is_mla:  # V3.2: the indexer's key after the latent
+            return (c.kv_lora_rank + c.qk_rope_head_dim + (c.index_head_dim if c.has_indexer else 0),)
         return (2, c.num_key_value_heads, c.head_dim)
 
     def mtp_hidden_states(self, hidden, input_ids, positions=None) -> list[torch.Tensor]:

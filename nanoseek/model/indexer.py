@@ -1,0 +1,74 @@
+"""DeepSeek Sparse Attention's lightning indexer (DeepSeek-V3.2), in checkpoint names.
+
+Each MLA layer scores every query against every context token cheaply, and attention then runs over the
+query's `index_topk` best tokens only:
+    q_i  = wq_b(q_latent)                  [H_i, D_i]   (q_latent: MLA's q_a_layernorm(q_a_proj(x)))
+    k    = k_norm(wk(x))                   [D_i]        (one key per token, shared by the indexer's heads)
+    w    = weights_proj(x) / sqrt(H_i)     [H_i]
+    score(t, s) = sum_h w[t, h] * relu(q_i[t, h] . k[s] / sqrt(D_i))
+The first qk_rope_head_dim dims of q_i and k are rotated in the half-split layout (MLA itself rotates
+interleaved pairs). DeepSeek's kernels quantize q_i and k to FP8 after a Hadamard rotation; the rotation
+preserves dot products and the quantization is a speed measure, so this computes the scores in float32, as
+transformers' reference does. The keys are what a cache keeps per token besides MLA's latent.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from .layers import Linear
+from .rope import Rope
+
+
+class Indexer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        c = config
+        self.n_heads, self.head_dim, self.rope_dim = c.index_n_heads, c.index_head_dim, c.qk_rope_head_dim
+        self.topk = c.index_topk
+        self.wq_b = Linear(c.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.wk = Linear(c.hidden_size, self.head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=1e-6)
+        # A plain nn.Linear: it weighs the heads' votes, so quantization leaves it alone (transformers keeps it
+        # in float32 as well), and it is computed in float32.
+        self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
+        self.scale = self.head_dim ** -0.5
+
+    def _rotate(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
+        return torch.cat((rope.half_split().rotate(rot), rest), dim=-1)
+
+    def keys(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
+        """x [..., T, hidden] -> the tokens' index keys [..., T, D_i] (what the cache stores)."""
+        k = self.k_norm(self.wk(x))
+        return self._rotate(k.unsqueeze(-2), rope).squeeze(-2)
+
+    def query(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (queries [..., T, H_i, D_i] float32, head weights [..., T, H_i] float32)."""
+        q = self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))
+        q = self._rotate(q, rope).float()
+        weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
+        return q, weights
+
+    def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """q [B, T, H, D], weights [B, T, H], keys [B, S, D] -> index scores [B, T, S] float32."""
+        per_head = torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * self.scale  # [B, T, H, S]
+        return torch.matmul(weights.unsqueeze(-2), F.relu(per_head)).squeeze(-2)
+
+    def select(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """The attention mask [B, T, S] (True = attend): each query's top-k allowed keys. A query with at
+        most k allowed keys keeps all of them."""
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        chosen = torch.zeros_like(allowed).scatter_(-1, top, True)
+        return chosen & allowed
+
+    def top(self, scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decode: (the indices [B, k] of each row's top-k keys, whether each is allowed [B, k]), k = min(topk, S),
+        for attention that reads only those keys. scores and allowed are [B, S]."""
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        return top, allowed.gather(-1, top)
