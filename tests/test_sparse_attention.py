@@ -41,6 +41,19 @@ def test_each_query_keeps_its_top_k_allowed_keys():
             assert dropped.numel() == 0 or kept.min() > dropped.max()
 
 
+def test_tied_scores_go_to_the_earlier_token_in_every_path():
+    """A score every head's ReLU zeroes is exactly 0, so ties happen; the pick must not depend on whether the
+    row is a prefill's, a decode's or a longer sequence's."""
+    config = ModelConfig(model_type="deepseek_v32", q_lora_rank=8, qk_rope_head_dim=4, index_head_dim=8,
+                         index_n_heads=2, index_topk=2)
+    indexer = Indexer(config)
+    scores = torch.tensor([[[0.5, 0.0, 0.0, 0.0, -1.0, 0.0]]])
+    for width in (4, 5, 6):  # the same query, rows of different lengths
+        row, allowed = scores[..., :width], torch.ones(1, 1, width, dtype=torch.bool)
+        assert indexer.select(row, allowed)[0, 0].nonzero().flatten().tolist() == [0, 1]
+        assert indexer.top(row[:, 0], allowed[:, 0])[0].tolist() == [[0, 1]]
+
+
 @torch.no_grad()
 def test_the_indexer_cuts_the_context(hf_checkpoint):
     """With index_topk 4 the tiny model is not the dense model: the selection changes every later logit."""

@@ -25,12 +25,14 @@ ARCHITECTURES = {
     "deepseek_v3": ("DeepseekV3Config", dict(MLA_COMMON, num_hidden_layers=3, n_routed_experts=8, n_group=4,
                                              topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
                                              n_shared_experts=1, q_lora_rank=32, rope_parameters=YARN)),
-    # V3.2: V3 plus DeepSeek Sparse Attention; index_topk 4 cuts every context longer than 4 tokens, 8 indexer
-    # heads make exact ties between index scores (all heads' ReLUs zero) rare.
+    # V3.2: V3 plus DeepSeek Sparse Attention; index_topk 4 cuts every context longer than 4 tokens. 16 indexer
+    # heads make exact ties between index scores rare (a score is exactly 0 when every head's ReLU zeroes it,
+    # and transformers breaks such ties by torch.topk's order, which differs between its cached and uncached
+    # paths).
     "deepseek_v32": ("DeepseekV32Config", dict(MLA_COMMON, num_hidden_layers=3, n_routed_experts=8, n_group=4,
                                                topk_group=2, num_experts_per_tok=2, first_k_dense_replace=1,
                                                n_shared_experts=1, q_lora_rank=32, rope_parameters=YARN,
-                                               index_topk=4, index_head_dim=16, index_n_heads=8)),
+                                               index_topk=4, index_head_dim=16, index_n_heads=16)),
     # V3 without q LoRA and without rope scaling.
     "deepseek_v3_no_q_lora": ("DeepseekV3Config", dict(MLA_COMMON, num_hidden_layers=2, n_routed_experts=4,
                                                        n_group=1, topk_group=1, num_experts_per_tok=2,

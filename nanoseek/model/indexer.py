@@ -58,17 +58,22 @@ class Indexer(nn.Module):
         per_head = torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * self.scale  # [B, T, H, S]
         return torch.matmul(weights.unsqueeze(-2), F.relu(per_head)).squeeze(-2)
 
+    def _best(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+        """Indices of each row's min(topk, S) best allowed keys. Equal scores (a key every head's ReLU zeroes
+        scores exactly 0) go to the earlier token: a stable sort, so a query picks the same keys whether its
+        row is part of a prefill, a decode or a longer sequence (torch.topk's tie order depends on the row)."""
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        k = min(self.topk, scores.shape[-1])
+        return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
     def select(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The attention mask [B, T, S] (True = attend): each query's top-k allowed keys. A query with at
         most k allowed keys keeps all of them."""
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
-        chosen = torch.zeros_like(allowed).scatter_(-1, top, True)
+        chosen = torch.zeros_like(allowed).scatter_(-1, self._best(scores, allowed), True)
         return chosen & allowed
 
     def top(self, scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: (the indices [B, k] of each row's top-k keys, whether each is allowed [B, k]), k = min(topk, S),
         for attention that reads only those keys. scores and allowed are [B, S]."""
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        top = scores.topk(min(self.topk, scores.shape[-1]), dim=-1).indices
+        top = self._best(scores, allowed)
         return top, allowed.gather(-1, top)
