@@ -62,7 +62,7 @@ def test_absorbed_decode_against_latent_prefix_equals_full_attention(hf_checkpoi
     model = nanoseek.load_model(directory)
     attn = model.model.layers[0].self_attn
     x = torch.randn(2, 9, model.config.hidden_size)
-    q_nope, q_rope, latent, k_rope = attn.compress(x, model.rotary(torch.arange(9).expand(2, 9)))
+    q_nope, q_rope, latent, k_rope, _ = attn.compress(x, model.rotary(torch.arange(9).expand(2, 9)))
     mask = torch.ones(1, 9, dtype=torch.bool)  # the last token sees all 9 cached tokens
     last = slice(8, 9)
     cached = torch.cat((latent, k_rope), dim=-1)

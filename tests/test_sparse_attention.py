@@ -110,3 +110,56 @@ def test_inspect_names_the_v32_preset():
                   capture_output=True, text=True, check=True)
     info = json.loads(r.stdout)
     assert info["kv_cache_bytes_per_token"] == 85_888 and info["total_params"] > 6.7e11
+
+
+def test_the_indexer_learns_from_its_own_loss_only(hf_checkpoint):
+    """The top-k selection passes no gradient: the indexer's KL to the main attention is its only teacher, and
+    that loss reaches no other weight (its inputs are detached)."""
+    from nanoseek.train.trainer import LossModule
+
+    directory, _ = hf_checkpoint("deepseek_v32")
+    model = nanoseek.load_model(directory).train()
+    ids = torch.randint(2, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(0))
+    main, _, aux = LossModule(model)(ids[:, :-1], ids[:, 1:], None, 0.0)
+    assert aux > 0
+    aux.backward()
+    for name, p in model.named_parameters():
+        if ".indexer." in name and "k_norm" not in name:
+            assert p.grad is not None and p.grad.abs().sum() > 0, name
+        elif ".indexer." not in name:
+            assert p.grad is None or not p.grad.any(), name
+    model.zero_grad(set_to_none=True)
+    main.backward()  # the language-model loss: through attention, never into the indexer
+    assert all(p.grad is None or not p.grad.any() for n, p in model.named_parameters() if ".indexer." in n)
+
+
+def test_a_v32_recipe_trains_and_transformers_runs_the_result(tmp_path):
+    """model.model_type = "deepseek_v32" trains through the same trainer (a dense warm-up, then sparse), and the
+    saved checkpoint is transformers' DeepseekV32ForCausalLM, logit for logit."""
+    import transformers
+
+    from nanoseek.train.recipe import load_recipe
+    from nanoseek.train.stages import run_stage
+    from recipes import write_tiny_recipe
+
+    overrides = ["model.model_type=deepseek_v32", "model.index_topk=8", "model.index_head_dim=16",
+                 "model.index_n_heads=16", "model.num_nextn_predict_layers=0", "pretrain.indexer_warmup_steps=3"]
+    recipe = load_recipe(write_tiny_recipe(tmp_path), overrides)
+    path = run_stage(recipe, "pretrain", show_progress=False)
+    rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r and not r.get("event")]
+    assert len(steps) == 6 and all(r["aux_loss"] > 0 for r in steps)
+    start = nanoseek.load_model(path)  # the indexer moved away from its initialisation
+    fresh = nanoseek.load_model(path)
+    fresh.init_weights(std=0.02, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(start.model.layers[0].self_attn.indexer.wq_b.weight,
+                           fresh.model.layers[0].self_attn.indexer.wq_b.weight)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    assert type(hf).__name__ == "DeepseekV32ForCausalLM"
+    ids = torch.randint(2, start.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        # 20 tokens: the top-8 selection cuts. (16 indexer heads: with 4, a few index scores are exactly 0 and
+        # tie at the cut, and transformers' torch.topk breaks ties its own way.)
+        assert (start.eval()(ids) - hf(ids).logits).abs().max() < 1e-4
+    # A live indexer: its keys are not all zero (a zero LayerNorm scale at init would kill every score).
+    assert start.model.layers[0].self_attn.indexer.k_norm.weight.abs().min() > 0.5

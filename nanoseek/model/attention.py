@@ -136,9 +136,24 @@ class MLAttention(nn.Module):
         cached = torch.cat((latent, k_rope), dim=-1)
         if self.indexer is not None:
             allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
-            mask = self._sparse_mask(x, q_latent, rope, self.indexer.keys(x, rope), allowed)
+            keys = self.indexer.keys(x, rope)
+            mask = self._sparse_mask(x, q_latent, rope, keys, allowed)
+            if self.training:
+                target = self._attention_distribution(q_nope, q_rope, cached, mask).detach()
+                self.indexer.loss = self.indexer.distillation_loss(
+                    x, q_latent, rope, self.indexer.keys(x.detach(), rope), target, mask[:, 0])
         heads = self.heads_absorbed if absorbed else self.heads_full
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
+
+    def _attention_distribution(self, q_nope, q_rope, cached, mask) -> torch.Tensor:
+        """The main attention's weights summed over heads and normalised -> [B, T, S]: the indexer's target."""
+        B, S, _ = cached.shape
+        latent, k_rope = cached.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        k_nope = self.kv_b_proj(latent).view(B, S, self.n_heads, -1)[..., : self.nope_dim]
+        logits = (torch.einsum("bthd,bshd->bhts", q_nope.float(), k_nope.float())
+                  + torch.einsum("bthd,bsd->bhts", q_rope.float(), k_rope.float())) * self.scale
+        probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).sum(1)
+        return probs / probs.sum(-1, keepdim=True)
 
     def _sparse_mask(self, x, q_latent, rope: Rope, keys, allowed) -> torch.Tensor:
         """V3.2: `allowed` ([T, S], or broadcastable to [B, 1, T, S]) narrowed to each query's top-k keys by the

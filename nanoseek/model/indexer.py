@@ -10,6 +10,12 @@ The first qk_rope_head_dim dims of q_i and k are rotated in the half-split layou
 interleaved pairs). DeepSeek's kernels quantize q_i and k to FP8 after a Hadamard rotation; the rotation
 preserves dot products and the quantization is a speed measure, so this computes the scores in float32, as
 transformers' reference does. The keys are what a cache keeps per token besides MLA's latent.
+
+Training (DeepSeek-V3.2 report, section 2.1): the top-k selection passes no gradient, so the indexer learns from
+its own loss, KL(p || softmax(score)), where p is the main attention's distribution over the same keys (summed
+over heads, normalised) and the indexer's inputs are detached: the loss trains the indexer only, the language
+model loss everything else. In a dense warm-up (`dense`) attention sees every allowed key and the indexer learns
+to rank all of them; afterwards it learns over the keys it selected.
 """
 
 from __future__ import annotations
@@ -36,6 +42,8 @@ class Indexer(nn.Module):
         # in float32 as well), and it is computed in float32.
         self.weights_proj = nn.Linear(c.hidden_size, self.n_heads, bias=False)
         self.scale = self.head_dim ** -0.5
+        self.dense = False  # training warm-up: select every allowed key (the indexer still learns)
+        self.loss: torch.Tensor | None = None  # training: this step's KL, collected by the trainer
 
     def _rotate(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         rot, rest = x.split([self.rope_dim, self.head_dim - self.rope_dim], dim=-1)
@@ -58,6 +66,16 @@ class Indexer(nn.Module):
         per_head = torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * self.scale  # [B, T, H, S]
         return torch.matmul(weights.unsqueeze(-2), F.relu(per_head)).squeeze(-2)
 
+    def distillation_loss(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor,
+                          target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over queries of KL(target || softmax(index scores)) over the keys in `mask` ([B, T, S]), from
+        detached inputs (x, q_latent, keys recomputed from x): only the indexer's weights get gradients."""
+        q, weights = self.query(x.detach(), q_latent.detach(), rope)
+        scores = self.scores(q, weights, keys).masked_fill(~mask, float("-inf"))
+        log_q = scores.log_softmax(-1)
+        kl = torch.where(mask & (target > 0), target * (target.clamp(min=1e-30).log() - log_q), 0.0)
+        return kl.sum(-1).mean()
+
     def _best(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """Indices of each row's min(topk, S) best allowed keys. Equal scores (a key every head's ReLU zeroes
         scores exactly 0) go to the earlier token: a stable sort, so a query picks the same keys whether its
@@ -69,6 +87,8 @@ class Indexer(nn.Module):
     def select(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The attention mask [B, T, S] (True = attend): each query's top-k allowed keys. A query with at
         most k allowed keys keeps all of them."""
+        if self.dense:
+            return allowed
         chosen = torch.zeros_like(allowed).scatter_(-1, self._best(scores, allowed), True)
         return chosen & allowed
 

@@ -217,7 +217,9 @@ class Transformer(nn.Module):
         return self.activation_dtype or self.dtype
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
-        """Fresh random weights for training from scratch: normal(0, std) matrices, unit norms, zero biases."""
+        """Fresh random weights for training from scratch: normal(0, std) matrices, unit norms (RMSNorm, and
+        V3.2's indexer LayerNorm: a zero scale would make every index key 0 and the indexer's ReLU dead), zero
+        biases."""
         with torch.no_grad():
             for p in self.parameters():
                 if p.dim() >= 2:
@@ -225,7 +227,7 @@ class Transformer(nn.Module):
                 else:
                     p.zero_()
             for module in self.modules():
-                if isinstance(module, RMSNorm):
+                if isinstance(module, (RMSNorm, nn.LayerNorm)):
                     module.weight.fill_(1.0)
         for buf_name, buf in self.named_buffers():
             if buf_name.endswith("e_score_correction_bias"):

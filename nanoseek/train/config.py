@@ -36,6 +36,8 @@ class TrainConfig:
     bias_update_gamma: float = 0.001  # aux-loss-free balancing step
     seq_aux_alpha: float = 0.0001  # DeepSeek-V3's sequence-wise balance loss
     mtp_lambda: float = 0.3
+    indexer_lambda: float = 1.0  # V3.2: weight of the indexer's KL to the main attention
+    indexer_warmup_steps: int = 0  # V3.2: steps of dense attention first, the indexer learning to rank all keys
     log_every: int = 10
     save_every: int = 0
     eval_every: int = 0

@@ -24,6 +24,7 @@ from torch import nn
 
 from ..errors import NanoseekError
 from ..model.accounting import model_cost
+from ..model.indexer import Indexer
 from ..model.moe import MoE, update_balance_bias
 from ..runtime import autocast, notify, peak_flops, training_autocast
 from ..model.transformer import Transformer
@@ -42,9 +43,10 @@ class TrainingError(NanoseekError):
 class LossModule(nn.Module):
     """Wraps the model so data-parallel wrappers see one forward that returns every loss term."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, indexer_lambda: float = 1.0):
         super().__init__()
         self.model = model
+        self.indexer_lambda = indexer_lambda
 
     def forward(self, x, y, mask, mtp_lambda: float):
         model = self.model
@@ -56,10 +58,13 @@ class LossModule(nn.Module):
                 normed = model.mtp[k - 1].shared_head_norm(states)
                 mtp = mtp + model.summed_loss(normed, y[:, k:], mask[:, k:] if mask is not None else None)
         aux = hidden.new_zeros((), dtype=torch.float32)
-        for m in model.modules():
+        for m in model.modules():  # auxiliary terms: sequence balance (MoE), V3.2's indexer KL (its only teacher)
             if isinstance(m, MoE) and m.aux_loss is not None:
                 aux = aux + m.aux_loss
                 m.aux_loss = None  # do not keep the graph alive past this step
+            elif isinstance(m, Indexer) and m.loss is not None:
+                aux = aux + self.indexer_lambda * m.loss
+                m.loss = None
         return main, mtp, aux
 
 
@@ -127,7 +132,8 @@ class Trainer:
         for m in self.moe_layers:
             m.aux_alpha = cfg.seq_aux_alpha
         model.train()  # the training numerics (model/kernels/training.py) follow the module's mode
-        self.module = self.dist.wrap(LossModule(model), cfg.parallel)
+        self.indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+        self.module = self.dist.wrap(LossModule(model, cfg.indexer_lambda), cfg.parallel)
         self.optimizer = build_optimizer(self.module, cfg)
         self.step = 0
         self.bad_streak = 0
@@ -188,6 +194,8 @@ class Trainer:
         lr = cfg.lr * lr_factor(self.step, cfg)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        for indexer in self.indexers:  # V3.2: dense attention while the indexer warms up
+            indexer.dense = self.step < cfg.indexer_warmup_steps
         loads = torch.zeros(len(self.moe_layers), self.moe_layers[0].experts.n_experts) if self.moe_layers else None
         main_sum = mtp_sum = aux_sum = 0.0
         for i, chunk in enumerate(chunks):
@@ -229,7 +237,7 @@ class Trainer:
                   "tokens": self.tokens_seen, "skipped": not finite}
         if self.with_mtp:
             record["mtp_loss"] = mtp_loss
-        if cfg.seq_aux_alpha > 0 and loads is not None:
+        if (cfg.seq_aux_alpha > 0 and loads is not None) or self.indexers:
             record["aux_loss"] = float(sums[2])
         if loads is not None:
             per_layer = loads / loads.sum(-1, keepdim=True).clamp(min=1)
