@@ -138,10 +138,12 @@ class MLAttention(nn.Module):
             allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
             keys = self.indexer.keys(x, rope)
             mask = self._sparse_mask(x, q_latent, rope, keys, allowed)
-            if self.training:
-                target = self._attention_distribution(q_nope, q_rope, cached, mask).detach()
-                self.indexer.loss = self.indexer.distillation_loss(
-                    x, q_latent, rope, self.indexer.keys(x.detach(), rope), target, mask[:, 0])
+            if self.training:  # in float32 even under bf16 autocast: a KL of two rounded distributions can go < 0
+                with torch.autocast(x.device.type, enabled=False):
+                    target = self._attention_distribution(q_nope, q_rope, cached, mask).detach()
+                    self.indexer.loss = self.indexer.distillation_loss(
+                        x.float(), q_latent.float(), rope, self.indexer.keys(x.detach().float(), rope), target,
+                        mask[:, 0])
         heads = self.heads_absorbed if absorbed else self.heads_full
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
 
