@@ -24,10 +24,13 @@ def cmd_inspect(args) -> int:
     from pathlib import Path
 
     from .checkpoint import find_checkpoint_files, mtp_depths_in_checkpoint
+    from .config_v4 import DeepseekV4Config
     from .model.accounting import model_cost
     from .presets import resolve_config
 
     config = resolve_config(args.model)
+    if isinstance(config, DeepseekV4Config):
+        return _inspect_v4(config, args)
     mtp_note = None
     path = Path(args.model)
     if path.is_dir() and config.num_nextn_predict_layers:
@@ -135,6 +138,45 @@ def _llm(args):
     return LLM(args.model, device=args.device, dtype=args.dtype, kv_cache_memory=args.kv_cache_memory,
                max_model_len=args.max_model_len, quantization=args.quantization, speculative=args.speculative,
                num_speculative_tokens=args.num_speculative_tokens)
+
+
+def _inspect_v4(config, args) -> int:
+    """DeepSeek-V4: its cache grows with the context at a falling rate (the window, entries per 4 or 128
+    tokens), so the KV bytes per token are a curve; and DeepSeek's claims at 1M context are set beside ours."""
+    from .config_v4 import CSA, HCA, SLIDING
+    from .model.accounting import KV_CURVE_CONTEXTS, model_cost, v4_cost
+    from .presets import load_preset
+
+    cost = v4_cost(config, context=args.context)
+    curve = {n: v4_cost(config, n).kv_cache_bytes_per_token for n in KV_CURVE_CONTEXTS}
+    million = 1 << 20
+    v32 = model_cost(load_preset("deepseek-v3.2"), context=million)
+    at_million = v4_cost(config, million)
+    vs = {"flops": at_million.flops_per_token / v32.flops_per_token,
+          "kv_cache": at_million.kv_cache_bytes_per_token / v32.kv_cache_bytes_per_token}
+    kinds = {k: config.layer_types[: config.num_hidden_layers].count(k) for k in (SLIDING, CSA, HCA)}
+    hashed = config.mlp_layer_types.count("hash_moe")
+    info = {"model_type": config.model_type, "layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
+            "attention": "V4 (window + CSA / HCA)", "layer_kinds": kinds, "hash_routed_layers": hashed,
+            "routed_experts": config.n_routed_experts, "experts_per_token": config.num_experts_per_tok,
+            "mtp_layers": config.num_nextn_predict_layers, **cost.as_dict(),
+            "kv_cache_bytes_per_token_by_context": curve, "vs_deepseek_v32_at_1m_context": vs}
+    if args.json:
+        print(json.dumps(info))
+        return 0
+    print(f"model_type        {config.model_type} ({config.num_hidden_layers} layers: {kinds[SLIDING]} window-only, "
+          f"{kinds[CSA]} CSA (1 entry / {config.compress_rates[CSA]} tokens, top-{config.index_topk}), "
+          f"{kinds[HCA]} HCA (1 / {config.compress_rates[HCA]}); hidden {config.hidden_size}, "
+          f"{config.n_routed_experts} routed experts, {config.num_experts_per_tok} active, first {hashed} hash-routed)")
+    print(f"parameters        {_human(cost.total_params)} total ({cost.total_params:,})")
+    print(f"active per token  {_human(cost.active_params)} ({cost.active_params:,}; input embedding excluded)")
+    print(f"MTP modules       {_human(cost.mtp_params)} ({config.num_nextn_predict_layers} layer(s), not included above)")
+    print("KV cache          bytes per token (bf16), by context: "
+          + ", ".join(f"{n:,}: {b:,}" for n, b in curve.items()))
+    print(f"forward FLOPs     {_human(cost.flops_per_token)} per token at context {cost.flops_context:,}")
+    print(f"vs DeepSeek-V3.2  at 1M context: {100 * vs['flops']:.0f}% of its FLOPs per token, "
+          f"{100 * vs['kv_cache']:.0f}% of its KV cache (DeepSeek reports 27% and 10% for V4-Pro)")
+    return 0
 
 
 def cmd_generate(args) -> int:
@@ -309,7 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="parameters, active parameters, KV-cache bytes and FLOPs of a model")
     p.add_argument("model", help="model directory, config.json, or a preset "
-                                 "(deepseek-v3, deepseek-v3.2, deepseek-v2-lite, deepseek-r1-distill-qwen-1.5b)")
+                                 "(deepseek-v3, deepseek-v3.2, deepseek-v4-flash, deepseek-v4-pro, deepseek-v2-lite, "
+                                 "deepseek-r1-distill-qwen-1.5b)")
     p.add_argument("--context", type=int, default=4096, help="context length for the attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=cmd_inspect)

@@ -197,6 +197,9 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError("config.json has no model_type: is this a Hugging Face model directory?")
+        if model_type == "deepseek_v4":
+            raise ConfigError("deepseek_v4 models can be inspected (`nanoseek inspect`: parameters, KV cache, FLOPs) "
+                              "but not loaded, run or trained by nanoseek yet")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}: nanoseek supports {', '.join(SUPPORTED_MODEL_TYPES)}"

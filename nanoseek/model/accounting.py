@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..config import ModelConfig
+from ..config_v4 import DeepseekV4Config
 
 
 @dataclass
@@ -108,3 +109,88 @@ def model_cost(c: ModelConfig, context: int = 4096) -> ModelCost:
         mtp += 3 * H + 2 * H * H + _layer_params(c, c.num_hidden_layers + k)[0]
     flops = 2 * active + attention_flops_per_token(c, context)
     return ModelCost(total, active, embedding, mtp, kv_cache_bytes_per_token(c), flops, context)
+
+
+# ---------------------------------------------------------------- DeepSeek-V4 (config_v4.py)
+KV_CURVE_CONTEXTS = (4096, 32768, 131072, 1048576)
+
+
+def _v4_attention_params(c: DeepseekV4Config, kind: str) -> int:
+    from ..config_v4 import CSA, HCA
+
+    H, nh, hd, q = c.hidden_size, c.num_attention_heads, c.head_dim, c.q_lora_rank
+    # q_a + q_a_norm + q_b, the shared K=V projection + its norm, grouped o_a + o_b, per-head sinks
+    p = H * q + q + q * nh * hd + H * hd + hd + nh * hd * c.o_lora_rank + c.o_groups * c.o_lora_rank * H + nh
+    if kind == HCA:  # compressor: kv and gate projections, a position bias per window slot, a norm
+        p += 2 * H * hd + c.compress_rates[HCA] * hd + hd
+    elif kind == CSA:  # two overlapping series (2 x head_dim), plus the lightning indexer's own compressor
+        m, ih, ihd = c.compress_rates[CSA], c.index_n_heads, c.index_head_dim
+        p += 4 * H * hd + 2 * m * hd + hd
+        p += 4 * H * ihd + 2 * m * ihd + ihd + q * ih * ihd + H * ih
+    return p
+
+
+def _v4_layer_params(c: DeepseekV4Config, i: int) -> tuple[int, int]:
+    """(total, active) of V4 layer i: attention, MoE (router, shared and routed experts), two norms and the
+    attention's and the FFN's hyper-connections (4 streams mixed by a (2 + n) x n map of the n streams)."""
+    H, E, inter, n = c.hidden_size, c.n_routed_experts, c.moe_intermediate_size, c.hc_mult
+    base = _v4_attention_params(c, c.layer_type(i)) + 2 * H
+    base += 2 * ((2 + n) * n * n * H + (2 + n) * n + 3)
+    expert = _mlp_params(H, inter)
+    shared = E * H + c.n_shared_experts * expert  # the router's weight is read by hash layers too
+    return base + shared + E * expert, base + shared + c.num_experts_per_tok * expert
+
+
+def v4_kv_cache_bytes(c: DeepseekV4Config, context: int, bytes_per_element: int = 2) -> int:
+    """One sequence's cache at `context` tokens: every layer's window (up to sliding_window tokens of the
+    shared K=V head), plus the compressed entries of CSA layers (with their indexer keys) and HCA layers.
+    The few tokens of a compression window not yet closed are left out."""
+    from ..config_v4 import CSA, HCA
+
+    total = 0
+    for i in range(c.num_hidden_layers):
+        kind = c.layer_type(i)
+        total += min(context, c.sliding_window) * c.head_dim
+        if kind in (CSA, HCA):
+            entries = context // c.compress_rates[kind]
+            total += entries * (c.head_dim + (c.index_head_dim if kind == CSA else 0))
+    return total * bytes_per_element
+
+
+def v4_attention_flops_per_token(c: DeepseekV4Config, context: int) -> int:
+    """Forward attention FLOPs of one query at `context`: q.k and p.v over the 512-wide shared K=V heads for
+    the window and the attended compressed entries (CSA: the indexer's top-k of them, after it scored all;
+    HCA: all of them)."""
+    from ..config_v4 import CSA, HCA
+
+    flops = 0
+    for i in range(c.num_hidden_layers):
+        kind = c.layer_type(i)
+        keys = min(context, c.sliding_window)
+        if kind == CSA:
+            entries = context // c.compress_rates[CSA]
+            keys += min(entries, c.index_topk)
+            flops += 2 * c.index_n_heads * (c.index_head_dim + 1) * entries
+        elif kind == HCA:
+            keys += context // c.compress_rates[HCA]
+        flops += 4 * c.num_attention_heads * c.head_dim * keys
+    return flops
+
+
+def v4_cost(c: DeepseekV4Config, context: int = 4096) -> ModelCost:
+    """What V4 costs, with DeepSeek's conventions (input embedding in total, not active; MTP apart). The MTP
+    layer is counted as V3's layout around a V4 block (the window alone): eh_proj, enorm, hnorm, a norm and its
+    own hyper-connection head."""
+    H, V, n = c.hidden_size, c.vocab_size, c.hc_mult
+    hc_head = n * n * H + n + 1  # mixes the streams back into one before the final norm
+    head = 0 if c.tie_word_embeddings else V * H
+    total, active = V * H + head + H + hc_head, head + H + hc_head
+    for i in range(c.num_hidden_layers):
+        t, a = _v4_layer_params(c, i)
+        total += t
+        active += a
+    mtp = sum(_v4_layer_params(c, c.num_hidden_layers + k)[0] + 2 * H * H + 3 * H + hc_head
+              for k in range(c.num_nextn_predict_layers))
+    flops = 2 * active + v4_attention_flops_per_token(c, context)
+    per_token = -(-v4_kv_cache_bytes(c, context) // max(context, 1))
+    return ModelCost(total, active, V * H, mtp, per_token, flops, context)
