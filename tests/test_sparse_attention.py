@@ -134,8 +134,9 @@ def test_the_indexer_learns_from_its_own_loss_only(hf_checkpoint):
 
 
 def test_a_v32_recipe_trains_and_transformers_runs_the_result(tmp_path):
-    """model.model_type = "deepseek_v32" trains through the same trainer (a dense warm-up, then sparse), and the
-    saved checkpoint is transformers' DeepseekV32ForCausalLM, logit for logit."""
+    """model.model_type = "deepseek_v32" trains through the same trainer (a dense warm-up, then sparse, MTP
+    included), the saved checkpoint is transformers' DeepseekV32ForCausalLM logit for logit, and its MTP layer
+    drafts for speculative decoding without changing greedy output."""
     import transformers
 
     from nanoseek.train.recipe import load_recipe
@@ -143,7 +144,7 @@ def test_a_v32_recipe_trains_and_transformers_runs_the_result(tmp_path):
     from recipes import write_tiny_recipe
 
     overrides = ["model.model_type=deepseek_v32", "model.index_topk=8", "model.index_head_dim=16",
-                 "model.index_n_heads=16", "model.num_nextn_predict_layers=0", "pretrain.indexer_warmup_steps=3"]
+                 "model.index_n_heads=16", "pretrain.indexer_warmup_steps=3"]
     recipe = load_recipe(write_tiny_recipe(tmp_path), overrides)
     path = run_stage(recipe, "pretrain", show_progress=False)
     rows = [json.loads(line) for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
@@ -163,3 +164,8 @@ def test_a_v32_recipe_trains_and_transformers_runs_the_result(tmp_path):
         assert (start.eval()(ids) - hf(ids).logits).abs().max() < 1e-4
     # A live indexer: its keys are not all zero (a zero LayerNorm scale at init would kill every score).
     assert start.model.layers[0].self_attn.indexer.k_norm.weight.abs().min() > 0.5
+    prompts = [ids[0].tolist(), ids[1, :11].tolist()]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(path, dtype="float32").generate(prompts, greedy)]
+    spec = LLM(path, dtype="float32", speculative="mtp", num_speculative_tokens=2)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, greedy)] == plain

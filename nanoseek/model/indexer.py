@@ -51,7 +51,11 @@ class Indexer(nn.Module):
 
     def keys(self, x: torch.Tensor, rope: Rope) -> torch.Tensor:
         """x [..., T, hidden] -> the tokens' index keys [..., T, D_i] (what the cache stores)."""
-        k = self.k_norm(self.wk(x))
+        k = self.wk(x)
+        # In float32 whatever the weights are stored in: bf16 weights under float32 compute (the policy on a CPU
+        # without native bf16) would otherwise meet float32 activations in nn.LayerNorm, which refuses mixed dtypes.
+        norm = self.k_norm
+        k = F.layer_norm(k.float(), norm.normalized_shape, norm.weight.float(), norm.bias.float(), norm.eps).to(k.dtype)
         return self._rotate(k.unsqueeze(-2), rope).squeeze(-2)
 
     def query(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope) -> tuple[torch.Tensor, torch.Tensor]:
