@@ -1,6 +1,6 @@
 """DeepSeek Sparse Attention in the engine: batch-1 decode speed against context length, one run.
 
-    python bench/sparse.py [--quick]
+    python bench/sparse.py [--quick] [--contexts 1024,4096]
 Three engines on the same random weights (4 layers, hidden 512, 8 heads, latent 128 + rope 32, dense MLPs, so
 that attention is a large share of a decode step): DeepSeek-V3.2 with index_topk 256 (each decoded token attends
 to 256 cached rows after the indexer scored them all), the same V3.2 with a top-k larger than any context (the
@@ -54,8 +54,9 @@ def decode_rate(llm: LLM, context: int, rounds: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--contexts", type=lambda t: [int(x) for x in t.split(",")], default=None)
     args = parser.parse_args()
-    contexts = [1024, 4096] if args.quick else [1024, 4096, 16384]
+    contexts = args.contexts or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     sparse = build("deepseek_v32", 256, None)
     state = sparse.state_dict()
     engines = {"v32_top256": sparse, "v32_dense": build("deepseek_v32", 1 << 20, state),

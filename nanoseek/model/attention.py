@@ -214,11 +214,12 @@ class MLAttention(nn.Module):
             out[rows] = self.heads_full(q_nope[rows][None], q_rope[rows][None], context[None, :, :width], mask)[0]
         if batch.decode_rows is not None:
             rows = batch.decode_rows
-            context = cache[batch.decode_slots]  # [B, S, width + D_i]
+            # Only the index keys of the whole context are read; the latent rows only for the chosen k.
+            keys = cache[:, width:][batch.decode_slots]  # [B, S, D_i]
             q, weights = self.indexer.query(x[rows][:, None], q_latent[rows][:, None], rope[rows][:, None])
-            scores = self.indexer.scores(q, weights, context[..., width:])[:, 0]  # [B, S]
+            scores = self.indexer.scores(q, weights, keys)[:, 0]  # [B, S]
             top, valid = self.indexer.top(scores, batch.decode_mask[:, 0, 0])
-            chosen = context[..., :width].gather(1, top[..., None].expand(-1, -1, width)).to(x.dtype)
+            chosen = cache[:, :width][batch.decode_slots.gather(1, top)].to(x.dtype)  # [B, k, width]
             out[rows] = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], chosen,
                                             valid[:, None, None])[:, 0]
         return out

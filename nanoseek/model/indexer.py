@@ -85,7 +85,12 @@ class Indexer(nn.Module):
         scores exactly 0) go to the earlier token: a stable sort, so a query picks the same keys whether its
         row is part of a prefill, a decode or a longer sequence (torch.topk's tie order depends on the row)."""
         scores = scores.masked_fill(~allowed, float("-inf"))
-        k = min(self.topk, scores.shape[-1])
+        S = scores.shape[-1]
+        k = min(self.topk, S)
+        if k < S:  # topk is linear in S where a sort is not; a tie across the cut falls back to the sort
+            values, top = scores.topk(k + 1, dim=-1)
+            if not (values[..., k - 1] == values[..., k]).any():
+                return top[..., :k]
         return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
 
     def select(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
