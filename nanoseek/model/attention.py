@@ -136,14 +136,17 @@ class MLAttention(nn.Module):
         cached = torch.cat((latent, k_rope), dim=-1)
         if self.indexer is not None:
             allowed = torch.ones(T, T, dtype=torch.bool, device=x.device).tril() if mask is None else mask
-            keys = self.indexer.keys(x, rope)
-            mask = self._sparse_mask(x, q_latent, rope, keys, allowed)
-            if self.training:  # in float32 even under bf16 autocast: a KL of two rounded distributions can go < 0
+            if self.training:
+                # The indexer learns from its KL alone: detached inputs, and float32 even under bf16 autocast (a
+                # KL of two rounded distributions can go below 0). The selection itself passes no gradient.
                 with torch.autocast(x.device.type, enabled=False):
+                    xi, qi = x.detach().float(), q_latent.detach().float()
+                    scores = self.indexer.score(xi, qi, rope, self.indexer.keys(xi, rope))
+                    mask = self._sparse_mask(scores.detach(), allowed)
                     target = self._attention_distribution(q_nope, q_rope, cached, mask).detach()
-                    self.indexer.loss = self.indexer.distillation_loss(
-                        x.float(), q_latent.float(), rope, self.indexer.keys(x.detach().float(), rope), target,
-                        mask[:, 0])
+                    self.indexer.loss = self.indexer.distillation_loss(scores, target, mask[:, 0])
+            else:
+                mask = self._sparse_mask(self.indexer.score(x, q_latent, rope, self.indexer.keys(x, rope)), allowed)
         heads = self.heads_absorbed if absorbed else self.heads_full
         return self.o_proj(heads(q_nope, q_rope, cached, mask))
 
@@ -157,11 +160,9 @@ class MLAttention(nn.Module):
         probs = logits.masked_fill(~mask, float("-inf")).softmax(-1).sum(1)
         return probs / probs.sum(-1, keepdim=True)
 
-    def _sparse_mask(self, x, q_latent, rope: Rope, keys, allowed) -> torch.Tensor:
+    def _sparse_mask(self, scores, allowed) -> torch.Tensor:
         """V3.2: `allowed` ([T, S], or broadcastable to [B, 1, T, S]) narrowed to each query's top-k keys by the
-        indexer -> [B, 1, T, S]. x [B, T, hidden] and q_latent are the queries' rows, keys [B, S, D_i]."""
-        q, weights = self.indexer.query(x, q_latent, rope)
-        scores = self.indexer.scores(q, weights, keys)  # [B, T, S]
+        index scores [B, T, S] -> [B, 1, T, S]."""
         allowed = allowed.reshape(-1, *allowed.shape[-2:]) if allowed.dim() > 2 else allowed[None]
         return self.indexer.select(scores, allowed.expand_as(scores))[:, None]
 
@@ -209,15 +210,14 @@ class MLAttention(nn.Module):
         for span in batch.prefills:
             rows = slice(span.start, span.end)
             context = cache[span.context_slots].to(x.dtype)
-            mask = self._sparse_mask(x[rows][None], q_latent[rows][None], rope[rows][None], context[None, :, width:],
-                                     span.mask)
+            scores = self.indexer.score(x[rows][None], q_latent[rows][None], rope[rows][None], context[None, :, width:])
+            mask = self._sparse_mask(scores, span.mask)
             out[rows] = self.heads_full(q_nope[rows][None], q_rope[rows][None], context[None, :, :width], mask)[0]
         if batch.decode_rows is not None:
             rows = batch.decode_rows
             # Only the index keys of the whole context are read; the latent rows only for the chosen k.
             keys = cache[:, width:][batch.decode_slots]  # [B, S, D_i]
-            q, weights = self.indexer.query(x[rows][:, None], q_latent[rows][:, None], rope[rows][:, None])
-            scores = self.indexer.scores(q, weights, keys)[:, 0]  # [B, S]
+            scores = self.indexer.score(x[rows][:, None], q_latent[rows][:, None], rope[rows][:, None], keys)[:, 0]
             top, valid = self.indexer.top(scores, batch.decode_mask[:, 0, 0])
             chosen = cache[:, :width][batch.decode_slots.gather(1, top)].to(x.dtype)  # [B, k, width]
             out[rows] = self.heads_absorbed(q_nope[rows][:, None], q_rope[rows][:, None], chosen,

@@ -70,13 +70,15 @@ class Indexer(nn.Module):
         per_head = torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * self.scale  # [B, T, H, S]
         return torch.matmul(weights.unsqueeze(-2), F.relu(per_head)).squeeze(-2)
 
-    def distillation_loss(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor,
-                          target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean over queries of KL(target || softmax(index scores)) over the keys in `mask` ([B, T, S]), from
-        detached inputs (x, q_latent, keys recomputed from x): only the indexer's weights get gradients."""
-        q, weights = self.query(x.detach(), q_latent.detach(), rope)
-        scores = self.scores(q, weights, keys).masked_fill(~mask, float("-inf"))
-        log_q = scores.log_softmax(-1)
+    def score(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor) -> torch.Tensor:
+        """The queries' rows (x, q_latent) against keys [B, S, D_i] -> index scores [B, T, S] float32."""
+        return self.scores(*self.query(x, q_latent, rope), keys)
+
+    @staticmethod
+    def distillation_loss(scores: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over queries of KL(target || softmax(scores)) over the keys in `mask` ([B, T, S]). The scores
+        must come from detached inputs, so that only the indexer's weights get gradients."""
+        log_q = scores.masked_fill(~mask, float("-inf")).log_softmax(-1)
         kl = torch.where(mask & (target > 0), target * (target.clamp(min=1e-30).log() - log_q), 0.0)
         return kl.sum(-1).mean()
 
