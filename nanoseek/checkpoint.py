@@ -29,14 +29,19 @@ from safetensors.torch import save_file
 from .config import ModelConfig
 from .errors import CheckpointError, NanoseekError
 from .model import quant
-from .model.rope import RotaryEmbedding
 from .model.transformer import Transformer
+from .model import build_model
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "tokenizer.model", "added_tokens.json")
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 FP8_BLOCK = 128
-_EXPERT = re.compile(r"^(.*\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT = re.compile(r"^(.*\.(?:mlp|ffn)\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+_V4_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # DeepSeek-V4's expert names
+# DeepSeek-V4's release names outside `model.` (transformers accepts both; save_pretrained writes these under it)
+_V4_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
+           "head.weight": "lm_head.weight", "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
+           "hc_head_scale": "model.hc_head.hc_scale"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # Keys some checkpoints carry that hold no weights we need.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|^model\.layers\.\d+\.self_attn\.rotary_emb)")
@@ -83,6 +88,10 @@ def map_key(key: str, config: ModelConfig) -> Target | None:
     """Checkpoint key -> Target in a nanoseek Transformer; None for keys that are shared copies (MTP embedding
     and head) and are not stored separately."""
     L = config.num_hidden_layers
+    if config.is_v4:
+        if key.startswith("mtp."):
+            return None  # V4's MTP modules are not built yet (the config loads with num_nextn_predict_layers 0)
+        key = _V4_TOP.get(key, "model." + key if key.startswith("layers.") else key)
     m = _LAYER.match(key)
     if m and int(m.group(1)) >= L:
         k, rest = int(m.group(1)) - L, m.group(2)
@@ -95,9 +104,15 @@ def map_key(key: str, config: ModelConfig) -> Target | None:
         key = f"mtp.{k}.block.{rest}"
     e = _EXPERT.match(key)
     if e:
-        stack = "down_proj" if e.group(3) == "down_proj" else "gate_up_proj"
-        return Target(f"{e.group(1)}.{stack}", int(e.group(2)), e.group(3))
+        part = _V4_PART.get(e.group(3), e.group(3))
+        stack = "down_proj" if part == "down_proj" else "gate_up_proj"
+        return Target(f"{e.group(1)}.{stack}", int(e.group(2)), part)
     return Target(key)
+
+
+def _rotary_table(name: str) -> bool:
+    """The rotary frequencies (`rotary`, V4's `compress_rotary`): rebuilt from the config, never stored."""
+    return name.split(".", 1)[0].endswith("rotary")
 
 
 QUANT_SCALE_SUFFIX = "_scale"  # `X.weight_scale` beside the integers of a quantized `X.weight`
@@ -124,11 +139,12 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
     named.update(dict(model.named_buffers()))
     quantized = quantized_parameters(model)
     for name, tensor in named.items():
-        if name.startswith("rotary."):
+        if _rotary_table(name):
             continue
         if name == "lm_head.weight" and config.tie_word_embeddings:
             continue
-        key = name
+        key = "head.weight" if name == "lm_head.weight" and config.is_v4 else name
+        names = ("w1", "w3", "w2") if config.is_v4 else ("gate_proj", "up_proj", "down_proj")
         if name.startswith("mtp."):
             _, k, rest = name.split(".", 2)
             prefix = f"model.layers.{L + int(k)}."
@@ -142,16 +158,16 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
         if name in quantized:
             variants = [("", quantized[name].stored()), (QUANT_SCALE_SUFFIX, quantized[name].scales)]
         for suffix, t in variants:
-            if key.endswith("mlp.experts.gate_up_proj"):
+            if key.endswith("experts.gate_up_proj"):
                 base, I = key[: -len("gate_up_proj")], t.shape[1] // 2
                 for ex in range(t.shape[0]):
-                    for part, rows in (("gate_proj", slice(None, I)), ("up_proj", slice(I, None))):
+                    for part, rows in ((names[0], slice(None, I)), (names[1], slice(I, None))):
                         yield (f"{base}{ex}.{part}.weight{suffix}", (lambda t=t, ex=ex, rows=rows: t[ex, rows]),
                                (I, t.shape[2]), t.dtype)
-            elif key.endswith("mlp.experts.down_proj"):
+            elif key.endswith("experts.down_proj"):
                 base = key[: -len("down_proj")]
                 for ex in range(t.shape[0]):
-                    yield f"{base}{ex}.down_proj.weight{suffix}", (lambda t=t, ex=ex: t[ex]), tuple(t.shape[1:]), t.dtype
+                    yield f"{base}{ex}.{names[2]}.weight{suffix}", (lambda t=t, ex=ex: t[ex]), tuple(t.shape[1:]), t.dtype
             else:
                 yield key + suffix, (lambda t=t: t), tuple(t.shape), t.dtype
     # vLLM and DeepSeek's layout keep a copy of the shared embedding and head inside each MTP layer.
@@ -297,14 +313,14 @@ def _allocate(config: ModelConfig, device, dtype) -> Transformer:
     torch.set_default_dtype(dtype)
     try:
         with torch.device("meta"):
-            model = Transformer(config)
+            model = build_model(config)
     finally:
         torch.set_default_dtype(previous)
     model = model.to_empty(device=device)
     if config.tie_word_embeddings:  # to_empty allocates each module's tensors anew, which unties them
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.rotary = RotaryEmbedding(config).to(device)  # non-persistent buffers are not in checkpoints
-    return model
+    model.make_rotary()  # non-persistent buffers are not in checkpoints
+    return model.to(device)
 
 
 def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dtype: torch.dtype,
@@ -315,7 +331,7 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
     # What must be filled: every tensor, and every expert slice of stacked experts.
     needed: dict[tuple, tuple] = {}
     for name, t in params.items():
-        if name.startswith("rotary.") or (name == "lm_head.weight" and config.tie_word_embeddings):
+        if _rotary_table(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
             continue
         if name.endswith("experts.gate_up_proj"):
             for e in range(t.shape[0]):
@@ -344,6 +360,9 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
             continue
         shape = files.shape(key)
         integers = files.dtype_name(key) in ("I8", "U8")
+        if integers and config.is_v4:
+            raise CheckpointError(f"{key}: DeepSeek-V4's FP4 expert weights are not supported yet; dequantize the "
+                                  "checkpoint to bf16 first (transformers loads it)")
         if integers:
             if scheme is None:
                 raise CheckpointError(f"{key} holds integers but config.json has no nanoseek quantization_config: "
@@ -514,4 +533,11 @@ def _keep_fp32(key: str) -> bool:
     transformers' checkpoints; so do the scales of quantized weights."""
     return (key.endswith("mlp.gate.weight") or key.endswith("e_score_correction_bias")
             or key.endswith("indexer.weights_proj.weight")
-            or key.endswith(".weight" + QUANT_SCALE_SUFFIX))
+            or key.endswith(".weight" + QUANT_SCALE_SUFFIX) or _V4_FP32.search(key) is not None)
+
+
+# What DeepSeek-V4 keeps in float32 (transformers' _keep_in_fp32_modules_strict): routing, sinks, slot biases,
+# hyper-connections and norms.
+_V4_FP32 = re.compile(r"(ffn\.gate\.(weight|bias)|attn_sink|\.ape|hc_(attn|ffn)_(fn|base|scale)|hc_head\.hc_(fn|base|scale)|"
+                      r"attn\.(q_norm|norm|compressor\.norm|indexer\.compressor\.norm)\.weight|"
+                      r"(attn_norm|ffn_norm)\.weight)$")

@@ -1,7 +1,8 @@
 """ModelConfig: one dataclass for the DeepSeek family and its dense students, <-> HF config.json.
 
 Supported `model_type`s: deepseek_v3, deepseek_v2 (MLA + DeepSeekMoE), deepseek_v32 (V3 + DeepSeek Sparse
-Attention's lightning indexer) and llama, qwen2 (GQA + dense MLP, the students of the R1-Distill family). Field names are the HF ones, so a config round-trips; keys we do not
+Attention's lightning indexer), deepseek_v4 (compressed shared-KV attention, hyper-connections, hash routing:
+model/v4.py) and llama, qwen2 (GQA + dense MLP, the students of the R1-Distill family). Field names are the HF ones, so a config round-trips; keys we do not
 model are kept in `extra` and written back unchanged.
 """
 
@@ -18,13 +19,16 @@ from .errors import ConfigError
 
 MLA_MODEL_TYPES = ("deepseek_v3", "deepseek_v2", "deepseek_v32")
 DENSE_MODEL_TYPES = ("llama", "qwen2")
-SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + DENSE_MODEL_TYPES
+V4_MODEL_TYPE = "deepseek_v4"
+SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + (V4_MODEL_TYPE,) + DENSE_MODEL_TYPES
+V4_SCORING = ("sqrtsoftplus", "sigmoid", "softmax")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 _ARCHITECTURES = {
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "deepseek_v2": "DeepseekV2ForCausalLM",
     "deepseek_v32": "DeepseekV32ForCausalLM",
+    "deepseek_v4": "DeepseekV4ForCausalLM",
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
 }
@@ -81,6 +85,18 @@ class ModelConfig:
     index_topk: int = 2048
     index_head_dim: int = 128
     index_n_heads: int = 64
+    # --- DeepSeek-V4 (head_dim, q_lora_rank, qk_rope_head_dim and the index_* fields above are shared) ---
+    o_groups: int = 8  # grouped low-rank output projection: head groups ...
+    o_lora_rank: int = 1024  # ... and each group's rank
+    hc_mult: int = 4  # hyper-connection residual streams
+    hc_sinkhorn_iters: int = 20
+    hc_eps: float = 1e-6
+    sliding_window: int = 128
+    compress_rates: dict | None = None  # {layer type: tokens per compressed entry}
+    compress_rope_theta: float = 160000.0  # the compressed layers' rotary base (rope_scaling applies to it)
+    layer_types: list | None = None  # per layer: sliding_attention | compressed_sparse_attention | heavily_...
+    mlp_layer_types: list | None = None  # per layer: hash_moe | moe
+    swiglu_limit: float = 10.0
     # Unmodelled HF keys, written back unchanged.
     extra: dict = field(default_factory=dict)
 
@@ -100,6 +116,8 @@ class ModelConfig:
                     f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
                     f"num_key_value_heads ({self.num_key_value_heads})"
                 )
+        if self.is_v4:
+            self._check_v4()
         if self.model_type in ("deepseek_v2", "deepseek_v32"):
             self.rope_interleave = True  # V2 and V3.2 checkpoints are always interleaved
         if self.has_indexer:
@@ -129,13 +147,43 @@ class ModelConfig:
                 raise ConfigError(
                     f"unsupported topk_method {self.topk_method!r}: use greedy, group_limited_greedy or noaux_tc"
                 )
-            if self.scoring_func not in ("softmax", "sigmoid"):
+            if self.scoring_func not in (V4_SCORING if self.is_v4 else ("softmax", "sigmoid")):
                 raise ConfigError(f"unsupported scoring_func {self.scoring_func!r}: use softmax or sigmoid")
+
+    def _check_v4(self) -> None:
+        from .config_v4 import CSA, HCA, SLIDING
+
+        n = self.num_hidden_layers
+        self.num_key_value_heads = 1
+        self.rope_interleave = True
+        if self.head_dim is None or not self.q_lora_rank or not self.n_routed_experts:
+            raise ConfigError("deepseek_v4 needs head_dim, q_lora_rank and n_routed_experts")
+        self.compress_rates = {CSA: 4, HCA: 128, **(self.compress_rates or {})}
+        if self.layer_types is None:  # transformers' default: two HCA layers, then CSA and HCA alternating
+            self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+        if self.mlp_layer_types is None:
+            self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
+        self.layer_types, self.mlp_layer_types = list(self.layer_types[:n]), list(self.mlp_layer_types[:n])
+        if len(self.layer_types) != n or set(self.layer_types) - {SLIDING, CSA, HCA}:
+            raise ConfigError(f"layer_types must name {n} layers, each {SLIDING}, {CSA} or {HCA}")
+        if len(self.mlp_layer_types) != n or set(self.mlp_layer_types) - {"hash_moe", "moe"}:
+            raise ConfigError(f"mlp_layer_types must name {n} layers, each hash_moe or moe")
+        if (self.num_attention_heads * self.head_dim) % self.o_groups:
+            raise ConfigError(f"o_groups ({self.o_groups}) must divide num_attention_heads * head_dim")
+        if not 0 < self.qk_rope_head_dim <= min(self.head_dim, self.index_head_dim) or self.qk_rope_head_dim % 2:
+            raise ConfigError("qk_rope_head_dim must be even and at most head_dim and index_head_dim")
+        if self.num_nextn_predict_layers:
+            raise ConfigError("deepseek_v4's MTP modules are not supported yet: set num_nextn_predict_layers = 0 "
+                              "(checkpoints that hold them load without them)")
 
     # ---- derived properties ----
     @property
     def is_mla(self) -> bool:
         return self.model_type in MLA_MODEL_TYPES
+
+    @property
+    def is_v4(self) -> bool:
+        return self.model_type == V4_MODEL_TYPE
 
     @property
     def has_indexer(self) -> bool:
@@ -144,7 +192,7 @@ class ModelConfig:
 
     @property
     def is_moe(self) -> bool:
-        return self.is_mla and bool(self.n_routed_experts)
+        return (self.is_mla or self.is_v4) and bool(self.n_routed_experts)
 
     @property
     def qk_head_dim(self) -> int:
@@ -153,7 +201,7 @@ class ModelConfig:
     @property
     def rope_dim(self) -> int:
         """How many dimensions per head are rotated."""
-        return self.qk_rope_head_dim if self.is_mla else self.head_dim
+        return self.qk_rope_head_dim if self.is_mla or self.is_v4 else self.head_dim
 
     @property
     def rope_type(self) -> str:
@@ -197,9 +245,8 @@ class ModelConfig:
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError("config.json has no model_type: is this a Hugging Face model directory?")
-        if model_type == "deepseek_v4":
-            raise ConfigError("deepseek_v4 models can be inspected (`nanoseek inspect`: parameters, KV cache, FLOPs) "
-                              "but not loaded, run or trained by nanoseek yet")
+        if model_type == V4_MODEL_TYPE:
+            return _v4_from_hf(cls, d)
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ConfigError(
                 f"unsupported model_type {model_type!r}: nanoseek supports {', '.join(SUPPORTED_MODEL_TYPES)}"
@@ -216,7 +263,8 @@ class ModelConfig:
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
         if rope_scaling is not None:
             rope_scaling.pop("type", None)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"}
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling", "layer_types",
+                                                             "mlp_layer_types", "compress_rates"}
         kwargs: dict[str, Any] = {k: d[k] for k in names if k in d}
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = d["num_mtp_layers"]
@@ -268,6 +316,8 @@ class ModelConfig:
                     d[k] = getattr(self, k)
                 d["mlp_layer_types"] = ["sparse" if self.is_moe_layer(i) else "dense"
                                         for i in range(self.num_hidden_layers)]
+        elif self.is_v4:
+            return self._v4_to_hf(d)
         else:
             d["head_dim"] = self.head_dim
             d["mlp_bias"] = self.mlp_bias
@@ -277,6 +327,25 @@ class ModelConfig:
         if self.rope_scaling:
             d["rope_scaling"]["type"] = self.rope_type
         d["rope_parameters"] = {"rope_type": self.rope_type, "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        return d
+
+    def _v4_to_hf(self, d: dict) -> dict:
+        for k in ("head_dim", "q_lora_rank", "qk_rope_head_dim", "n_routed_experts", "n_shared_experts",
+                  "num_experts_per_tok", "moe_intermediate_size", "scoring_func", "norm_topk_prob",
+                  "routed_scaling_factor", "num_nextn_predict_layers", "index_topk", "index_head_dim", "index_n_heads",
+                  "o_groups", "o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "sliding_window",
+                  "compress_rope_theta", "swiglu_limit", "rope_theta"):
+            d[k] = getattr(self, k)
+        d["num_key_value_heads"] = 1
+        d["partial_rotary_factor"] = self.qk_rope_head_dim / self.head_dim
+        d["compress_rates"] = dict(self.compress_rates)
+        d["layer_types"], d["mlp_layer_types"] = list(self.layer_types), list(self.mlp_layer_types)
+        d.pop("intermediate_size", None)
+        factor = {"partial_rotary_factor": d["partial_rotary_factor"]}
+        d["rope_parameters"] = {
+            "main": {"rope_type": "default", "rope_theta": self.rope_theta, **factor},
+            "compress": {"rope_type": self.rope_type, **(self.rope_scaling or {}),
+                         "rope_theta": self.compress_rope_theta, **factor}}
         return d
 
     @classmethod
@@ -300,6 +369,46 @@ class ModelConfig:
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+def _v4_from_hf(cls, d: dict) -> ModelConfig:
+    """DeepSeek-V4's config.json in either spelling (transformers': layer_types, rope_parameters {main, compress};
+    DeepSeek's release: compress_ratios, num_hash_layers, rope_scaling for the compressed layers)."""
+    from .config_v4 import DeepseekV4Config
+
+    spelled = DeepseekV4Config.from_hf_dict(d)
+    rope = d.get("rope_parameters") or {}
+    compress = dict(rope.get("compress") or d.get("rope_scaling") or {})
+    main_theta = (rope.get("main") or {}).get("rope_theta") or d.get("rope_theta") or 10000.0
+    compress_theta = compress.pop("rope_theta", None) or d.get("compress_rope_theta") or 160000.0
+    for k in ("partial_rotary_factor", "type"):
+        compress.pop(k, None)
+    rope_type = compress.get("rope_type", "default")
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"unsupported rope scaling {rope_type!r}: supported are {', '.join(SUPPORTED_ROPE_TYPES)}")
+    head_dim = d.get("head_dim", 512)
+    rope_dim = d.get("qk_rope_head_dim") or int(head_dim * (d.get("partial_rotary_factor") or 64 / 512))
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling", "layer_types",
+                                                         "mlp_layer_types", "compress_rates", "qk_rope_head_dim",
+                                                         "intermediate_size", "compress_rope_theta"}
+    kwargs: dict[str, Any] = {k: d[k] for k in names if k in d}
+    if "dtype" in d and "torch_dtype" not in d:
+        kwargs["torch_dtype"] = d["dtype"]
+    kwargs.setdefault("scoring_func", "sqrtsoftplus")
+    kwargs.setdefault("norm_topk_prob", True)
+    kwargs.setdefault("routed_scaling_factor", 1.5)
+    kwargs["num_nextn_predict_layers"] = 0  # MTP modules are not built for V4 (checkpoint.py skips their tensors)
+    consumed = set(names) | {"rope_parameters", "rope_scaling", "layer_types", "mlp_layer_types", "compress_rates",
+                             "compress_ratios", "num_hash_layers", "compress_rate_csa", "compress_rate_hca",
+                             "partial_rotary_factor", "dtype", "qk_rope_head_dim", "intermediate_size"}
+    extra = {k: v for k, v in d.items() if k not in consumed and k not in _DERIVED_KEYS}
+    try:
+        return cls(rope_theta=float(main_theta), compress_rope_theta=float(compress_theta),
+                   rope_scaling=None if rope_type == "default" else compress, qk_rope_head_dim=rope_dim,
+                   layer_types=spelled.layer_types[:spelled.num_hidden_layers], mlp_layer_types=spelled.mlp_layer_types,
+                   compress_rates=dict(spelled.compress_rates), extra=extra, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"invalid config.json: {e}") from None
 
 
 def _dense_prefix(d: dict, kwargs: dict) -> None:

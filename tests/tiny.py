@@ -70,6 +70,25 @@ ARCHITECTURES = {
 }
 
 
+# DeepSeek-V4 runs only as a full forward (the engine does not run it), so it is kept out of the `arch` matrix.
+# Every layer kind: window only, CSA (m 4, indexer top-3 of up to 10 entries at 40 tokens), HCA (m 8); two hash
+# layers; a window of 8; YaRN on the compressed layers' rotary; 16 indexer heads make exact score ties rare.
+V4_LAYERS = ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention",
+             "compressed_sparse_attention", "sliding_attention"]
+FULL_FORWARD_ARCHITECTURES = {
+    "deepseek_v4": ("DeepseekV4Config", dict(
+        vocab_size=160, hidden_size=64, moe_intermediate_size=32, num_hidden_layers=5, num_attention_heads=4,
+        head_dim=32, qk_rope_head_dim=8, q_lora_rank=32, o_groups=2, o_lora_rank=16, n_routed_experts=8,
+        n_shared_experts=1, num_experts_per_tok=2, hc_mult=4, index_n_heads=16, index_head_dim=16, index_topk=3,
+        sliding_window=8, compress_rates={"compressed_sparse_attention": 4, "heavily_compressed_attention": 8},
+        layer_types=V4_LAYERS, mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe", "moe"],
+        num_nextn_predict_layers=0, max_position_embeddings=256, bos_token_id=0, eos_token_id=1,
+        rope_theta=10000.0, compress_rope_theta=40000.0,
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64,
+                         "beta_fast": 32, "beta_slow": 1})),
+}
+
+
 def randomize_(model, seed: int = 0) -> None:
     """O(1)-scale random weights: matrices ~ N(0, 1/sqrt(fan_in)), norms ~ 1 + N(0, 0.1), biases ~ N(0, 0.1)."""
     g = torch.Generator().manual_seed(seed)
@@ -84,12 +103,15 @@ def randomize_(model, seed: int = 0) -> None:
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(0.1 * torch.randn(b.shape, generator=g))
+            elif name.endswith("tid2eid"):  # each token's k distinct experts
+                experts = model.config.n_routed_experts
+                b.copy_(torch.rand(b.shape[0], experts, generator=g).argsort(-1)[:, : b.shape[1]])
 
 
 def build_hf_model(arch: str, seed: int = 0, **overrides):
     import transformers
 
-    cls_name, kwargs = ARCHITECTURES[arch]
+    cls_name, kwargs = {**ARCHITECTURES, **FULL_FORWARD_ARCHITECTURES}[arch]
     config = getattr(transformers, cls_name)(**{**kwargs, **overrides})
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     randomize_(model, seed)

@@ -67,8 +67,7 @@ class Indexer(nn.Module):
 
     def scores(self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """q [B, T, H, D], weights [B, T, H], keys [B, S, D] -> index scores [B, T, S] float32."""
-        per_head = torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * self.scale  # [B, T, H, S]
-        return torch.matmul(weights.unsqueeze(-2), F.relu(per_head)).squeeze(-2)
+        return index_scores(q, weights, keys, self.scale)
 
     def score(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor) -> torch.Tensor:
         """The queries' rows (x, q_latent) against keys [B, S, D_i] -> index scores [B, T, S] float32."""
@@ -82,29 +81,42 @@ class Indexer(nn.Module):
         kl = torch.where(mask & (target > 0), target * (target.clamp(min=1e-30).log() - log_q), 0.0)
         return kl.sum(-1).mean()
 
-    def _best(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-        """Indices of each row's min(topk, S) best allowed keys. Equal scores (a key every head's ReLU zeroes
-        scores exactly 0) go to the earlier token: a stable sort, so a query picks the same keys whether its
-        row is part of a prefill, a decode or a longer sequence (torch.topk's tie order depends on the row)."""
-        scores = scores.masked_fill(~allowed, float("-inf"))
-        S = scores.shape[-1]
-        k = min(self.topk, S)
-        if k < S:  # topk is linear in S where a sort is not; a tie across the cut falls back to the sort
-            values, top = scores.topk(k + 1, dim=-1)
-            if not (values[..., k - 1] == values[..., k]).any():
-                return top[..., :k]
-        return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-
     def select(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """The attention mask [B, T, S] (True = attend): each query's top-k allowed keys. A query with at
         most k allowed keys keeps all of them."""
-        if self.dense:
-            return allowed
-        chosen = torch.zeros_like(allowed).scatter_(-1, self._best(scores, allowed), True)
-        return chosen & allowed
+        return allowed if self.dense else top_k_mask(scores, allowed, self.topk)
 
     def top(self, scores: torch.Tensor, allowed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Decode: (the indices [B, k] of each row's top-k keys, whether each is allowed [B, k]), k = min(topk, S),
         for attention that reads only those keys. scores and allowed are [B, S]."""
-        top = self._best(scores, allowed)
+        top = best_keys(scores, allowed, self.topk)
         return top, allowed.gather(-1, top)
+
+
+def index_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """The lightning indexer's score sum_h w[t, h] * relu(q[t, h] . k[s] * scale), in float32: q [B, T, H, D],
+    weights [B, T, H], keys [B, S, D] -> [B, T, S]. V3.2 scores tokens, V4 compressed entries."""
+    per_head = torch.matmul(q, keys.float().transpose(-1, -2).unsqueeze(1)) * scale  # [B, T, H, S]
+    return torch.matmul(weights.unsqueeze(-2), F.relu(per_head)).squeeze(-2)
+
+
+def best_keys(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
+    """Indices of each row's min(topk, S) best allowed keys. Equal scores (a key every head's ReLU zeroes scores
+    exactly 0) go to the earlier key: a stable sort, so a query picks the same keys whether its row is part of a
+    prefill, a decode or a longer sequence (torch.topk's tie order depends on the row)."""
+    scores = scores.masked_fill(~allowed, float("-inf"))
+    S = scores.shape[-1]
+    k = min(topk, S)
+    if k < S:  # topk is linear in S where a sort is not; a tie across the cut falls back to the sort
+        values, top = scores.topk(k + 1, dim=-1)
+        if not (values[..., k - 1] == values[..., k]).any():
+            return top[..., :k]
+    return scores.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+
+
+def top_k_mask(scores: torch.Tensor, allowed: torch.Tensor, topk: int) -> torch.Tensor:
+    """[B, T, S] True where a key is among its query's top-k allowed keys."""
+    if scores.shape[-1] == 0:
+        return allowed
+    chosen = torch.zeros_like(allowed).scatter_(-1, best_keys(scores, allowed, topk), True)
+    return chosen & allowed

@@ -89,11 +89,12 @@ class Experts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
         self.act = activation(config.hidden_act)
+        self.limit = config.swiglu_limit if config.is_v4 else None  # V4 clips the SwiGLU's inputs
         self.derived: ops.ExpertsPack | None = None  # inference: packed copies (ops.pack_experts)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         return ops.routed_experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.act,
-                                  training=self.training, derived=self.derived)
+                                  training=self.training, derived=self.derived, limit=self.limit)
 
     def derive(self, plan: ops.Plan | None) -> None:
         self.derived = ops.pack_experts(self.gate_up_proj, self.down_proj, plan,
@@ -128,10 +129,11 @@ class MoE(nn.Module):
         f = counts * E / (K * T)
         return self.aux_alpha * (f * probs.mean(1)).sum(-1).mean()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, input_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """x [..., hidden]; `input_ids` (x's tokens) only for routers that hash them (DeepSeek-V4)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        weights, indices, scores = self.gate(flat)
+        weights, indices, scores = self.gate(flat) if input_ids is None else self.gate(flat, input_ids.reshape(-1))
         if self.training:  # the trainer's balancing statistics; inference has no use for them
             self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.experts.n_experts)
         if self.training and self.aux_alpha > 0 and x.dim() == 3:

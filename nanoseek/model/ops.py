@@ -153,10 +153,20 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, training: boo
     return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
+def clamped_glu(g: torch.Tensor, u: torch.Tensor, act, limit: float | None) -> torch.Tensor:
+    """act(g) * u; with DeepSeek-V4's `swiglu_limit`, g is clipped above and u on both sides first."""
+    if limit is not None:
+        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+    return act(g) * u
+
+
 def swiglu_mlp(x: torch.Tensor, gate, up, down, act, *, training: bool = False,
-               gate_up_small: torch.Tensor | None = None) -> torch.Tensor:
+               gate_up_small: torch.Tensor | None = None, limit: float | None = None) -> torch.Tensor:
     """down(act(gate(x)) * up(x)) for the Linear modules gate, up, down; `gate_up_small` is the decode kernel's
-    stacked copy of gate and up (one weight stream instead of two at decode batch sizes)."""
+    stacked copy of gate and up (one weight stream instead of two at decode batch sizes). `limit`: V4's clipped
+    SwiGLU, computed eagerly (the fused kernels do not clip)."""
+    if limit is not None:
+        return down(clamped_glu(gate(x), up(x), act, limit))
     no_bias = gate.bias is None and up.bias is None and down.bias is None
     if fused_training(x, training) and act is F.silu and no_bias:
         return train_ops.swiglu_mlp(x, gate.weight, up.weight, down.weight)
@@ -194,10 +204,13 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, plan: Plan | None,
 
 
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
-                   down: torch.Tensor, act, *, training: bool = False, derived: ExpertsPack | None = None
-                   ) -> torch.Tensor:
+                   down: torch.Tensor, act, *, training: bool = False, derived: ExpertsPack | None = None,
+                   limit: float | None = None) -> torch.Tensor:
     """sum_j weights[n, j] * expert_{indices[n, j]}(x[n]) for SwiGLU experts stored stacked: gate_up
-    [E, 2I, H], down [E, H, I]. Grouped: token copies sorted by expert, one product per expert."""
+    [E, 2I, H], down [E, H, I]. Grouped: token copies sorted by expert, one product per expert. `limit`: V4's
+    clipped SwiGLU (the fused kernels do not clip, so it runs the grouped products)."""
+    if limit is not None:
+        training, derived = False, None
     if fused_training(x, training) and act is F.silu:
         return train_ops.routed_experts(x, weights, indices, gate_up, down)
     inference = derived is not None and not torch.is_grad_enabled()
@@ -213,7 +226,7 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
             g, u = decode.onednn_linear(rows, onednn[0][e]).chunk(2, dim=-1)
             return decode.onednn_linear(act(g) * u, onednn[1][e])
         g, u = linear(rows, gate_up[e]).chunk(2, dim=-1)
-        return linear(act(g) * u, down[e])
+        return linear(clamped_glu(g, u, act, limit), down[e])
 
     N, k = indices.shape
     if N <= 2:  # batch-1 decoding (or a draft being verified): no sorting to do, just each row's k experts

@@ -88,6 +88,17 @@ class Rope:
         sub.cos, sub.sin, sub.interleaved, sub._cis = self.cos, self.sin, False, None
         return sub
 
+    def inverse(self) -> "Rope":
+        """The opposite rotation (DeepSeek-V4 rotates its attention output back by the query's angle)."""
+        sub = Rope.__new__(Rope)
+        sub.cos, sub.sin, sub.interleaved, sub._cis = self.cos, -self.sin, self.interleaved, None
+        return sub
+
+    def rotate_tail(self, x: torch.Tensor) -> torch.Tensor:
+        """Rotates the last rope dims of x [..., T, heads, dim] and leaves the rest (V4's [nope | rope] heads)."""
+        d = 2 * self.cos.shape[-1]
+        return torch.cat((x[..., :-d], self.rotate(x[..., -d:])), dim=-1)
+
     def rotate(self, x: torch.Tensor) -> torch.Tensor:
         """Rotates x [..., T, heads, dim] (positions broadcast over heads)."""
         if self.interleaved:

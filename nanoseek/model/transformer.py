@@ -96,10 +96,14 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         L = config.num_hidden_layers
         self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
-        self.rotary = RotaryEmbedding(config)
+        self.make_rotary()
         # Activations' dtype when it differs from the weights' (bf16 weights computed in float32 on a CPU
         # without native bf16: runtime.inference_precision); None: the weights' own.
         self.activation_dtype: torch.dtype | None = None
+
+    def make_rotary(self) -> None:
+        """(Re)builds the rotary tables, which checkpoints do not hold."""
+        self.rotary = RotaryEmbedding(self.config)
 
     # ---- helpers ----
     def positions_for(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

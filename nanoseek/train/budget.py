@@ -58,7 +58,7 @@ def training_rate(recipe: dict, device: torch.device, train_dtype: torch.dtype |
     """Training tokens per second of the recipe's model here: forward and backward of one pretraining
     micro-batch of random tokens, after one warm-up pass (kernel builds, oneDNN's JIT)."""
     from ..config import ModelConfig
-    from ..model.transformer import Transformer
+    from ..model import build_model
     from ..presets import load_preset
     from .config import build_config
     from .trainer import LossModule
@@ -71,7 +71,7 @@ def training_rate(recipe: dict, device: torch.device, train_dtype: torch.dtype |
     vocab = recipe.get("tokenizer", {}).get("vocab_size", 384)
     hf["vocab_size"] = max(hf.get("vocab_size", 0), -(-vocab // 32) * 32)
     cfg = build_config("pretrain", {**recipe.get("train", {}), **recipe.get("pretrain", {})})
-    model = Transformer(ModelConfig.from_hf_dict(hf))
+    model = build_model(ModelConfig.from_hf_dict(hf))
     model.init_weights(generator=torch.Generator().manual_seed(0))
     module = LossModule(model.to(device).train())
     ids = torch.randint(0, hf["vocab_size"], (cfg.micro_batch_size, cfg.seq_len + 1),

@@ -15,6 +15,7 @@ import torch
 from ..config import ModelConfig
 from ..engine import LLM
 from ..model.transformer import Transformer
+from ..model import build_model
 from ..runtime import fast_precision
 
 EVAL_CACHE = "256MiB"
@@ -23,7 +24,7 @@ CACHE = "512MiB"
 
 def model_copy(config: ModelConfig, state: dict, device: torch.device | str = "cpu") -> Transformer:
     """A separate model holding `state` (an engine casts its model in place: never hand it the one training)."""
-    model = Transformer(config)
+    model = build_model(config)
     model.load_state_dict(state)
     return model.to(device)
 

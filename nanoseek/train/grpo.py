@@ -31,6 +31,7 @@ import torch
 from ..engine import SamplingParams
 from ..errors import ConfigError
 from ..model.transformer import Transformer
+from ..model import build_model
 from ..tokenizer import load_tokenizer
 from .config import GRPOConfig
 from .context import RunContext
@@ -168,7 +169,7 @@ class GRPOTrainer(Trainer):
         self.rewards = build_rewards(cfg.rewards)
         self.ref = None
         if cfg.beta > 0:  # a frozen copy only when the KL term is on
-            self.ref = Transformer(model.config).to(self.device)
+            self.ref = build_model(model.config).to(self.device)
             self.ref.load_state_dict(model.state_dict())
             # Training mode (nothing in the model behaves differently in it but the numeric path): the reference's
             # log-probs come from the same fused kernels as the policy's, so identical weights give a zero KL.

@@ -14,6 +14,7 @@ from ..config import ModelConfig
 from ..data import shards
 from ..errors import ConfigError
 from ..model.transformer import Transformer
+from ..model import build_model as new_model
 from ..presets import load_preset
 from ..tokenizer import Tokenizer
 from .context import RunContext
@@ -39,12 +40,12 @@ def model_config(spec: dict, tokenizer: Tokenizer) -> ModelConfig:
 
 def fresh_model(spec: dict, tokenizer: Tokenizer, seed: int, device: torch.device) -> Transformer:
     """A newly initialised model from a [model]-style section (std `init_std`, default 0.02), seeded."""
-    model = Transformer(model_config(spec, tokenizer))
+    model = new_model(model_config(spec, tokenizer))
     model.init_weights(std=spec.get("init_std", 0.02), generator=torch.Generator().manual_seed(seed))
     return model.to(device)
 
 
-def build_model(run: RunContext) -> Transformer:
+def starting_model(run: RunContext) -> Transformer:
     """The stage's starting point: `init_from`'s model in float32 master weights, or a fresh [model]."""
     from ..checkpoint import load_model
 
@@ -69,7 +70,7 @@ def run_stage(recipe: dict, stage: str, resume: bool = False, show_progress: boo
         train_dir, val_dir = prepare_data(recipe, stage, run.tokenizer, cfg)  # present now: returns their paths
         train = shards.PackedLoader(train_dir, cfg.seq_len, seed=run.seed)
         val = shards.PackedLoader(val_dir, cfg.seq_len, seed=run.seed)
-        model = build_model(run)
+        model = starting_model(run)
         trainer = Trainer(model, cfg, train, run.out_dir, stage=stage, val_loader=val, evaluator=run.evaluator(),
                           tokenizer_dir=run.tokenizer_dir, dist=dist, seed=run.seed, show_progress=show_progress)
         return run.fit(trainer, resume=resume, train_tokens_meta=train.meta["total_tokens"])
