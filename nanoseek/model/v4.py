@@ -18,8 +18,9 @@ What differs from V3 (DeepSeek-V4 report, section 2; transformers' modeling_deep
     comb (mix the streams, Sinkhorn-projected to a doubly stochastic matrix); hc_head collapses them at the end.
   * Every layer is MoE; scores are sqrt(softplus(logits)); the first `hash_moe` layers pick experts by a frozen
     token-id table (`tid2eid`) and weigh them by the learned scores; SwiGLU inputs are clipped at swiglu_limit.
-The engine does not run V4 (its caches hold compressed entries and unfinished windows); this module gives the
-full-sequence forward that transformers' parity tests, evaluation by full forwards, and training use.
+The engine keeps one cache row per token and layer (V4Attention.cache_columns): the token's key, its attention
+input (so a window is pooled when its last token arrives, whichever step that is), and an entry in the row of
+its window's last token.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from . import ops
 from .indexer import index_scores, top_k_mask
 from .layers import Linear, RMSNorm, activation
 from .moe import Experts, MoE, Router
+from .paged import PagedBatch
 from .rope import Rope, RotaryEmbedding
 from .transformer import Backbone, Transformer
 
@@ -60,8 +62,9 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.empty(ratio, width, dtype=torch.float32))
         self.norm = RMSNorm(head_dim, config.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding) -> torch.Tensor:
-        """x [B, T, hidden] -> the entries of its complete windows [B, T // ratio, head_dim]."""
+    def forward(self, x: torch.Tensor, rotary: RotaryEmbedding, first_window: int = 0) -> torch.Tensor:
+        """x [B, T, hidden], tokens from window `first_window` on -> the entries of its complete windows
+        [B, T // ratio, head_dim] (with overlap, the first one lacks its predecessor unless first_window is 0)."""
         B, T, _ = x.shape
         m, d = self.ratio, self.head_dim
         n = T // m
@@ -74,7 +77,7 @@ class Compressor(nn.Module):
             gate = torch.cat((previous_gate, gate[..., d:]), dim=2)
         weights = gate.float().softmax(dim=2).to(kv.dtype)
         entries = self.norm((kv * weights).sum(dim=2))
-        starts = torch.arange(n, device=x.device) * m
+        starts = (first_window + torch.arange(n, device=x.device)) * m
         return rotary(starts.expand(B, n)).rotate_tail(entries.unsqueeze(-2)).squeeze(-2)
 
 
@@ -90,10 +93,10 @@ class V4Indexer(nn.Module):
         self.wq_b = Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(c.hidden_size, c.index_n_heads, bias=False)  # float32 scoring, never packed
 
-    def forward(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, rotary: RotaryEmbedding,
-                visible: torch.Tensor) -> torch.Tensor:
-        """-> [B, T, entries] True where a query attends to an entry."""
-        keys = self.compressor(x, rotary)
+    def select(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor:
+        """Queries x [B, T, hidden] (q_latent [B, T, q_lora_rank]) against entry keys [B, n, index_head_dim]
+        -> [B, T, n] True where a query attends to an entry: its top-k of the `visible` ones."""
         q = rope.rotate_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))).float()
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
         return top_k_mask(index_scores(q, weights, keys, self.head_dim ** -0.5), visible, self.topk)
@@ -135,6 +138,7 @@ class V4Attention(nn.Module):
             self.compressor = Compressor(c, c.compress_rates[self.kind], c.head_dim, overlap=self.kind == CSA)
         if self.kind == CSA:
             self.indexer = V4Indexer(c)
+        self.columns = self.cache_columns(c)
 
     @property
     def rope_kind(self) -> str:
@@ -159,12 +163,80 @@ class V4Attention(nn.Module):
             # entry w summarises tokens [w m, (w + 1) m): visible from position (w + 1) m - 1 on
             visible = torch.arange(entries.shape[1], device=x.device) < ((positions + 1) // self.compressor.ratio)[..., None]
             if self.indexer is not None:
-                visible = self.indexer(x, q_latent, ropes["compress"], rotary, visible)
+                keys = self.indexer.compressor(x, rotary)
+                visible = self.indexer.select(x, q_latent, ropes["compress"], keys, visible)
             kv = torch.cat((kv, entries), dim=1)
             allowed = torch.cat((allowed, visible), dim=-1)
         out = sink_attention(q, kv, allowed, self.attn_sink, self.head_dim ** -0.5)
         out = rope.inverse().rotate_tail(out)
         return self.wo_b(self.wo_a(out.flatten(-2)))
+
+
+    # ---- engine ----
+    def cache_columns(self, config: ModelConfig) -> dict[str, slice]:
+        """One cache row per token and layer: [key | attention input | entry | index entry]. The input lets a
+        window be pooled once it completes (it may span steps); an entry sits in the row of its window's last
+        token. Everything is a function of the token's prefix, so prefix caching and preemption by recompute
+        work as for V3."""
+        d, h, di = config.head_dim, config.hidden_size, config.index_head_dim
+        return {"kv": slice(0, d), "x": slice(d, d + h), "entry": slice(d + h, 2 * d + h),
+                "index": slice(2 * d + h, 2 * d + h + di)}
+
+    def forward_paged(self, x: torch.Tensor, positions: torch.Tensor, ropes: dict[str, Rope],
+                      rotary: RotaryEmbedding, cache: torch.Tensor, slot_mapping: torch.Tensor,
+                      views: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """x [N, hidden] rows of the engine step; `views`: per sequence, (its rows, its context slots, the new
+        rows' last)."""
+        rope = ropes[self.rope_kind]
+        col = self.columns
+        q_latent = self.q_norm(self.wq_a(x))
+        q = rope.rotate_tail(unweighted_rms_norm(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim)),
+                                                 self.eps))
+        kv = rope.rotate_tail(self.norm(self.wkv(x)).unsqueeze(-2)).squeeze(-2)
+        cache[slot_mapping, col["kv"]] = kv.to(cache.dtype)
+        cache[slot_mapping, col["x"]] = x.to(cache.dtype)
+        out = torch.empty_like(q)
+        for rows, slots in views:
+            S, T = slots.shape[0], rows.shape[0]
+            first = S - T  # the new rows are the context's last T positions
+            lo = max(0, first - self.window + 1)
+            keys = cache[slots[lo:], col["kv"]].to(q.dtype)
+            p, k = torch.arange(first, S, device=x.device), torch.arange(lo, S, device=x.device)
+            allowed = (k[None, :] <= p[:, None]) & (p[:, None] - k[None, :] < self.window)
+            if self.compressor is not None:
+                entries, visible = self._paged_entries(x[rows], q_latent[rows], ropes["compress"][rows], rotary,
+                                                       cache, slots, first)
+                keys, allowed = torch.cat((keys, entries)), torch.cat((allowed, visible), dim=-1)
+            out[rows] = sink_attention(q[rows][None], keys[None], allowed[None], self.attn_sink,
+                                       self.head_dim ** -0.5)[0]
+        out = rope.inverse().rotate_tail(out)
+        return self.wo_b(self.wo_a(out.flatten(-2)))
+
+    def _paged_entries(self, x, q_latent, rope, rotary, cache, slots, first):
+        """Pools the windows the new rows complete into the cache, then returns the context's entries and which
+        each new row attends to ([T, n]; a CSA decode gathers only its top-k entries)."""
+        m, col = self.compressor.ratio, self.columns
+        S = slots.shape[0]
+        n = S // m
+        parts = [(self.compressor, "entry")] + ([(self.indexer.compressor, "index")] if self.indexer else [])
+        w0 = first // m  # the first window whose last token is new
+        for compressor, name in parts:
+            if w0 < n:
+                start = w0 - 1 if compressor.overlap and w0 > 0 else w0  # with overlap, the predecessor too
+                xs = cache[slots[start * m: n * m], col["x"]].to(x.dtype)
+                pooled = compressor(xs[None], rotary, first_window=start)[0][w0 - start:]
+                cache[slots[torch.arange(w0, n, device=x.device) * m + m - 1], col[name]] = pooled.to(cache.dtype)
+        ends = slots[torch.arange(n, device=x.device) * m + m - 1]
+        entries = cache[ends, col["entry"]].to(x.dtype)
+        p = torch.arange(first, S, device=x.device)
+        visible = torch.arange(n, device=x.device)[None, :] < ((p + 1) // m)[:, None]
+        if self.indexer is not None:
+            keys = cache[ends, col["index"]].to(x.dtype)
+            visible = self.indexer.select(x[None], q_latent[None], rope, keys[None], visible[None])[0]
+            if visible.shape[0] == 1:  # a decode: attend to the chosen entries only
+                chosen = visible[0].nonzero().flatten()
+                return entries[chosen], visible[:, chosen]
+        return entries, visible
 
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor,
@@ -302,6 +374,12 @@ class V4Block(nn.Module):
         return self._site("ffn", streams, lambda x: self.ffn(self.ffn_norm(x), input_ids))
 
 
+    def forward_paged(self, streams, input_ids, positions, ropes, rotary, cache, slot_mapping, views):
+        streams = self._site("attn", streams, lambda x: self.attn.forward_paged(
+            self.attn_norm(x), positions, ropes, rotary, cache, slot_mapping, views))
+        return self._site("ffn", streams, lambda x: self.ffn(self.ffn_norm(x), input_ids))
+
+
 class HyperHead(nn.Module):
     """`model.hc_head`: the final collapse of the streams (sigmoid weights, no Sinkhorn)."""
 
@@ -366,12 +444,30 @@ class DeepseekV4Transformer(Transformer):
         x = self.model.hc_head(streams)
         return x if pre_norm else self.model.norm(x)
 
-    def forward_paged(self, *args, **kwargs):
-        raise ConfigError("nanoseek's engine does not run deepseek_v4 models yet (its caches would hold compressed "
-                          "entries and unfinished windows): use the model's full forward")
+    def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
+                      batch: PagedBatch, return_hidden: bool = False):
+        """The engine's forward (Transformer.forward_paged's contract). Attention runs per sequence over the
+        window's keys and the compressed entries read from the cache (V4Attention.forward_paged)."""
+        views = [(torch.arange(span.start, span.end, device=input_ids.device), span.context_slots)
+                 for span in batch.prefills]
+        if batch.decode_rows is not None:
+            for row, slots, length in zip(batch.decode_rows, batch.decode_slots, batch.decode_lengths.tolist()):
+                views.append((row.view(1), slots[:length]))
+        ropes = {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
+        x = self.embed(input_ids)
+        streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.hc_mult, x.shape[-1])
+        for layer, cache in zip(self.model.layers, caches):
+            streams = layer.forward_paged(streams, input_ids, positions, ropes, self.compress_rotary, cache,
+                                          batch.slot_mapping, views)
+        hidden = self.model.norm(self.model.hc_head(streams))
+        logits = self.lm_head(hidden[batch.logits_rows])
+        return (logits, hidden) if return_hidden else logits
 
     def kv_cache_shape(self) -> tuple[int, ...]:
-        raise ConfigError("nanoseek's engine does not run deepseek_v4 models yet")
+        """Per-slot width: the widest layer's row (V4Attention.cache_columns)."""
+        columns = self.model.layers[0].attn.columns
+        width = columns["index"].stop if CSA in self.config.layer_types else columns["entry"].stop
+        return (width,)
 
     def init_weights(self, std: float = 0.02, generator: torch.Generator | None = None) -> None:
         """Transformer.init_weights, then V4's own: unit hyper-connection scales, zero compressor slot biases
