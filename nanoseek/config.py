@@ -381,9 +381,12 @@ def _v4_from_hf(cls, d: dict) -> ModelConfig:
     compress = dict(rope.get("compress") or d.get("rope_scaling") or {})
     main_theta = (rope.get("main") or {}).get("rope_theta") or d.get("rope_theta") or 10000.0
     compress_theta = compress.pop("rope_theta", None) or d.get("compress_rope_theta") or 160000.0
-    for k in ("partial_rotary_factor", "type"):
-        compress.pop(k, None)
-    rope_type = compress.get("rope_type", "default")
+    rope_type = compress.pop("rope_type", None) or compress.pop("type", None) or "default"
+    compress.pop("partial_rotary_factor", None)
+    compress.pop("type", None)
+    compress["rope_type"] = rope_type
+    if rope_type == "yarn":  # V4 scales no amplitude into cos/sin (transformers' default for it)
+        compress.setdefault("attention_factor", 1.0)
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ConfigError(f"unsupported rope scaling {rope_type!r}: supported are {', '.join(SUPPORTED_ROPE_TYPES)}")
     head_dim = d.get("head_dim", 512)

@@ -96,6 +96,8 @@ def kv_cache_bytes_per_token(c: ModelConfig, bytes_per_element: int = 2) -> int:
 
 
 def model_cost(c: ModelConfig, context: int = 4096) -> ModelCost:
+    if c.is_v4:
+        return v4_cost(DeepseekV4Config.from_hf_dict(c.to_hf_dict()), context)
     H, V = c.hidden_size, c.vocab_size
     embedding = V * H
     head = 0 if c.tie_word_embeddings else V * H

@@ -33,7 +33,7 @@ from ..config import ModelConfig
 from ..config_v4 import CSA, HCA, SLIDING
 from ..errors import ConfigError
 from . import ops
-from .indexer import index_scores, top_k_mask
+from .indexer import Indexer, index_scores, top_k_mask
 from .layers import Linear, RMSNorm, activation
 from .moe import Experts, MoE, Router
 from .paged import PagedBatch
@@ -92,14 +92,35 @@ class V4Indexer(nn.Module):
         self.compressor = Compressor(c, c.compress_rates[CSA], c.index_head_dim, overlap=True)
         self.wq_b = Linear(c.q_lora_rank, c.index_n_heads * c.index_head_dim, bias=False)
         self.weights_proj = nn.Linear(c.hidden_size, c.index_n_heads, bias=False)  # float32 scoring, never packed
+        self.dense = False  # training warm-up: every visible entry (the indexer still learns)
+        self.loss: torch.Tensor | None = None  # training: this step's KL, collected by the trainer
 
-    def select(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor,
-               visible: torch.Tensor) -> torch.Tensor:
+    def scores(self, x: torch.Tensor, q_latent: torch.Tensor, rope: Rope, keys: torch.Tensor) -> torch.Tensor:
         """Queries x [B, T, hidden] (q_latent [B, T, q_lora_rank]) against entry keys [B, n, index_head_dim]
-        -> [B, T, n] True where a query attends to an entry: its top-k of the `visible` ones."""
+        -> index scores [B, T, n] float32."""
         q = rope.rotate_tail(self.wq_b(q_latent).unflatten(-1, (self.n_heads, self.head_dim))).float()
         weights = F.linear(x.float(), self.weights_proj.weight.float()) * self.n_heads ** -0.5
-        return top_k_mask(index_scores(q, weights, keys, self.head_dim ** -0.5), visible, self.topk)
+        return index_scores(q, weights, keys, self.head_dim ** -0.5)
+
+    def choose(self, scores: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """-> [B, T, n] True where a query attends to an entry: its top-k of the `visible` ones (all of them in
+        the dense warm-up)."""
+        return visible if self.dense else top_k_mask(scores, visible, self.topk)
+
+    def select(self, x, q_latent, rope, keys, visible) -> torch.Tensor:
+        return self.choose(self.scores(x, q_latent, rope, keys), visible)
+
+    def learn(self, scores: torch.Tensor, entry_probs: torch.Tensor, chosen: torch.Tensor) -> None:
+        """Training, as V3.2's indexer (model/indexer.py): KL from the attention's weights on the chosen entries
+        (summed over heads, normalised) to softmax(scores), over queries that see an entry; `scores` come from
+        detached inputs, so the loss trains the indexer alone."""
+        rows = chosen.any(-1)
+        if not rows.any():
+            self.loss = scores.sum() * 0.0
+            return
+        target = entry_probs.detach().float().sum(1)  # [B, T, n]
+        target = target / target.sum(-1, keepdim=True).clamp(min=1e-30)
+        self.loss = Indexer.distillation_loss(scores[rows], target[rows], chosen[rows])
 
 
 class GroupedLinear(nn.Module):
@@ -162,12 +183,19 @@ class V4Attention(nn.Module):
             entries = self.compressor(x, rotary)
             # entry w summarises tokens [w m, (w + 1) m): visible from position (w + 1) m - 1 on
             visible = torch.arange(entries.shape[1], device=x.device) < ((positions + 1) // self.compressor.ratio)[..., None]
+            scores = None
             if self.indexer is not None:
-                keys = self.indexer.compressor(x, rotary)
-                visible = self.indexer.select(x, q_latent, ropes["compress"], keys, visible)
+                # Training: scores from detached inputs, so that only the indexer's own loss reaches it.
+                xi, qi = (x.detach(), q_latent.detach()) if self.training else (x, q_latent)
+                scores = self.indexer.scores(xi, qi, ropes["compress"], self.indexer.compressor(xi, rotary))
+                visible = self.indexer.choose(scores.detach(), visible)
             kv = torch.cat((kv, entries), dim=1)
             allowed = torch.cat((allowed, visible), dim=-1)
-        out = sink_attention(q, kv, allowed, self.attn_sink, self.head_dim ** -0.5)
+        if self.training and self.indexer is not None:
+            out, probs = sink_attention(q, kv, allowed, self.attn_sink, self.head_dim ** -0.5, return_probs=True)
+            self.indexer.learn(scores, probs[..., T:], visible)
+        else:
+            out = sink_attention(q, kv, allowed, self.attn_sink, self.head_dim ** -0.5)
         out = rope.inverse().rotate_tail(out)
         return self.wo_b(self.wo_a(out.flatten(-2)))
 
@@ -240,14 +268,16 @@ class V4Attention(nn.Module):
 
 
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, allowed: torch.Tensor, sinks: torch.Tensor,
-                   scale: float) -> torch.Tensor:
+                   scale: float, return_probs: bool = False):
     """Multi-query attention whose one key per position is also its value, with a per-head sink logit that takes
-    probability mass and adds nothing: q [B, T, H, D], kv [B, S, D], allowed [B, T, S] -> [B, T, H, D]."""
+    probability mass and adds nothing: q [B, T, H, D], kv [B, S, D], allowed [B, T, S] -> [B, T, H, D] (and the
+    weights [B, H, T, S] with `return_probs`)."""
     logits = torch.matmul(q.transpose(1, 2), kv.transpose(-1, -2).unsqueeze(1)).float() * scale  # [B, H, T, S]
     logits = logits.masked_fill(~allowed.unsqueeze(1), float("-inf"))
     sink = sinks.float().view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
     probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1]
-    return torch.matmul(probs.to(kv.dtype), kv.unsqueeze(1)).transpose(1, 2)
+    out = torch.matmul(probs.to(kv.dtype), kv.unsqueeze(1)).transpose(1, 2)
+    return (out, probs) if return_probs else out
 
 
 class HyperConnection(nn.Module):

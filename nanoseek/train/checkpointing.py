@@ -60,7 +60,8 @@ def save_checkpoint(trainer, target: Path, state: dict) -> Path:
     module, optimizer = trainer.module, trainer.optimizer
     own = full_model_state(module)
     with_optimizer = target.parent.name == "checkpoints"
-    optim_state = get_optimizer_state_dict(module, optimizer, options=_full()) if with_optimizer else None
+    optim_state = (get_optimizer_state_dict(module, optimizer.optimizers, options=_full()) if with_optimizer
+                   else None)
     if trainer.dist.is_main:
         model = trainer.model
 
@@ -133,7 +134,7 @@ def load_checkpoint(trainer, path: Path) -> dict:
     d = path / STATE_DIR
     state = json.loads((d / "state.json").read_text())
     optim = _unflatten_optimizer(load_file(str(d / "optimizer.safetensors")), state["param_groups"])
-    set_optimizer_state_dict(trainer.module, trainer.optimizer, optim, options=_full(trainer.dist.active))
+    set_optimizer_state_dict(trainer.module, trainer.optimizer.optimizers, optim, options=_full(trainer.dist.active))
     rng = load_file(str(d / "rng.safetensors"))
     torch.set_rng_state(rng["torch_cpu"])
     if "torch_cuda" in rng and torch.cuda.is_available():

@@ -31,6 +31,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest: train/optim.py)
     grad_clip: float = 1.0
     dtype: str = "auto"  # runtime.training_autocast: bf16 autocast where bf16 is native, float32 elsewhere
     bias_update_gamma: float = 0.001  # aux-loss-free balancing step
@@ -48,7 +49,7 @@ class TrainConfig:
     max_seconds: float = 0  # wall-time cap of the stage (0: none)
 
     CHOICES: typing.ClassVar[dict[str, tuple[str, ...]]] = {
-        "schedule": ("cosine", "wsd", "constant"), "parallel": ("ddp", "fsdp", "none")}
+        "schedule": ("cosine", "wsd", "constant"), "parallel": ("ddp", "fsdp", "none"), "optimizer": ("adamw", "muon")}
 
     def __post_init__(self):
         for key, allowed in self.CHOICES.items():

@@ -26,14 +26,17 @@ from ..errors import NanoseekError
 from ..model.accounting import model_cost
 from ..model.indexer import Indexer
 from ..model.moe import MoE, update_balance_bias
-from ..runtime import autocast, notify, peak_flops, training_autocast
 from ..model.transformer import Transformer
+from ..model.v4 import V4Indexer
+from ..runtime import autocast, notify, peak_flops, training_autocast
 from . import checkpointing
 from .config import TrainConfig
 from .distributed import Distributed
 from .metrics import MetricsLog
+from .optim import build_optimizer
 
 log_ln2 = math.log(2)
+INDEXERS = (Indexer, V4Indexer)  # V3.2's and V4's lightning indexers: each learns from its own KL
 
 
 class TrainingError(NanoseekError):
@@ -62,7 +65,7 @@ class LossModule(nn.Module):
             if isinstance(m, MoE) and m.aux_loss is not None:
                 aux = aux + m.aux_loss
                 m.aux_loss = None  # do not keep the graph alive past this step
-            elif isinstance(m, Indexer) and m.loss is not None:
+            elif isinstance(m, INDEXERS) and m.loss is not None:
                 aux = aux + self.indexer_lambda * m.loss
                 m.loss = None
         return main, mtp, aux
@@ -82,21 +85,6 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
         return 1.0 - (1.0 - floor) * (step - decay_start) / max(total - decay_start, 1)
     progress = (step - warmup) / max(total - warmup, 1)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=fused_adamw_applies([*decay, *no_decay]))
-
-
-def fused_adamw_applies(params: list[torch.Tensor]) -> bool:
-    """torch's single-kernel AdamW (3x the per-parameter loop's speed on CPU) for plain CPU or CUDA tensors;
-    sharded (DTensor) parameters keep the default implementation."""
-    return bool(params) and all(type(p) is nn.Parameter and p.device.type in ("cpu", "cuda") for p in params)
 
 
 def training_flops_per_token(model: Transformer, seq_len: int, with_mtp: bool) -> float:
@@ -132,7 +120,7 @@ class Trainer:
         for m in self.moe_layers:
             m.aux_alpha = cfg.seq_aux_alpha
         model.train()  # the training numerics (model/kernels/training.py) follow the module's mode
-        self.indexers = [m for m in model.modules() if isinstance(m, Indexer)]
+        self.indexers = [m for m in model.modules() if isinstance(m, INDEXERS)]
         self.module = self.dist.wrap(LossModule(model, cfg.indexer_lambda), cfg.parallel)
         self.optimizer = build_optimizer(self.module, cfg)
         self.step = 0
