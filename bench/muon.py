@@ -1,0 +1,67 @@
+"""Muon vs AdamW on the speedrun task at equal wall time: the speedrun recipe's pretraining stage (its model,
+tokenizer, data and schedule), once with AdamW and once with `optimizer = "muon"` (torch's Muon for the hidden
+matrices, AdamW for the rest: nanoseek/train/optim.py), each given the same seconds of training. Each optimizer's
+step time is measured first on a few steps, so that both runs finish their whole schedule (warmup, stable,
+decay) inside the budget instead of being cut off mid-schedule.
+
+    python bench/muon.py [--recipe recipes/speedrun_cpu.toml] [--seconds 300]
+
+Reports the validation loss (nats/token, the recipe's held-out problems) each reaches; one JSON line last, with
+the CPU class and dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import emit  # noqa: E402
+
+import torch  # noqa: E402
+
+from nanoseek.runtime import training_autocast  # noqa: E402
+from nanoseek.train.recipe import load_recipe  # noqa: E402
+from nanoseek.train.stages import run_stage  # noqa: E402
+
+CALIBRATION_STEPS = 8
+
+
+def pretrain(recipe_path: str, out: Path, name: str, optimizer: str, steps: int, extra: list[str]) -> dict:
+    overrides = [f"run.name={name}", f"run.out_dir={out}", "run.minutes=0", f"train.optimizer={optimizer}",
+                 f"pretrain.steps={steps}", f"pretrain.warmup_steps={max(1, min(50, steps // 10))}",
+                 "train.save_every=0", "eval.during_training=false", *extra]
+    path = run_stage(load_recipe(recipe_path, overrides), "pretrain", show_progress=False)
+    summary = json.loads((path.parent / "summary.json").read_text())
+    return {"steps": summary["steps"], "seconds": round(summary["wall_seconds"], 1),
+            "val_loss": round(summary["val_loss"], 4), "tokens": summary["tokens"]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="recipes/speedrun_cpu.toml")
+    parser.add_argument("--seconds", type=float, default=300.0, help="training seconds per optimizer")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides (key=value)")
+    args = parser.parse_args()
+    recipe = load_recipe(args.recipe, args.overrides)
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for optimizer in ("adamw", "muon"):
+            probe = pretrain(args.recipe, Path(tmp), f"{optimizer}_probe", optimizer, CALIBRATION_STEPS,
+                             args.overrides)
+            per_step = probe["seconds"] / probe["steps"]
+            steps = max(CALIBRATION_STEPS, int(args.seconds / per_step))
+            results[optimizer] = pretrain(args.recipe, Path(tmp), optimizer, optimizer, steps, args.overrides)
+            print(json.dumps({optimizer: results[optimizer]}), flush=True)
+    compute, _ = training_autocast(recipe["train"].get("dtype", "auto"), torch.device("cpu"))
+    emit({"bench": "muon_vs_adamw", "task": "speedrun pretraining (held-out val loss)",
+          "model_type": recipe["model"].get("model_type"), "dtype": str(compute or torch.float32),
+          "seconds_each": args.seconds, "adamw": results["adamw"], "muon": results["muon"],
+          "val_loss_muon_minus_adamw": round(results["muon"]["val_loss"] - results["adamw"]["val_loss"], 4)})
+
+
+if __name__ == "__main__":
+    main()
