@@ -6,8 +6,8 @@ plus compressed entries, one per 4 tokens (CSA: compressed sparse attention, a l
 entries) or per 128 tokens (HCA: heavily compressed attention, all entries attended). Residuals are 4
 manifold-constrained hyper-connection streams; the first MoE layers route by a token-id hash. nanoseek reads the
 config in both spellings, DeepSeek's release (`compress_ratios` per layer, `num_hash_layers`) and transformers'
-(`layer_types`, `mlp_layer_types`, `compress_rates`), and computes what it costs (model/accounting.py); it does
-not run V4 models yet.
+(`layer_types`, `mlp_layer_types`, `compress_rates`), and computes what it costs (model/accounting.py); the model
+itself is built from a ModelConfig (config.py, model/v4.py), which reads the layer schedule through this.
 """
 
 from __future__ import annotations

@@ -236,3 +236,24 @@ def _tiny_v4() -> dict:
     return dict(model_type="deepseek_v4", vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                 head_dim=16, q_lora_rank=8, qk_rope_head_dim=4, o_groups=2, o_lora_rank=8, n_routed_experts=4,
                 num_experts_per_tok=2, n_shared_experts=1, moe_intermediate_size=16, index_head_dim=8, hc_mult=2)
+
+
+def test_a_decode_reads_the_window_and_its_chosen_entries_only(hf_checkpoint, monkeypatch):
+    """At 41+ tokens of context a decoded token's CSA attention reads its 8 window keys and its top-3 of 10
+    entries; HCA all 5 complete entries; a window-only layer its 8 keys."""
+    from nanoseek.model import v4
+
+    directory, _ = hf_checkpoint("deepseek_v4")
+    llm = LLM(directory, dtype="float32")
+    widths = []
+    original = v4.sink_attention
+
+    def spy(q, kv, allowed, sinks, scale, return_probs=False):
+        if q.shape[1] == 1:  # a decode row
+            widths.append(kv.shape[1])
+        return original(q, kv, allowed, sinks, scale, return_probs)
+
+    monkeypatch.setattr(v4, "sink_attention", spy)
+    llm.generate([_prompts((41,))[0]], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+    # one decode step (the second token), five layers: window, CSA, HCA, CSA, window
+    assert widths == [8, 8 + 3, 8 + 5, 8 + 3, 8]
