@@ -6,14 +6,16 @@ decay) inside the budget instead of being cut off mid-schedule.
 
     python bench/muon.py [--recipe recipes/speedrun_cpu.toml] [--seconds 300]
 
-Reports the validation loss (nats/token, the recipe's held-out problems) each reaches; one JSON line last, with
-the CPU class and dtype.
+Reports the validation loss (nats/token, the recipe's held-out problems) each reaches and the steps and training
+seconds it took (the stage's wall time, its final evaluation included); one JSON line last, with the CPU class and
+dtype.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -27,17 +29,20 @@ from nanoseek.runtime import training_autocast  # noqa: E402
 from nanoseek.train.recipe import load_recipe  # noqa: E402
 from nanoseek.train.stages import run_stage  # noqa: E402
 
-CALIBRATION_STEPS = 8
+CALIBRATION_STEPS = 12
 
 
 def pretrain(recipe_path: str, out: Path, name: str, optimizer: str, steps: int, extra: list[str]) -> dict:
     overrides = [f"run.name={name}", f"run.out_dir={out}", "run.minutes=0", f"train.optimizer={optimizer}",
                  f"pretrain.steps={steps}", f"pretrain.warmup_steps={max(1, min(50, steps // 10))}",
-                 "train.save_every=0", "eval.during_training=false", *extra]
+                 "train.save_every=0", "train.log_every=1", "eval.during_training=false", *extra]
     path = run_stage(load_recipe(recipe_path, overrides), "pretrain", show_progress=False)
     summary = json.loads((path.parent / "summary.json").read_text())
+    rates = [json.loads(line).get("tok_s") for line in (path.parent / "metrics.jsonl").read_text().splitlines()]
+    rates = [r for r in rates if r]
     return {"steps": summary["steps"], "seconds": round(summary["wall_seconds"], 1),
-            "val_loss": round(summary["val_loss"], 4), "tokens": summary["tokens"]}
+            "val_loss": round(summary["val_loss"], 4), "tokens": summary["tokens"],
+            "tokens_per_second": round(statistics.median(rates[len(rates) // 2:]))}
 
 
 def main():
@@ -52,7 +57,8 @@ def main():
         for optimizer in ("adamw", "muon"):
             probe = pretrain(args.recipe, Path(tmp), f"{optimizer}_probe", optimizer, CALIBRATION_STEPS,
                              args.overrides)
-            per_step = probe["seconds"] / probe["steps"]
+            # Steady-state speed (the probe's later steps), not its wall time, which setup and evaluation dominate.
+            per_step = probe["tokens"] / probe["steps"] / probe["tokens_per_second"]
             steps = max(CALIBRATION_STEPS, int(args.seconds / per_step))
             results[optimizer] = pretrain(args.recipe, Path(tmp), optimizer, optimizer, steps, args.overrides)
             print(json.dumps({optimizer: results[optimizer]}), flush=True)

@@ -62,6 +62,32 @@ def fp8_block_dequantize(weight: torch.Tensor, scale_inv: torch.Tensor, dtype=to
     return (weight.float() * scale).to(dtype)
 
 
+FP4_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+FP4_BLOCK = 32  # DeepSeek-V4's FP4 experts: one scale per 32 inputs of a row
+
+
+def fp4_block_dequantize(packed: torch.Tensor, scale: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """DeepSeek-V4's FP4 expert weights: packed [out, in/2] bytes, two e2m1 codes each (the low nibble first),
+    times one scale per 32 inputs ([out, in/32], ue8m0 or float; raw uint8 exponents are 2^(b - 127))."""
+    codes = packed.contiguous().view(torch.uint8)
+    table = torch.tensor(FP4_E2M1, dtype=torch.float32)
+    values = torch.stack((table[(codes & 0xF).long()], table[(codes >> 4).long()]), dim=-1).flatten(-2)
+    factors = (scale.float() - 127.0).exp2() if scale.dtype == torch.uint8 else scale.float()
+    if tuple(factors.shape) != (values.shape[0], values.shape[1] // FP4_BLOCK):
+        raise CheckpointError(f"FP4 scale shape {tuple(scale.shape)} does not fit weight {tuple(values.shape)}: "
+                              f"expected one scale per {FP4_BLOCK} inputs of each row")
+    return (values * factors.repeat_interleave(FP4_BLOCK, dim=1)).to(dtype)
+
+
+def _block_scale_key(key: str, files: "CheckpointFiles") -> str | None:
+    """The scale beside a block-quantized weight: V3's `weight_scale_inv`, or DeepSeek-V4's `scale`."""
+    stem = key[: -len("weight")] if key.endswith(".weight") else None
+    for candidate in ((stem + "weight_scale_inv", stem + "scale") if stem else ()):
+        if candidate in files.key_to_file:
+            return candidate
+    return None
+
+
 def fp8_block_quantize(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weight [out, in] -> (float8_e4m3fn weight, float32 scale_inv per 128x128 block), DeepSeek's format."""
     out_f, in_f = weight.shape
@@ -89,9 +115,9 @@ def map_key(key: str, config: ModelConfig) -> Target | None:
     and head) and are not stored separately."""
     L = config.num_hidden_layers
     if config.is_v4:
-        if key.startswith("mtp."):
-            return None  # V4's MTP modules are not built yet (the config loads with num_nextn_predict_layers 0)
         key = _V4_TOP.get(key, "model." + key if key.startswith("layers.") else key)
+        key = key.replace(".kv_norm.", ".norm.")  # the release's spelling of the attention's key norm
+        # V4's MTP depths keep their release names, `mtp.{k}.*` (the embedding and head are the model's)
     m = _LAYER.match(key)
     if m and int(m.group(1)) >= L:
         k, rest = int(m.group(1)) - L, m.group(2)
@@ -145,7 +171,7 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
             continue
         key = "head.weight" if name == "lm_head.weight" and config.is_v4 else name
         names = ("w1", "w3", "w2") if config.is_v4 else ("gate_proj", "up_proj", "down_proj")
-        if name.startswith("mtp."):
+        if name.startswith("mtp.") and not config.is_v4:
             _, k, rest = name.split(".", 2)
             prefix = f"model.layers.{L + int(k)}."
             if rest.startswith("block."):
@@ -170,8 +196,8 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
                     yield f"{base}{ex}.{names[2]}.weight{suffix}", (lambda t=t, ex=ex: t[ex]), tuple(t.shape[1:]), t.dtype
             else:
                 yield key + suffix, (lambda t=t: t), tuple(t.shape), t.dtype
-    # vLLM and DeepSeek's layout keep a copy of the shared embedding and head inside each MTP layer.
-    for k in range(len(model.mtp)):
+    # vLLM and DeepSeek's V3 layout keep a copy of the shared embedding and head inside each MTP layer.
+    for k in range(0 if config.is_v4 else len(model.mtp)):
         prefix = f"model.layers.{L + k}."
         emb = named["model.embed_tokens.weight"]
         head = named.get("lm_head.weight", emb)
@@ -257,6 +283,8 @@ def find_checkpoint_files(directory: str | Path) -> CheckpointFiles:
 
 
 def mtp_depths_in_checkpoint(keys, config: ModelConfig) -> int:
+    if config.is_v4:  # `mtp.{k}.*`
+        return len({k.split(".")[1] for k in keys if k.startswith("mtp.")})
     L = config.num_hidden_layers
     depths = {int(m.group(1)) - L for k in keys if (m := _LAYER.match(k)) and int(m.group(1)) >= L}
     return len(depths)
@@ -293,7 +321,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu", dtype: torc
     elif not use_mtp and config.num_nextn_predict_layers:
         mtp_note = "MTP layers present but not loaded (use_mtp=False)"
         config = config.replace(num_nextn_predict_layers=0)
-        keys = [k for k in keys if not ((m := _LAYER.match(k)) and int(m.group(1)) >= config.num_hidden_layers)]
+        keys = [k for k in keys if not ((m := _LAYER.match(k)) and int(m.group(1)) >= config.num_hidden_layers)
+                and not (config.is_v4 and k.startswith("mtp."))]
 
     model = _allocate(config, device, dtype)
     scheme = quant.scheme_from_config(config.extra.get("quantization_config"))
@@ -343,7 +372,8 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
         else:
             needed[(name, None, None)] = tuple(t.shape)
 
-    scale_keys = {k for k in keys if k.endswith("_scale_inv") or k.endswith(".weight" + QUANT_SCALE_SUFFIX)}
+    scale_keys = {k for k in keys if k.endswith("_scale_inv") or k.endswith(".weight" + QUANT_SCALE_SUFFIX)
+                  or (config.is_v4 and k.endswith(".scale") and k[: -len("scale")] + "weight" in files.key_to_file)}
     unexpected, misshaped, filled = [], [], set()
     loaded: dict[tuple, quant.QuantizedWeight] = {}  # slot -> the integers of a quantized checkpoint
     for key in keys:
@@ -360,10 +390,11 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
             continue
         shape = files.shape(key)
         integers = files.dtype_name(key) in ("I8", "U8")
-        if integers and config.is_v4:
-            raise CheckpointError(f"{key}: DeepSeek-V4's FP4 expert weights are not supported yet; dequantize the "
-                                  "checkpoint to bf16 first (transformers loads it)")
-        if integers:
+        block_scale = _block_scale_key(key, files)
+        fp4 = integers and config.is_v4 and block_scale is not None
+        if fp4:
+            shape = (*shape[:-1], shape[-1] * 2)  # DeepSeek-V4's FP4 experts: two e2m1 values per byte
+        elif integers:
             if scheme is None:
                 raise CheckpointError(f"{key} holds integers but config.json has no nanoseek quantization_config: "
                                       "write quantized checkpoints with `nanoseek quantize`")
@@ -376,11 +407,13 @@ def _stream_into(model: Transformer, files: CheckpointFiles, keys: list[str], dt
         if misshaped or unexpected:
             continue  # already failing: keep scanning for the full report without reading data
         tensor = files.tensor(key)
-        if tensor.dtype == torch.float8_e4m3fn:
-            scale_key = key[: -len("weight")] + "weight_scale_inv"
-            if scale_key not in files.key_to_file:
-                raise CheckpointError(f"{key} is float8 but {scale_key} is missing")
-            tensor = fp8_block_dequantize(tensor, files.tensor(scale_key), torch.float32)
+        if fp4:
+            tensor = fp4_block_dequantize(tensor, files.tensor(block_scale))
+        elif tensor.dtype == torch.float8_e4m3fn:
+            if block_scale is None:
+                raise CheckpointError(f"{key} is float8 but its scale ({key[:-len('weight')]}weight_scale_inv) "
+                                      "is missing")
+            tensor = fp8_block_dequantize(tensor, files.tensor(block_scale), torch.float32)
         elif integers:
             scale_key = key + QUANT_SCALE_SUFFIX
             if scale_key not in files.key_to_file:
@@ -439,7 +472,7 @@ def _slot_key(slot: tuple, config: ModelConfig) -> str:
     name, expert, part = slot
     if expert is not None:
         name = f"{name.rsplit('.', 1)[0]}.{expert}.{part}.weight"
-    if name.startswith("mtp."):
+    if name.startswith("mtp.") and not config.is_v4:
         _, k, rest = name.split(".", 2)
         rest = rest.replace("block.", "", 1).replace("shared_head_norm", "shared_head.norm")
         name = f"model.layers.{config.num_hidden_layers + int(k)}.{rest}"

@@ -172,9 +172,6 @@ class ModelConfig:
             raise ConfigError(f"o_groups ({self.o_groups}) must divide num_attention_heads * head_dim")
         if not 0 < self.qk_rope_head_dim <= min(self.head_dim, self.index_head_dim) or self.qk_rope_head_dim % 2:
             raise ConfigError("qk_rope_head_dim must be even and at most head_dim and index_head_dim")
-        if self.num_nextn_predict_layers:
-            raise ConfigError("deepseek_v4's MTP modules are not supported yet: set num_nextn_predict_layers = 0 "
-                              "(checkpoints that hold them load without them)")
 
     # ---- derived properties ----
     @property
@@ -400,7 +397,6 @@ def _v4_from_hf(cls, d: dict) -> ModelConfig:
     kwargs.setdefault("scoring_func", "sqrtsoftplus")
     kwargs.setdefault("norm_topk_prob", True)
     kwargs.setdefault("routed_scaling_factor", 1.5)
-    kwargs["num_nextn_predict_layers"] = 0  # MTP modules are not built for V4 (checkpoint.py skips their tensors)
     consumed = set(names) | {"rope_parameters", "rope_scaling", "layer_types", "mlp_layer_types", "compress_rates",
                              "compress_ratios", "num_hash_layers", "compress_rate_csa", "compress_rate_hca",
                              "partial_rotary_factor", "dtype", "qk_rope_head_dim", "intermediate_size"}

@@ -57,28 +57,57 @@ def test_saved_checkpoints_load_in_transformers_and_the_release_names_load_here(
 
     again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours32", dtype=torch.float32).eval()
     assert torch.equal(again(ids).logits, hf(ids).logits)
-    # DeepSeek's release spelling: no `model.` prefix, `embed`, `hc_head_fn`, MTP tensors (skipped, not built)
+    # DeepSeek's release spelling: no `model.` prefix, `embed`, `hc_head_fn`, the attention's `kv_norm`
     release = tmp_path / "release"
     release.mkdir()
     tensors = load_file(tmp_path / "ours32" / "model.safetensors")
     renamed = {}
     for key, t in tensors.items():
         key = key.removeprefix("model.").replace("embed_tokens.", "embed.").replace("hc_head.hc_", "hc_head_")
-        renamed[key] = t
-    renamed["mtp.0.enorm.weight"] = torch.ones(64)
+        renamed[key.replace(".attn.norm.", ".attn.kv_norm.")] = t
+    assert "layers.0.attn.kv_norm.weight" in renamed
     save_file(renamed, str(release / "model.safetensors"))
     (release / "config.json").write_text((tmp_path / "ours32" / "config.json").read_text())
     assert torch.equal(nanoseek.load_model(release)(ids), model(ids))
 
 
-def test_fp4_expert_weights_are_refused_clearly(hf_checkpoint, tmp_path):
+E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def test_the_releases_fp4_experts_and_fp8_weights_load_dequantized(hf_checkpoint, tmp_path):
+    """DeepSeek-V4's release layout: routed experts as FP4 (two e2m1 codes per byte, low nibble first, a ue8m0
+    scale per 32 inputs) and other matrices as FP8 with a `scale` per 128x128 block; both load as the floats
+    they encode."""
+    from nanoseek.checkpoint import fp8_block_quantize
+
     directory, _ = hf_checkpoint("deepseek_v4")
     tensors = load_file(directory / "model.safetensors")
-    key = next(k for k in tensors if k.endswith("experts.0.w1.weight"))
-    tensors[key] = torch.zeros(tensors[key].shape, dtype=torch.int8)
+    g = torch.Generator().manual_seed(0)
+    expected = {}
+    for key in [k for k in tensors if ".experts." in k]:
+        rows, cols = tensors[key].shape
+        codes = torch.randint(0, 16, (rows, cols), generator=g, dtype=torch.uint8)
+        exponents = torch.randint(-6, -1, (rows, cols // 32), generator=g).float()
+        expected[key] = E2M1[codes.long()] * exponents.exp2().repeat_interleave(32, dim=1)
+        tensors[key] = (codes[:, 0::2] | (codes[:, 1::2] << 4)).view(torch.int8)
+        tensors[key[: -len("weight")] + "scale"] = exponents.exp2().to(torch.float8_e8m0fnu)
+    fp8_key = "model.layers.1.attn.wq_b.weight"
+    q, scale = fp8_block_quantize(tensors[fp8_key])
+    expected[fp8_key] = q.float() * scale.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+    tensors[fp8_key], tensors[fp8_key[: -len("weight")] + "scale"] = q, scale
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())
-    with pytest.raises(CheckpointError, match="FP4 expert weights are not supported"):
+    model = nanoseek.load_model(tmp_path)
+    experts = model.model.layers[2].ffn.experts
+    I = experts.intermediate
+    assert torch.equal(experts.gate_up_proj[3, :I], expected["model.layers.2.ffn.experts.3.w1.weight"])
+    assert torch.equal(experts.gate_up_proj[3, I:], expected["model.layers.2.ffn.experts.3.w3.weight"])
+    assert torch.equal(experts.down_proj[5], expected["model.layers.2.ffn.experts.5.w2.weight"])
+    assert torch.equal(model.model.layers[1].attn.wq_b.weight, expected[fp8_key])
+    bad = dict(tensors)
+    bad["model.layers.2.ffn.experts.3.w1.scale"] = torch.ones(2, 2)
+    save_file(bad, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="FP4 scale shape"):
         nanoseek.load_model(tmp_path)
 
 
@@ -132,8 +161,6 @@ def test_v4_configs_are_checked():
         ModelConfig(**base, layer_types=["sliding_attention"])
     with pytest.raises(ConfigError, match="o_groups"):
         ModelConfig(**{**base, "o_groups": 3})
-    with pytest.raises(ConfigError, match="MTP"):
-        ModelConfig(**base, num_nextn_predict_layers=1)
     model = nanoseek.model.build_model(ModelConfig(**base))
     model.init_weights(generator=torch.Generator().manual_seed(0))
     with pytest.raises(ConfigError, match="left-padded"):
@@ -144,7 +171,7 @@ def test_v4_configs_are_checked():
 
 V4_RECIPE = ["model.model_type=deepseek_v4", "model.head_dim=16", "model.o_groups=2", "model.o_lora_rank=8",
              "model.hc_mult=2", "model.sliding_window=16", "model.index_topk=4", "model.index_head_dim=16",
-             "model.index_n_heads=8", "model.num_nextn_predict_layers=0",
+             "model.index_n_heads=8", "model.num_nextn_predict_layers=1",
              'model.layer_types=["compressed_sparse_attention","heavily_compressed_attention"]',
              'model.mlp_layer_types=["hash_moe","moe"]',
              'model.compress_rates={"compressed_sparse_attention"=4, "heavily_compressed_attention"=16}']
@@ -173,10 +200,20 @@ def test_a_v4_recipe_trains_and_transformers_runs_the_result(tmp_path):
         assert not torch.equal(layer.get_parameter(name), start.get_parameter(name)), name
     assert torch.equal(layer.ffn.gate.tid2eid, start.ffn.gate.tid2eid)
     assert trained.model.layers[1].ffn.gate.bias.abs().sum() > 0
+    mtp = trained.mtp[0]  # the MTP depth trained too (`mtp.0.*`, DeepSeek's names; transformers skips them)
+    assert not torch.equal(mtp.e_proj.weight, fresh.mtp[0].e_proj.weight)
+    assert "mtp.0.hc_head_fn" in load_file(path / "model.safetensors")
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids = torch.randint(2, trained.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (trained.eval()(ids) - hf(ids).logits).abs().max() < 1e-4
+    # MTP drafts for speculative decoding; greedy output stays the plain decode's, token for token
+    prompts = [ids[0].tolist(), ids[1, :11].tolist()]
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+    plain = [o.outputs[0].token_ids for o in LLM(path, dtype="float32").generate(prompts, greedy)]
+    spec = LLM(path, dtype="float32", speculative="mtp", num_speculative_tokens=2)
+    assert [o.outputs[0].token_ids for o in spec.generate(prompts, greedy)] == plain
+    assert spec.engine.stats()["spec_draft_tokens"] > 0
 
 
 def test_the_indexer_learns_from_its_own_loss_only(hf_checkpoint):

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..config_v4 import CSA, HCA, SLIDING
+from ..config_v4 import CSA, SLIDING
 from ..errors import ConfigError
 from . import ops
 from .indexer import Indexer, index_scores, top_k_mask
@@ -38,7 +38,7 @@ from .layers import Linear, RMSNorm, activation
 from .moe import Experts, MoE, Router
 from .paged import PagedBatch
 from .rope import Rope, RotaryEmbedding
-from .transformer import Backbone, Transformer
+from .transformer import Transformer
 
 SCORE_FUNCTIONS = {"sqrtsoftplus": lambda x: F.softplus(x).sqrt(), "sigmoid": torch.sigmoid,
                    "softmax": lambda x: x.softmax(dim=-1)}
@@ -139,11 +139,20 @@ class GroupedLinear(nn.Module):
         return torch.einsum("...gi,gri->...gr", grouped, w).flatten(-2)
 
 
+def layer_kind(config: ModelConfig, layer_idx: int) -> str:
+    """Layer i's attention; MTP layers (past the list) attend to the window alone, as in DeepSeek's release."""
+    return config.layer_types[layer_idx] if layer_idx < len(config.layer_types) else SLIDING
+
+
+def hash_routed(config: ModelConfig, layer_idx: int) -> bool:
+    return layer_idx < len(config.mlp_layer_types) and config.mlp_layer_types[layer_idx] == "hash_moe"
+
+
 class V4Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer_idx: int):
         super().__init__()
         c = config
-        self.kind = c.layer_types[layer_idx]
+        self.kind = layer_kind(c, layer_idx)
         self.n_heads, self.head_dim, self.window, self.eps = (c.num_attention_heads, c.head_dim, c.sliding_window,
                                                               c.rms_norm_eps)
         self.wq_a = Linear(c.hidden_size, c.q_lora_rank, bias=False)
@@ -369,7 +378,7 @@ class ClampedMLP(nn.Module):
 class V4MoE(MoE):
     def __init__(self, config: ModelConfig, layer_idx: int):
         nn.Module.__init__(self)
-        self.gate = V4Router(config, hashed=config.mlp_layer_types[layer_idx] == "hash_moe")
+        self.gate = V4Router(config, hashed=hash_routed(config, layer_idx))
         self.experts = Experts(config)
         self.shared_experts = ClampedMLP(config) if config.n_shared_experts else None
         self.last_expert_load = None
@@ -410,21 +419,55 @@ class V4Block(nn.Module):
         return self._site("ffn", streams, lambda x: self.ffn(self.ffn_norm(x), input_ids))
 
 
+def collapse_streams(streams: torch.Tensor, fn: torch.Tensor, base: torch.Tensor, scale: torch.Tensor,
+                     config: ModelConfig) -> torch.Tensor:
+    """The final collapse of the streams (sigmoid weights, no Sinkhorn): the model's hc_head, and each MTP
+    module's own."""
+    mixes = F.linear(unweighted_rms_norm(streams.flatten(-2).float(), config.rms_norm_eps), fn.float())
+    pre = torch.sigmoid(mixes * scale.float() + base.float()) + config.hc_eps
+    return HyperConnection.collapse(streams, pre)
+
+
 class HyperHead(nn.Module):
-    """`model.hc_head`: the final collapse of the streams (sigmoid weights, no Sinkhorn)."""
+    """`model.hc_head`."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         n = config.hc_mult
-        self.eps, self.norm_eps = config.hc_eps, config.rms_norm_eps
+        self.config = config
         self.hc_fn = nn.Parameter(torch.empty(n, n * config.hidden_size, dtype=torch.float32))
         self.hc_base = nn.Parameter(torch.empty(n, dtype=torch.float32))
         self.hc_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
-        mixes = F.linear(unweighted_rms_norm(streams.flatten(-2).float(), self.norm_eps), self.hc_fn.float())
-        pre = torch.sigmoid(mixes * self.hc_scale.float() + self.hc_base.float()) + self.eps
-        return HyperConnection.collapse(streams, pre)
+        return collapse_streams(streams, self.hc_fn, self.hc_base, self.hc_scale, self.config)
+
+
+class V4MTPBlock(V4Block):
+    """One MTP depth of DeepSeek-V4 (`mtp.{k}.*` in the release; transformers does not build it): a V4 block
+    (window-only attention, learned routing) over streams x = e_proj(enorm(embed(t_{i+k}))) + h_proj(hnorm(h_i)),
+    h_i being the main model's streams before its hc_head; its output is collapsed by its own hc_head and norm,
+    then the shared LM head."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        c, n = config, config.hc_mult
+        self.config = c
+        self.e_proj = Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.h_proj = Linear(c.hidden_size, c.hidden_size, bias=False)
+        self.enorm, self.hnorm, self.norm = (RMSNorm(c.hidden_size, c.rms_norm_eps) for _ in range(3))
+        self.hc_head_fn = nn.Parameter(torch.empty(n, n * c.hidden_size, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.empty(n, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.empty(1, dtype=torch.float32))
+
+    def inputs(self, streams: torch.Tensor, next_embeds: torch.Tensor) -> torch.Tensor:
+        """streams [..., N, hidden] of positions i, embeddings [..., hidden] of tokens i + 1 -> the block's input."""
+        return self.e_proj(self.enorm(next_embeds)).unsqueeze(-2) + self.h_proj(self.hnorm(streams))
+
+    def shared_head_norm(self, streams: torch.Tensor) -> torch.Tensor:
+        """The state the shared LM head reads (named as V3's MTP norm, which the trainer calls)."""
+        return self.norm(collapse_streams(streams, self.hc_head_fn, self.hc_head_base, self.hc_head_scale,
+                                          self.config))
 
 
 class V4Backbone(nn.Module):
@@ -438,7 +481,7 @@ class V4Backbone(nn.Module):
 
 class DeepseekV4Transformer(Transformer):
     """The V4 model behind the Transformer interface (loss heads, precision, init and the rest are inherited);
-    `lm_head` is `head.weight` in checkpoints. No MTP modules yet."""
+    `lm_head` is `head.weight` in checkpoints; MTP depths are `mtp.{k}` (V4MTPBlock)."""
 
     def __init__(self, config: ModelConfig):
         nn.Module.__init__(self)  # not Transformer.__init__: V4's layers are built here
@@ -447,8 +490,11 @@ class DeepseekV4Transformer(Transformer):
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.mtp = nn.ModuleList()
+        L = config.num_hidden_layers
+        self.mtp = nn.ModuleList(V4MTPBlock(config, L + k) for k in range(config.num_nextn_predict_layers))
         self.make_rotary()
+        # Training: the main model's last streams, for the MTP depths (mtp_hidden_states) of the same forward.
+        self._streams: torch.Tensor | None = None
         self.activation_dtype = None
 
     def make_rotary(self) -> None:
@@ -466,32 +512,70 @@ class DeepseekV4Transformer(Transformer):
                 raise ConfigError("deepseek_v4 batches must not be left-padded: pad on the right")
         if positions is None:
             positions = self.positions_for(input_ids, None)
-        ropes = {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
+        ropes = self._ropes(positions)
         x = self.embed(input_ids)
         streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.hc_mult, x.shape[-1])
         for layer in self.model.layers:
             streams = layer(streams, input_ids, positions, ropes, self.compress_rotary, keep)
+        self._streams = (streams, positions, keep) if len(self.mtp) else None
         x = self.model.hc_head(streams)
         return x if pre_norm else self.model.norm(x)
+
+    def mtp_hidden_states(self, hidden, input_ids, positions=None) -> list[torch.Tensor]:
+        """Every MTP depth over the sequence of the last `hidden_states` call (V4's depths read the main model's
+        streams, which that call kept; `hidden` is unused). Depth k's rows are positions 0..T-k-1 and predict
+        token i+k+1. Returns each depth's output streams (its `shared_head_norm` gives what the head reads)."""
+        if self._streams is None:
+            raise RuntimeError("mtp_hidden_states follows a hidden_states call of the same batch")
+        streams, main_positions, keep = self._streams
+        self._streams = None
+        T = input_ids.shape[1]
+        outs = []
+        for k, module in enumerate(self.mtp, start=1):
+            pos = main_positions[:, : T - k]
+            ropes = {"main": self.rotary(pos), "compress": self.compress_rotary(pos)}
+            streams = module(module.inputs(streams[:, : T - k], self.embed(input_ids[:, k:])), input_ids[:, k:],
+                             pos, ropes, self.compress_rotary, None if keep is None else keep[:, k:])
+            outs.append(streams)
+        return outs
+
+    def mtp_logits(self, hidden, input_ids, positions=None) -> list[torch.Tensor]:
+        states = self.mtp_hidden_states(hidden, input_ids, positions)
+        return [self.lm_head(m.shared_head_norm(s)) for m, s in zip(self.mtp, states)]
 
     def forward_paged(self, input_ids: torch.Tensor, positions: torch.Tensor, caches: list[torch.Tensor],
                       batch: PagedBatch, return_hidden: bool = False):
         """The engine's forward (Transformer.forward_paged's contract). Attention runs per sequence over the
         window's keys and the compressed entries read from the cache (V4Attention.forward_paged)."""
-        views = [(torch.arange(span.start, span.end, device=input_ids.device), span.context_slots)
-                 for span in batch.prefills]
-        if batch.decode_rows is not None:
-            for row, slots, length in zip(batch.decode_rows, batch.decode_slots, batch.decode_lengths.tolist()):
-                views.append((row.view(1), slots[:length]))
-        ropes = {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
+        views, ropes = self._paged_views(batch, input_ids.device), self._ropes(positions)
         x = self.embed(input_ids)
         streams = x.unsqueeze(-2).expand(*x.shape[:-1], self.config.hc_mult, x.shape[-1])
         for layer, cache in zip(self.model.layers, caches):
             streams = layer.forward_paged(streams, input_ids, positions, ropes, self.compress_rotary, cache,
                                           batch.slot_mapping, views)
-        hidden = self.model.norm(self.model.hc_head(streams))
-        logits = self.lm_head(hidden[batch.logits_rows])
-        return (logits, hidden) if return_hidden else logits
+        logits = self.lm_head(self.model.norm(self.model.hc_head(streams[batch.logits_rows])))
+        return (logits, streams) if return_hidden else logits  # what MTP drafts from: the streams
+
+    def mtp_forward_paged(self, hidden: torch.Tensor, next_ids: torch.Tensor, positions: torch.Tensor,
+                          cache: torch.Tensor, batch: PagedBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Transformer.mtp_forward_paged's contract, with streams [N, hc_mult, hidden] for hidden states."""
+        module = self.mtp[0]
+        x = module.inputs(hidden, self.embed(next_ids))
+        streams = module.forward_paged(x, next_ids, positions, self._ropes(positions), self.compress_rotary, cache,
+                                       batch.slot_mapping, self._paged_views(batch, next_ids.device))
+        return streams, self.lm_head(module.shared_head_norm(streams[batch.logits_rows]))
+
+    def _ropes(self, positions: torch.Tensor) -> dict[str, Rope]:
+        return {"main": self.rotary(positions), "compress": self.compress_rotary(positions)}
+
+    @staticmethod
+    def _paged_views(batch: PagedBatch, device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per sequence of the step: (its rows, its context slots), the new rows last in the context."""
+        views = [(torch.arange(span.start, span.end, device=device), span.context_slots) for span in batch.prefills]
+        if batch.decode_rows is not None:
+            for row, slots, length in zip(batch.decode_rows, batch.decode_slots, batch.decode_lengths.tolist()):
+                views.append((row.view(1), slots[:length]))
+        return views
 
     def kv_cache_shape(self) -> tuple[int, ...]:
         """Per-slot width: the widest layer's row (V4Attention.cache_columns)."""
