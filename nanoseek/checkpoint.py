@@ -40,8 +40,8 @@ _EXPERT = re.compile(r"^(.*\.(?:mlp|ffn)\.experts)\.(\d+)\.(gate_proj|up_proj|do
 _V4_PART = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}  # DeepSeek-V4's expert names
 # DeepSeek-V4's release names outside `model.` (transformers accepts both; save_pretrained writes these under it)
 _V4_TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-           "head.weight": "lm_head.weight", "hc_head_fn": "model.hc_head.hc_fn", "hc_head_base": "model.hc_head.hc_base",
-           "hc_head_scale": "model.hc_head.hc_scale"}
+           "head.weight": "lm_head.weight", "hc_head_fn": "model.hc_head.hc_fn",
+           "hc_head_base": "model.hc_head.hc_base", "hc_head_scale": "model.hc_head.hc_scale"}
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.*)$")
 # Keys some checkpoints carry that hold no weights we need.
 _IGNORED = re.compile(r"(rotary_emb\.inv_freq|\.rotary_emb\.|^model\.layers\.\d+\.self_attn\.rotary_emb)")
@@ -193,7 +193,8 @@ def iter_checkpoint_tensors(model: Transformer) -> Iterator[tuple[str, callable,
             elif key.endswith("experts.down_proj"):
                 base = key[: -len("down_proj")]
                 for ex in range(t.shape[0]):
-                    yield f"{base}{ex}.{names[2]}.weight{suffix}", (lambda t=t, ex=ex: t[ex]), tuple(t.shape[1:]), t.dtype
+                    yield (f"{base}{ex}.{names[2]}.weight{suffix}", (lambda t=t, ex=ex: t[ex]), tuple(t.shape[1:]),
+                           t.dtype)
             else:
                 yield key + suffix, (lambda t=t: t), tuple(t.shape), t.dtype
     # vLLM and DeepSeek's V3 layout keep a copy of the shared embedding and head inside each MTP layer.
@@ -571,6 +572,7 @@ def _keep_fp32(key: str) -> bool:
 
 # What DeepSeek-V4 keeps in float32 (transformers' _keep_in_fp32_modules_strict): routing, sinks, slot biases,
 # hyper-connections and norms.
-_V4_FP32 = re.compile(r"(ffn\.gate\.(weight|bias)|attn_sink|\.ape|hc_(attn|ffn)_(fn|base|scale)|hc_head\.hc_(fn|base|scale)|"
+_V4_FP32 = re.compile(r"(ffn\.gate\.(weight|bias)|attn_sink|\.ape|hc_(attn|ffn)_(fn|base|scale)|"
+                      r"hc_head\.hc_(fn|base|scale)|hc_head_(fn|base|scale)|"
                       r"attn\.(q_norm|norm|compressor\.norm|indexer\.compressor\.norm)\.weight|"
                       r"(attn_norm|ffn_norm)\.weight)$")

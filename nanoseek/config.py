@@ -147,11 +147,12 @@ class ModelConfig:
                 raise ConfigError(
                     f"unsupported topk_method {self.topk_method!r}: use greedy, group_limited_greedy or noaux_tc"
                 )
-            if self.scoring_func not in (V4_SCORING if self.is_v4 else ("softmax", "sigmoid")):
-                raise ConfigError(f"unsupported scoring_func {self.scoring_func!r}: use softmax or sigmoid")
+            scorings = V4_SCORING if self.is_v4 else ("softmax", "sigmoid")
+            if self.scoring_func not in scorings:
+                raise ConfigError(f"unsupported scoring_func {self.scoring_func!r}: use {' or '.join(scorings)}")
 
     def _check_v4(self) -> None:
-        from .config_v4 import CSA, HCA, SLIDING
+        from .config_v4 import CSA, HCA, SLIDING, default_layer_types, default_mlp_layer_types
 
         n = self.num_hidden_layers
         self.num_key_value_heads = 1
@@ -159,11 +160,8 @@ class ModelConfig:
         if self.head_dim is None or not self.q_lora_rank or not self.n_routed_experts:
             raise ConfigError("deepseek_v4 needs head_dim, q_lora_rank and n_routed_experts")
         self.compress_rates = {CSA: 4, HCA: 128, **(self.compress_rates or {})}
-        if self.layer_types is None:  # transformers' default: two HCA layers, then CSA and HCA alternating
-            self.layer_types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
-        if self.mlp_layer_types is None:
-            self.mlp_layer_types = ["hash_moe"] * min(n, 3) + ["moe"] * max(0, n - 3)
-        self.layer_types, self.mlp_layer_types = list(self.layer_types[:n]), list(self.mlp_layer_types[:n])
+        self.layer_types = list((self.layer_types or default_layer_types(n))[:n])
+        self.mlp_layer_types = list((self.mlp_layer_types or default_mlp_layer_types(n))[:n])
         if len(self.layer_types) != n or set(self.layer_types) - {SLIDING, CSA, HCA}:
             raise ConfigError(f"layer_types must name {n} layers, each {SLIDING}, {CSA} or {HCA}")
         if len(self.mlp_layer_types) != n or set(self.mlp_layer_types) - {"hash_moe", "moe"}:

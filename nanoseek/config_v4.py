@@ -20,6 +20,16 @@ SLIDING, CSA, HCA = "sliding_attention", "compressed_sparse_attention", "heavily
 _RATIO_TO_TYPE = {0: SLIDING, 4: CSA, 128: HCA}
 
 
+def default_layer_types(n: int) -> list[str]:
+    """transformers' default schedule: two HCA layers, then CSA and HCA alternating."""
+    return [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+
+
+def default_mlp_layer_types(n: int, hashed: int = 3) -> list[str]:
+    """The first `hashed` layers route by token-id hash, the rest by learned scores."""
+    return ["hash_moe"] * min(n, hashed) + ["moe"] * max(0, n - hashed)
+
+
 @dataclass
 class DeepseekV4Config:
     vocab_size: int = 129280
@@ -69,14 +79,13 @@ class DeepseekV4Config:
                 raise ConfigError(f"compress_ratios {unknown}: V4 layers compress by 0 (window only), "
                                   f"{rates[CSA]} (CSA) or {rates[HCA]} (HCA)")
             types = [by_rate[r] for r in d["compress_ratios"]]
-        else:  # transformers' default: two HCA layers, then CSA and HCA alternating
-            types = [HCA] * min(n, 2) + [CSA if i % 2 else HCA for i in range(max(n - 2, 0))]
+        else:
+            types = default_layer_types(n)
         if len(types) < n or any(t not in (SLIDING, CSA, HCA) for t in types):
             raise ConfigError(f"layer_types must name {n} layers from {SLIDING}, {CSA}, {HCA}")
         config.layer_types = types
-        hashed = d.get("num_hash_layers", 3)
-        config.mlp_layer_types = list(d.get("mlp_layer_types") or ["hash_moe"] * min(n, hashed)
-                                      + ["moe"] * max(0, n - hashed))[:n]
+        mlp_types = d.get("mlp_layer_types") or default_mlp_layer_types(n, d.get("num_hash_layers", 3))
+        config.mlp_layer_types = list(mlp_types)[:n]
         return config
 
     def layer_type(self, i: int) -> str:

@@ -93,7 +93,8 @@ def test_the_releases_fp4_experts_and_fp8_weights_load_dequantized(hf_checkpoint
         tensors[key[: -len("weight")] + "scale"] = exponents.exp2().to(torch.float8_e8m0fnu)
     fp8_key = "model.layers.1.attn.wq_b.weight"
     q, scale = fp8_block_quantize(tensors[fp8_key])
-    expected[fp8_key] = q.float() * scale.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+    blocks = scale.repeat_interleave(128, 0)[: q.shape[0]].repeat_interleave(128, 1)[:, : q.shape[1]]
+    expected[fp8_key] = q.float() * blocks
     tensors[fp8_key], tensors[fp8_key[: -len("weight")] + "scale"] = q, scale
     save_file(tensors, str(tmp_path / "model.safetensors"))
     (tmp_path / "config.json").write_text((directory / "config.json").read_text())

@@ -191,7 +191,8 @@ class V4Attention(nn.Module):
         if self.compressor is not None:
             entries = self.compressor(x, rotary)
             # entry w summarises tokens [w m, (w + 1) m): visible from position (w + 1) m - 1 on
-            visible = torch.arange(entries.shape[1], device=x.device) < ((positions + 1) // self.compressor.ratio)[..., None]
+            complete = (positions + 1) // self.compressor.ratio
+            visible = torch.arange(entries.shape[1], device=x.device) < complete[..., None]
             scores = None
             if self.indexer is not None:
                 # Training: scores from detached inputs, so that only the indexer's own loss reaches it.
@@ -207,7 +208,6 @@ class V4Attention(nn.Module):
             out = sink_attention(q, kv, allowed, self.attn_sink, self.head_dim ** -0.5)
         out = rope.inverse().rotate_tail(out)
         return self.wo_b(self.wo_a(out.flatten(-2)))
-
 
     # ---- engine ----
     def cache_columns(self, config: ModelConfig) -> dict[str, slice]:
@@ -321,7 +321,8 @@ class HyperConnection(nn.Module):
     def expand(streams: torch.Tensor, out: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """Next streams: post spreads the block's output, comb (transposed) mixes the old streams."""
         dtype = streams.dtype
-        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        mixed = torch.matmul(comb.to(dtype).transpose(-1, -2), streams)
+        return post.to(dtype).unsqueeze(-1) * out.unsqueeze(-2) + mixed
 
 
 class V4Router(Router):

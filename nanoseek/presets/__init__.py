@@ -18,7 +18,7 @@ def preset_names() -> list[str]:
 
 
 def load_preset(name: str) -> ModelConfig:
-    """A preset nanoseek runs (ModelConfig); a V4 preset is refused by ModelConfig with the reason."""
+    """A preset as the ModelConfig nanoseek builds models from."""
     return ModelConfig.from_hf_dict(_preset_dict(name))
 
 
@@ -31,12 +31,13 @@ def _preset_dict(name: str) -> dict:
 
 
 def inspect_config(d: dict) -> ModelConfig | DeepseekV4Config:
-    """A config.json's contents as what `inspect` can cost: DeepSeek-V4's own config, or a ModelConfig."""
+    """A config.json's contents as what `inspect` costs: DeepSeek-V4's config (the layer schedule, KV cache by
+    context), or a ModelConfig."""
     return DeepseekV4Config.from_hf_dict(d) if d.get("model_type") == "deepseek_v4" else ModelConfig.from_hf_dict(d)
 
 
 def resolve_config(path_or_name: str) -> ModelConfig | DeepseekV4Config:
-    """A preset name, a model directory or a config.json file -> its config (DeepSeek-V4: for inspection)."""
+    """A preset name, a model directory or a config.json file -> its config for `inspect` (inspect_config)."""
     path = Path(path_or_name)
     if path.exists():
         file = path / "config.json" if path.is_dir() else path
