@@ -22,6 +22,8 @@ DENSE_MODEL_TYPES = ("llama", "qwen2")
 V4_MODEL_TYPE = "deepseek_v4"
 SUPPORTED_MODEL_TYPES = MLA_MODEL_TYPES + (V4_MODEL_TYPE,) + DENSE_MODEL_TYPES
 V4_SCORING = ("sqrtsoftplus", "sigmoid", "softmax")
+V4_FIELDS = {"o_groups", "o_lora_rank", "hc_mult", "hc_sinkhorn_iters", "hc_eps", "sliding_window", "compress_rates",
+             "compress_rope_theta", "layer_types", "mlp_layer_types", "swiglu_limit"}
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
 _ARCHITECTURES = {
@@ -258,8 +260,8 @@ class ModelConfig:
         rope_scaling = None if rope_type == "default" else {**rope, "rope_type": rope_type}
         if rope_scaling is not None:
             rope_scaling.pop("type", None)
-        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling", "layer_types",
-                                                             "mlp_layer_types", "compress_rates"}
+        # V4's fields mean nothing here (Qwen2's `sliding_window`, say, is its own key): they stay in `extra`.
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra", "rope_theta", "rope_scaling"} - V4_FIELDS
         kwargs: dict[str, Any] = {k: d[k] for k in names if k in d}
         if "num_mtp_layers" in d and "num_nextn_predict_layers" not in d:
             kwargs["num_nextn_predict_layers"] = d["num_mtp_layers"]
