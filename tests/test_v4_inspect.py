@@ -92,12 +92,12 @@ def test_inspect_cli_on_v4_presets():
 
 
 def test_release_configs_load_as_model_configs_and_a_config_alone_is_refused_clearly(tmp_path):
-    """DeepSeek's release config.json reads into the same layer schedule (MTP modules are not built yet); a
-    directory without weights is refused with one line, exit code 2."""
+    """DeepSeek's release config.json reads into the same layer schedule and its MTP depth; a directory without
+    weights is refused with one line, exit code 2."""
     config = ModelConfig.from_hf_dict(_release("deepseek-v4-flash"))
     release = DeepseekV4Config.from_hf_dict(_release("deepseek-v4-flash"))
     assert config.is_v4 and config.layer_types == release.layer_types[:config.num_hidden_layers]
-    assert config.mlp_layer_types == release.mlp_layer_types and config.num_nextn_predict_layers == 0
+    assert config.mlp_layer_types == release.mlp_layer_types and config.num_nextn_predict_layers == 1
     assert config.scoring_func == "sqrtsoftplus" and config.rope_type == "yarn"  # on the compressed layers
     (tmp_path / "config.json").write_text(json.dumps(TINY))
     r = procs.run([sys.executable, "-m", "nanoseek.cli", "generate", "--model", str(tmp_path), "--prompt", "hi"],
