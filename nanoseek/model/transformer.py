@@ -87,15 +87,19 @@ def causal_padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class Transformer(nn.Module):
+    # The architecture's parts (DeepSeek-V4's model class swaps in its own: model/v4.py).
+    backbone_class = Backbone
+    mtp_class = MTPModule
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = config
-        self.model = Backbone(config)
+        self.model = self.backbone_class(config)
         self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         L = config.num_hidden_layers
-        self.mtp = nn.ModuleList(MTPModule(config, L + k) for k in range(config.num_nextn_predict_layers))
+        self.mtp = nn.ModuleList(self.mtp_class(config, L + k) for k in range(config.num_nextn_predict_layers))
         self.make_rotary()
         # Activations' dtype when it differs from the weights' (bf16 weights computed in float32 on a CPU
         # without native bf16: runtime.inference_precision); None: the weights' own.

@@ -484,19 +484,13 @@ class DeepseekV4Transformer(Transformer):
     """The V4 model behind the Transformer interface (loss heads, precision, init and the rest are inherited);
     `lm_head` is `head.weight` in checkpoints; MTP depths are `mtp.{k}` (V4MTPBlock)."""
 
+    backbone_class = V4Backbone
+    mtp_class = V4MTPBlock
+
     def __init__(self, config: ModelConfig):
-        nn.Module.__init__(self)  # not Transformer.__init__: V4's layers are built here
-        self.config = config
-        self.model = V4Backbone(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
-        if config.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-        L = config.num_hidden_layers
-        self.mtp = nn.ModuleList(V4MTPBlock(config, L + k) for k in range(config.num_nextn_predict_layers))
-        self.make_rotary()
+        super().__init__(config)
         # Training: the main model's last streams, for the MTP depths (mtp_hidden_states) of the same forward.
         self._streams: torch.Tensor | None = None
-        self.activation_dtype = None
 
     def make_rotary(self) -> None:
         """Window-only layers rotate with rope_theta, unscaled; compressed layers (their queries, keys, entries
