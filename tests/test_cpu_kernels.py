@@ -310,6 +310,88 @@ def test_a_float32_engine_decodes_mla_attention_from_the_cache_in_place(hf_check
     assert ours == gathered
 
 
+@needs_kernels
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("heads, kv_heads, head_dim", [(12, 2, 128), (4, 4, 24), (10, 1, 40), (18, 2, 16)])
+def test_gqa_decode_attention_kernel_matches_float32_attention(heads, kv_heads, head_dim, cache_dtype):
+    """Llama / Qwen2 decode attention read in place from the paged [slots, 2, kv_heads, D] cache: each query
+    head reads its own KV head (query groups of 6, 1, 10 and 9 heads: one head group, remainders, MHA), head
+    widths off the vector width, one-token contexts, padded slot rows."""
+    g = torch.Generator().manual_seed(heads * head_dim)
+    slots_total, S = 300, 40
+    cache = torch.randn(slots_total, 2, kv_heads, head_dim, generator=g).to(cache_dtype)
+    lengths = torch.tensor([37, 1, 16])
+    slots = torch.zeros(3, S, dtype=torch.long)
+    for b, n in enumerate(lengths.tolist()):
+        slots[b, :n] = torch.randperm(slots_total, generator=g)[:n]
+    q = torch.randn(3, heads, head_dim, generator=g)
+    out = ops.gqa_cache_attention(q, cache, slots, lengths, 0.1)
+    assert out.shape == (3, heads, head_dim) and out.dtype == torch.float32
+    for b, n in enumerate(lengths.tolist()):
+        kv = cache[slots[b, :n]].float()  # [n, 2, kv_heads, D]
+        k, v = (t.repeat_interleave(heads // kv_heads, dim=1).transpose(0, 1) for t in (kv[:, 0], kv[:, 1]))
+        ref = (q[b][:, None] @ k.transpose(1, 2) * 0.1).softmax(-1) @ v  # [heads, 1, D]
+        torch.testing.assert_close(out[b], ref[:, 0], rtol=1e-5, atol=1e-5)
+
+
+@needs_kernels
+def test_gqa_decode_attention_kernel_refuses_slots_outside_the_cache():
+    cache = torch.zeros(10, 2, 2, 16)
+    q = torch.zeros(1, 4, 16)
+    with pytest.raises(RuntimeError, match="slot out of range"):
+        ops.gqa_cache_attention(q, cache, torch.tensor([[3, 10]]), torch.tensor([2]), 0.1)
+    with pytest.raises(RuntimeError, match="lengths"):
+        ops.gqa_cache_attention(q, cache, torch.tensor([[3, 4]]), torch.tensor([3]), 0.1)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [128, 24, 6])
+def test_rope_kernel_rotates_like_the_eager_half_split_rotation(dtype, head_dim):
+    """The decode kernel's RoPE: bf16 bit for bit with the eager rotation's roundings, float32 to rounding."""
+    from nanoseek.model.rope import Rope
+
+    g = torch.Generator().manual_seed(head_dim)
+    positions = torch.tensor([0, 7, 300, 4095])
+    inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
+    rope = Rope(positions[:, None].float() * inv_freq, 1.0, interleaved=False)
+    x = torch.randn(4, 3, head_dim, generator=g).to(dtype)
+    ours = ops.rotate_half_split(x, rope, fused=True)
+    eager = rope.rotate(x)
+    assert ours.dtype == dtype
+    if dtype == torch.bfloat16:
+        assert torch.equal(ours, eager)
+    else:
+        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_gqa_engine_decodes_through_the_stacked_projection_and_the_cache_kernel(hf_checkpoint, monkeypatch,
+                                                                                  dtype):
+    """A Qwen2 engine (q/k/v with biases, GQA) decodes with q, k and v in one stacked product (bf16 weights),
+    the RoPE kernel and attention read in place from the cache, and its greedy output is that of the
+    module-by-module, eager, gathered path."""
+    from nanoseek import LLM, SamplingParams
+    from nanoseek.model.attention import GQAttention
+
+    directory, _ = hf_checkpoint("qwen2")
+    prompts, params = [[5, 9, 13, 2, 7], [40, 41, 42]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    calls = []
+    original = ops.gqa_cache_attention
+    monkeypatch.setattr(ops, "gqa_cache_attention", lambda *a: calls.append(a[0].shape) or original(*a))
+    llm = LLM(directory, dtype=dtype, kv_cache_memory="4MiB")
+    attention = llm.engine.model.model.layers[0].self_attn
+    # bf16 weights stack q, k and v (and their biases) for the decode kernel; float32 weights run on oneDNN
+    assert (attention.derived is not None and attention.derived[1] is not None) == (dtype == "bfloat16")
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert calls
+    monkeypatch.setattr(GQAttention, "_decodes_from_cache", lambda *a: False)
+    for layer in llm.engine.model.model.layers:
+        layer.self_attn.derived, layer.self_attn.fused = None, False
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ours
+
+
 def test_small_products_beyond_the_decode_row_limit_go_to_the_kernel():
     # 64 x 256 x 192: oneDNN's fixed cost would dominate; 64 x 4096 x 400: oneDNN's.
     assert 64 > decode.SMALL_ROWS and decode.small_product(64, 256, 192)

@@ -70,11 +70,4 @@ class MLP(nn.Module):
 
     def derive(self, plan: ops.Plan | None) -> None:
         no_bias = self.gate_proj.bias is None and self.up_proj.bias is None
-        wanted = plan is not None and plan.small and no_bias
-        parts = quant.quantized_of(self.gate_proj), quant.quantized_of(self.up_proj)
-        stacked = None
-        if None not in parts and parts[0].group == parts[1].group:
-            stacked = quant.QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
-                                            parts[0].bits)
-        weight = torch.cat((self.gate_proj.weight, self.up_proj.weight))
-        self.derived = ops.pack_stack(weight, plan, stacked) if wanted else None
+        self.derived = ops.stack_linears((self.gate_proj, self.up_proj), plan) if no_bias else None

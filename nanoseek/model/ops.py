@@ -170,12 +170,37 @@ def swiglu_mlp(x: torch.Tensor, gate, up, down, act, *, training: bool = False,
     no_bias = gate.bias is None and up.bias is None and down.bias is None
     if fused_training(x, training) and act is F.silu and no_bias:
         return train_ops.swiglu_mlp(x, gate.weight, up.weight, down.weight)
-    if gate_up_small is not None and not torch.is_grad_enabled():
-        rows, width = x.numel() // x.shape[-1], 2 * gate.out_features
-        if decode.small_product(rows, width, x.shape[-1]):
-            g, u = decode.small_linear(x, gate_up_small, width).chunk(2, dim=-1)
-            return down(act(g) * u)
+    gate_up = stacked_linear(x, gate_up_small, 2 * gate.out_features)
+    if gate_up is not None:
+        g, u = gate_up.chunk(2, dim=-1)
+        return down(act(g) * u)
     return down(act(gate(x)) * up(x))
+
+
+def stack_linears(linears, plan: Plan | None) -> torch.Tensor | decode.QuantPack | None:
+    """The decode kernel's copy of several Linear modules' weights stacked along their outputs (gate and up;
+    q, k and v): one weight stream per decode step instead of one per module. Quantized modules stack their
+    integers (where all share one group size)."""
+    if plan is None or not plan.small:
+        return None
+    parts = [quant.quantized_of(m) for m in linears]
+    stacked = None
+    if None not in parts and len({p.group for p in parts}) == 1:
+        stacked = quant.QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
+                                        parts[0].bits)
+    return pack_stack(torch.cat([m.weight for m in linears]), plan, stacked)
+
+
+def stacked_linear(x: torch.Tensor, stacked, out_features: int, bias: torch.Tensor | None = None
+                   ) -> torch.Tensor | None:
+    """x times a `stack_linears` copy (+ the stacked bias) where the product is decode-sized; None where the
+    caller runs its modules one by one (prefill, training, no stacked copy)."""
+    if stacked is None or torch.is_grad_enabled():
+        return None
+    if not decode.small_product(x.numel() // x.shape[-1], out_features, x.shape[-1]):
+        return None
+    y = decode.small_linear(x, stacked, out_features)
+    return y if bias is None else y + bias.to(y.dtype)
 
 
 # ---- routed experts ----
@@ -389,6 +414,21 @@ def absorbed_output(out_latent: torch.Tensor, derived: AbsorbedPack | None, w_uv
         return decode.per_head_linear(out_latent.to(dtype), derived.small[1], w_uv_t.shape[-1])
     w = derived.w_uv_t if derived is not None else w_uv_t
     return bmm(out_latent.transpose(0, 1).to(w.dtype), w).transpose(0, 1).to(dtype)
+
+
+def gqa_cache_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
+                        scale: float) -> torch.Tensor:
+    """GQA decode attention read in place from the paged K/V cache: q [B, H, D], cache [slots, 2, Hkv, D]
+    (float32 or bf16) -> [B, H, D] float32, on the kernel every ISA builds."""
+    return decode.decode_kernels().gqa_decode_attention(q.float(), cache, slots, lengths, scale)
+
+
+def rotate_half_split(x: torch.Tensor, rope, fused: bool) -> torch.Tensor:
+    """Half-split RoPE of x [N, heads, D] by the table of its N positions: the decode kernel's one call where
+    `fused` (an inference plan with kernels) and no gradient is wanted, else the eager rotation."""
+    if fused and not rope.interleaved and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16):
+        return decode.decode_kernels().rope_half(x, rope.cos, rope.sin)
+    return rope.rotate(x)
 
 
 def mla_cache_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,

@@ -35,38 +35,43 @@ inline float as_float(float v) { return v; }
 inline float as_float(uint16_t v) { return bf16_scalar(v); }
 
 #if defined(__AVX512BF16__)
-// bf16 activations on vdpbf16ps: two accumulator chains per row hide the instruction's latency.
-template <int MC>
+// bf16 activations on vdpbf16ps: C accumulator chains per row hide the instruction's latency (4 for one or two
+// rows, measured faster at batch 1; 2 for more rows, which bring their own independent chains).
+template <int MC, int C = (MC <= 2 ? 4 : 2)>
 inline void block_rows_dp(const uint16_t* x, int64_t K, const uint16_t* wb, uint16_t* y, int64_t ldy) {
-  __m512 a0[MC], a1[MC];
+  __m512 a[C][MC];
+#pragma GCC unroll 4
+  for (int c = 0; c < C; ++c)
 #pragma GCC unroll 8
-  for (int m = 0; m < MC; ++m) {
-    a0[m] = _mm512_setzero_ps();
-    a1[m] = _mm512_setzero_ps();
-  }
+    for (int m = 0; m < MC; ++m) a[c][m] = _mm512_setzero_ps();
   const int64_t pairs = K / 2;
   const __m512i* w = reinterpret_cast<const __m512i*>(wb);
   int64_t kp = 0;
-  for (; kp + 2 <= pairs; kp += 2) {
-    const __m512i w0 = _mm512_loadu_si512(w + kp), w1 = _mm512_loadu_si512(w + kp + 1);
+  for (; kp + C <= pairs; kp += C) {
+#pragma GCC unroll 4
+    for (int c = 0; c < C; ++c) {
+      const __m512i wc = _mm512_loadu_si512(w + kp + c);
 #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) {
-      const int32_t* xr = reinterpret_cast<const int32_t*>(x + m * K);
-      a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_set1_epi32(xr[kp]), (__m512bh)w0);
-      a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)_mm512_set1_epi32(xr[kp + 1]), (__m512bh)w1);
+      for (int m = 0; m < MC; ++m) {
+        const int32_t* xr = reinterpret_cast<const int32_t*>(x + m * K);
+        a[c][m] = _mm512_dpbf16_ps(a[c][m], (__m512bh)_mm512_set1_epi32(xr[kp + c]), (__m512bh)wc);
+      }
     }
   }
-  if (kp < pairs) {
+  for (; kp < pairs; ++kp) {
     const __m512i w0 = _mm512_loadu_si512(w + kp);
 #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) {
       const int32_t* xr = reinterpret_cast<const int32_t*>(x + m * K);
-      a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_set1_epi32(xr[kp]), (__m512bh)w0);
+      a[0][m] = _mm512_dpbf16_ps(a[0][m], (__m512bh)_mm512_set1_epi32(xr[kp]), (__m512bh)w0);
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
-    const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(a0[m], a1[m]));  // round to nearest even
+    __m512 t = a[0][m];
+#pragma GCC unroll 4
+    for (int c = 1; c < C; ++c) t = _mm512_add_ps(t, a[c][m]);
+    const __m256bh r = _mm512_cvtneps_pbh(t);  // round to nearest even
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), (__m256i)r);
   }
 }
@@ -189,8 +194,8 @@ inline void widen_q8(const uint8_t* p, vf* out) {
 }
 #endif
 
-template <int MC, typename X, typename Y>
-inline void block_rows_q8(const X* x, int64_t K, const uint8_t* wb, const float* sb, int64_t group, Y* y,
+template <int MC, int U>
+inline void block_rows_q8(const float* x, int64_t K, const uint8_t* wb, const float* sb, int64_t group, float* y,
                          int64_t ldy) {
   vf acc[MC][NV];
 #pragma GCC unroll 8
@@ -198,22 +203,28 @@ inline void block_rows_q8(const X* x, int64_t K, const uint8_t* wb, const float*
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
   for (int64_t k0 = 0; k0 < K; k0 += group, sb += 16) {
-    vf even[MC][NV], odd[MC][NV];
-#pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m)
+    vf even[U][MC][NV], odd[U][MC][NV];
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) even[m][v] = odd[m][v] = set1(0.0f);
-    for (int64_t k = k0; k < k0 + group; k += 2) {
-      vf a[NV], b[NV];
-      widen_q8(wb + k * 16, a);
-      widen_q8(wb + (k + 1) * 16, b);
+    for (int u = 0; u < U; ++u)
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        const vf xa = set1(as_float(x[m * K + k])), xb = set1(as_float(x[m * K + k + 1]));
+      for (int m = 0; m < MC; ++m)
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) {
-          even[m][v] = fmadd(a[v], xa, even[m][v]);
-          odd[m][v] = fmadd(b[v], xb, odd[m][v]);
+        for (int v = 0; v < NV; ++v) even[u][m][v] = odd[u][m][v] = set1(0.0f);
+    for (int64_t k1 = k0; k1 < k0 + group; k1 += 2 * U) {
+#pragma GCC unroll 2
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k1 + 2 * u;
+        vf a[NV], b[NV];
+        widen_q8(wb + k * 16, a);
+        widen_q8(wb + (k + 1) * 16, b);
+#pragma GCC unroll 8
+        for (int m = 0; m < MC; ++m) {
+          const vf xa = set1(x[m * K + k]), xb = set1(x[m * K + k + 1]);
+#pragma GCC unroll 2
+          for (int v = 0; v < NV; ++v) {
+            even[u][m][v] = fmadd(a[v], xa, even[u][m][v]);
+            odd[u][m][v] = fmadd(b[v], xb, odd[u][m][v]);
+          }
         }
       }
     }
@@ -221,7 +232,12 @@ inline void block_rows_q8(const X* x, int64_t K, const uint8_t* wb, const float*
     for (int v = 0; v < NV; ++v) {
       const vf scale = load(sb + v * W);
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) acc[m][v] = fmadd(add(even[m][v], odd[m][v]), scale, acc[m][v]);
+      for (int m = 0; m < MC; ++m) {
+        vf t = add(even[0][m][v], odd[0][m][v]);
+#pragma GCC unroll 2
+        for (int u = 1; u < U; ++u) t = add(t, add(even[u][m][v], odd[u][m][v]));
+        acc[m][v] = fmadd(t, scale, acc[m][v]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -233,19 +249,38 @@ inline void block_rows_q8(const X* x, int64_t K, const uint8_t* wb, const float*
 // Rows per register block: two or three sums per row and vector must stay in registers.
 constexpr int ROWS_Q = W == 16 ? 8 : 2;
 
-// The packed int8 weights of E experts (layout above): `run` multiplies rows of x by block nb of expert e.
+// The packed int8 weights of E experts (layout above): `run` multiplies rows of x by block nb of expert e. bf16
+// activations are widened to float32 once per call (`prepare`), not once per output block; the products go to a
+// float32 row block and are rounded to Y's dtype from there.
 struct Int8Weights {
   const uint8_t* p;
   const float* scales;
   int64_t N, K, group;
   template <typename X>
-  int prepare(const X*, int64_t) const { return 0; }
+  std::vector<float> prepare(const X* x, int64_t T) const {
+    if constexpr (std::is_same<X, float>::value) return {};
+    std::vector<float> xf(T * K);
+    for (int64_t i = 0; i < T * K; ++i) xf[i] = as_float(x[i]);
+    return xf;
+  }
   template <typename X, typename Y>
-  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, int, int64_t) const {
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, const std::vector<float>& xf,
+           int64_t r0) const {
+    const float* xr;
+    if constexpr (std::is_same<X, float>::value) xr = x;
+    else xr = xf.data() + r0 * K;
     const uint8_t* wb = p + (e * N + nb * 16) * K;
     const float* sb = scales + (e * N + nb * 16) * (K / group);
     in_blocks<ROWS_Q>(M, [&](auto mc, int64_t m) {
-      block_rows_q8<decltype(mc)::value>(x + m * K, K, wb, sb, group, y + m * ldy, ldy);
+      constexpr int MC = decltype(mc)::value;
+      float out[MC * 16];
+      // Two pairs' chains where few rows leave the registers for them and the group splits evenly.
+      if (MC * NV <= 2 && group % 4 == 0)
+        block_rows_q8<MC, 2>(xr + m * K, K, wb, sb, group, out, 16);
+      else
+        block_rows_q8<MC, 1>(xr + m * K, K, wb, sb, group, out, 16);
+      for (int r = 0; r < MC; ++r)
+        for (int j = 0; j < 16; j += W) store(y + (m + r) * ldy + j, load(out + r * 16 + j));
     });
   }
 };
@@ -272,6 +307,7 @@ inline vi low_nibbles(vi v) { return _mm512_and_si512(v, _mm512_set1_epi8(15)); 
 inline vi high_nibbles(vi v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(15)); }
 inline vi bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm512_set1_epi32(v); }
 inline vi zero_vi() { return _mm512_setzero_si512(); }
+inline vi add_vi(vi a, vi b) { return _mm512_add_epi32(a, b); }
 inline vf group_value(vi acc, int32_t offset) {
   return _mm512_cvtepi32_ps(_mm512_sub_epi32(acc, _mm512_set1_epi32(offset)));
 }
@@ -289,6 +325,7 @@ inline vi low_nibbles(vi v) { return _mm256_and_si256(v, _mm256_set1_epi8(15)); 
 inline vi high_nibbles(vi v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(15)); }
 inline vi bcast4(const int8_t* p) { int32_t v; std::memcpy(&v, p, 4); return _mm256_set1_epi32(v); }
 inline vi zero_vi() { return _mm256_setzero_si256(); }
+inline vi add_vi(vi a, vi b) { return _mm256_add_epi32(a, b); }
 inline vf group_value(vi acc, int32_t offset) {
   return _mm256_cvtepi32_ps(_mm256_sub_epi32(acc, _mm256_set1_epi32(offset)));
 }
@@ -298,8 +335,11 @@ inline vi dot4(vi acc, vi u, vi s) {
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// MC rows of quantized activations times one block of 16 outputs (NV vectors of W lanes).
-template <int MC, typename Y>
+// MC rows of quantized activations times one block of 16 outputs (NV vectors of W lanes). The low and high
+// nibbles, and S consecutive steps of 8 inputs, sum into separate accumulators: one chain of dependent integer
+// dot products would wait out each one's latency (~5 cycles), which bounds a batch-1 product below the memory's
+// rate. More rows give independent chains by themselves (S = 1).
+template <int MC, int S, typename Y>
 inline void block_rows_q4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t G,
                           const uint8_t* wb, const float* sb, int64_t group, Y* y, int64_t ldy) {
   vf acc[MC][NV];
@@ -308,33 +348,45 @@ inline void block_rows_q4(const int8_t* xq, const float* xs, const int32_t* xsum
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
   for (int64_t g = 0; g < G; ++g, sb += 16) {
-    vi dots[MC][NV];
+    vi dlo[S][MC][NV], dhi[S][MC][NV];
+#pragma GCC unroll 2
+    for (int s = 0; s < S; ++s)
 #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m)
+      for (int m = 0; m < MC; ++m)
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) dots[m][v] = zero_vi();
-    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
-      vi lo[NV], hi[NV];
+        for (int v = 0; v < NV; ++v) dlo[s][m][v] = dhi[s][m][v] = zero_vi();
+    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 8 * S) {
 #pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) {
-        const vi packed = load_vi(wb + k * 8 + v * W * 4);
-        lo[v] = low_nibbles(packed);
-        hi[v] = high_nibbles(packed);
-      }
+      for (int s = 0; s < S; ++s) {
+        const int64_t k = k0 + 8 * s;
+        vi lo[NV], hi[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+          const vi packed = load_vi(wb + k * 8 + v * W * 4);
+          lo[v] = low_nibbles(packed);
+          hi[v] = high_nibbles(packed);
+        }
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        const vi xa = bcast4(xq + m * K + k), xb = bcast4(xq + m * K + k + 4);
+        for (int m = 0; m < MC; ++m) {
+          const vi xa = bcast4(xq + m * K + k), xb = bcast4(xq + m * K + k + 4);
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) dots[m][v] = dot4(dot4(dots[m][v], lo[v], xa), hi[v], xb);
+          for (int v = 0; v < NV; ++v) {
+            dlo[s][m][v] = dot4(dlo[s][m][v], lo[v], xa);
+            dhi[s][m][v] = dot4(dhi[s][m][v], hi[v], xb);
+          }
+        }
       }
     }
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       const vf scale = load(sb + v * W);
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m)
-        acc[m][v] = fmadd(group_value(dots[m][v], 8 * xsum[m * G + g]), mul(scale, set1(xs[m * G + g])),
-                          acc[m][v]);
+      for (int m = 0; m < MC; ++m) {
+        vi dots = add_vi(dlo[0][m][v], dhi[0][m][v]);
+#pragma GCC unroll 2
+        for (int s = 1; s < S; ++s) dots = add_vi(dots, add_vi(dlo[s][m][v], dhi[s][m][v]));
+        acc[m][v] = fmadd(group_value(dots, 8 * xsum[m * G + g]), mul(scale, set1(xs[m * G + g])), acc[m][v]);
+      }
     }
   }
 #pragma GCC unroll 8
@@ -377,9 +429,15 @@ struct Int4Weights {
     const uint8_t* wb = p + (e * N + nb * 16) * K / 2;
     const float* sb = scales + (e * N + nb * 16) * G;
     in_blocks<ROWS_Q>(M, [&](auto mc, int64_t m) {
+      constexpr int MC = decltype(mc)::value;
       const int64_t r = r0 + m;
-      block_rows_q4<decltype(mc)::value>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G,
-                                         wb, sb, group, y + m * ldy, ldy);
+      // Two steps' chains where few rows leave the registers for them and the group splits evenly.
+      if (MC * NV <= 2 && group % 16 == 0)
+        block_rows_q4<MC, 2>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G, wb, sb, group,
+                             y + m * ldy, ldy);
+      else
+        block_rows_q4<MC, 1>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G, wb, sb, group,
+                             y + m * ldy, ldy);
     });
   }
 };
@@ -405,11 +463,11 @@ void grouped(const X* xp, const Wt& w, int64_t E, const int64_t* off, Y* yp) {
 
 // Calls f with a null pointer of x's storage type (bf16 -> uint16_t, float32 -> float).
 template <typename F>
-void dispatch(const torch::Tensor& x, F f) {
+void dispatch(const torch::Tensor& x, F f, const char* what = "activations") {
   if (x.scalar_type() == at::kBFloat16) {
     f(static_cast<uint16_t*>(nullptr));
   } else {
-    TORCH_CHECK(x.scalar_type() == at::kFloat, "activations must be bf16 or float32");
+    TORCH_CHECK(x.scalar_type() == at::kFloat, what, " must be bf16 or float32");
     f(static_cast<float*>(nullptr));
   }
 }
@@ -756,13 +814,126 @@ torch::Tensor mla_decode_attention_f32(torch::Tensor q, torch::Tensor cache, tor
       }
     });
   };
-  if (cache.scalar_type() == at::kBFloat16) {
-    run(static_cast<uint16_t*>(nullptr));
-  } else {
-    TORCH_CHECK(cache.scalar_type() == at::kFloat, "cache must be float32 or bf16");
-    run(static_cast<float*>(nullptr));
-  }
+  dispatch(cache, run, "the cache");
   return out;
+}
+
+// GQA (Llama / Qwen2) decode attention read in place from the paged K/V cache, on every ISA the kernels build
+// for: q [B, H, D] float32 (rotated), cache [slots, 2, Hkv, D] float32 or bf16 (widened in registers), slots
+// [B, S] (padded), lengths [B] -> [B, H, D] float32. Query head i reads KV head i / (H / Hkv), as torch's
+// enable_gqa does. Replaces the gather of the context, its float32 copy and ~10 small ops per layer.
+torch::Tensor gqa_decode_attention(torch::Tensor q, torch::Tensor cache, torch::Tensor slots, torch::Tensor lengths,
+                                   double scale) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat && q.dim() == 3, "float32 queries [B, heads, head_dim]");
+  TORCH_CHECK(cache.is_contiguous() && cache.dim() == 4 && cache.size(1) == 2,
+              "cache must be a contiguous [slots, 2, kv_heads, head_dim] tensor");
+  q = q.contiguous();
+  slots = slots.to(torch::kLong).contiguous();
+  lengths = lengths.to(torch::kLong).contiguous();
+  const int64_t B = q.size(0), H = q.size(1), D = q.size(2), S = slots.size(1), Hkv = cache.size(2);
+  TORCH_CHECK(cache.size(3) == D && H % Hkv == 0 && slots.size(0) == B && lengths.numel() == B,
+              "q, the cache, slots and lengths do not match");
+  const int64_t G = H / Hkv;
+  const int64_t* lp = lengths.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
+  const int64_t n_slots = cache.size(0);
+  // Each slot's first row in the cache seen as [slots * 2 * Hkv, D]: K of head h is row + h, V row + Hkv + h.
+  std::vector<int64_t> rows(B * S, 0);
+  for (int64_t b = 0; b < B; ++b) {
+    TORCH_CHECK(lp[b] >= 1 && lp[b] <= S, "lengths must be in 1..slots per sequence");
+    for (int64_t s = 0; s < lp[b]; ++s) {
+      TORCH_CHECK(sp[b * S + s] >= 0 && sp[b * S + s] < n_slots, "slot out of range");
+      rows[b * S + s] = sp[b * S + s] * 2 * Hkv;
+    }
+  }
+  const float* qp = q.data_ptr<float>();
+  auto scores = torch::full({B, H, S}, -INFINITY, q.options());
+  float* scp = scores.data_ptr<float>();
+  auto out = torch::empty({B, H, D}, q.options());
+  float* outp = out.data_ptr<float>();
+  constexpr int HG = 8, CG = W == 1 ? 8 : (W == 8 ? 1 : 2);
+  const int64_t groups = (G + HG - 1) / HG, items = B * Hkv * groups, chunks = (D + W - 1) / W;
+  const float sc = static_cast<float>(scale);
+  auto run = [&](auto* tc) {
+    using C = std::remove_pointer_t<decltype(tc)>;
+    const C* cp = ptr<C>(cache);
+    auto item = [&](int64_t i, int64_t& b, int64_t& h, int64_t& hq, int64_t& gn) {
+      b = i / (Hkv * groups);
+      h = (i / groups) % Hkv;
+      const int64_t g0 = (i % groups) * HG;
+      hq = h * G + g0;
+      gn = std::min<int64_t>(HG, G - g0);
+    };
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t b, h, hq, gn;
+        item(i, b, h, hq, gn);
+        for (int64_t s = 0; s < lp[b]; ++s)
+          row_scores<HG>(qp + (b * H + hq) * D, gn, D, cp + (rows[b * S + s] + h) * D, sc,
+                         scp + (b * H + hq) * S + s, S);
+      }
+    });
+    auto probs = at::_softmax(scores, -1, false);
+    const float* pp = probs.data_ptr<float>();
+    at::parallel_for(0, items, 1, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        int64_t b, h, hq, gn;
+        item(i, b, h, hq, gn);
+        for (int64_t c0 = 0; c0 < chunks; c0 += CG)
+          rows_weighted<HG, CG>(pp + (b * H + hq) * S, S, lp[b], cp + (Hkv + h) * D, rows.data() + b * S, D, D, c0,
+                                gn, outp + (b * H + hq) * D);
+      }
+    });
+  };
+  dispatch(cache, run, "the cache");
+  return out;
+}
+
+namespace {
+// v as x's dtype holds it: bf16 rounds to nearest even (what each eager bf16 op does to its result).
+template <typename X>
+inline vf rounded(vf v) {
+  if constexpr (std::is_same<X, float>::value) {
+    return v;
+  } else {
+    uint16_t t[W];
+    store(t, v);
+    return load(t);
+  }
+}
+}  // namespace
+
+// Half-split RoPE (Llama / Qwen2) of x [N, heads, D] by cos, sin [N, D/2] float32 -> a new tensor in x's dtype:
+// [x1 c - x2 s, x2 c + x1 s] with the eager roundings (bf16: cos and sin rounded, each product and each sum
+// rounded). One call instead of ~10 small ops per rotated tensor.
+torch::Tensor rope_half(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  x = x.contiguous();
+  cos = cos.contiguous();
+  sin = sin.contiguous();
+  TORCH_CHECK(x.dim() == 3 && cos.scalar_type() == at::kFloat && sin.scalar_type() == at::kFloat,
+              "x [N, heads, head_dim] with float32 cos and sin");
+  const int64_t N = x.size(0), Hh = x.size(1), D = x.size(2), half = D / 2;
+  TORCH_CHECK(D % 2 == 0 && cos.numel() == N * half && sin.numel() == N * half, "cos and sin must be [N, head_dim/2]");
+  auto y = torch::empty_like(x);
+  const float* cp = cos.data_ptr<float>();
+  const float* sp = sin.data_ptr<float>();
+  dispatch(x, [&](auto* tx) {
+    using X = std::remove_pointer_t<decltype(tx)>;
+    const X* xp = ptr<X>(x);
+    X* yp = ptr<X>(y);
+    for (int64_t n = 0; n < N; ++n)
+      for (int64_t h = 0; h < Hh; ++h) {
+        const X* xr = xp + (n * Hh + h) * D;
+        X* yr = yp + (n * Hh + h) * D;
+        for_lanes(half, [&](int64_t d, int64_t m) {
+          const vf c = rounded<X>(load(cp + n * half + d, m)), s = rounded<X>(load(sp + n * half + d, m));
+          const vf x1 = load(xr + d, m), x2 = load(xr + half + d, m);
+          store(yr + d, rounded<X>(sub(rounded<X>(mul(x1, c)), rounded<X>(mul(x2, s)))), m);
+          store(yr + half + d, rounded<X>(add(rounded<X>(mul(x2, c)), rounded<X>(mul(x1, s)))), m);
+        });
+      }
+  });
+  return y;
 }
 
 #if defined(__AVX512BF16__)
@@ -942,6 +1113,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("native_bf16") = false;
 #endif
   m.def("mla_decode_attention_f32", &mla_decode_attention_f32);
+  m.def("gqa_decode_attention", &gqa_decode_attention);
+  m.def("rope_half", &rope_half);
   m.def("select_experts", &select_experts);
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
