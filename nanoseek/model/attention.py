@@ -315,11 +315,14 @@ class GQAttention(nn.Module):
             out[rows] = ops.sdpa(q[rows][None], kv[None, :, 0], kv[None, :, 1], span.mask, self.scale)[0].flatten(1)
         if batch.decode_rows is not None:
             rows = batch.decode_rows
+            decoding = q if not batch.prefills else q[rows]  # a step of decodes only: every row, in order
             if self._decodes_from_cache(cache, batch):
-                heads = ops.gqa_cache_attention(q[rows], cache, batch.decode_slots, batch.decode_lengths, self.scale)
+                heads = ops.gqa_cache_attention(decoding, cache, batch.decode_slots, batch.decode_lengths, self.scale)
             else:
                 kv = cache[batch.decode_slots].to(x.dtype)  # [B, S, 2, kv_heads, head_dim]
-                heads = ops.decode_attention(q[rows], kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
+                heads = ops.decode_attention(decoding, kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
+            if not batch.prefills:
+                return self.o_proj(heads.flatten(1).to(x.dtype))
             out[rows] = heads.flatten(1).to(out.dtype)
         return self.o_proj(out)
 

@@ -161,14 +161,32 @@ void rows(int64_t M, const X* x, int64_t K, const uint16_t* wb, Y* y, int64_t ld
 
 // The packed bf16 weights of E experts, [E, N/16, K/2, 16, 2]: `run` multiplies rows of x by the 16 outputs of
 // block nb of expert e.
+// x [T, K] widened to float32 for the kernels that multiply in float32, or nothing where x is float32 already.
+template <typename X>
+std::vector<float> widened(const X* x, int64_t T, int64_t K) {
+  if constexpr (std::is_same<X, float>::value) return {};
+  std::vector<float> xf(T * K);
+  for (int64_t i = 0; i < T * K; ++i) xf[i] = as_float(x[i]);
+  return xf;
+}
+
+// One or two bf16 rows are widened to float32 once per call (`prepare`) and run on the widening path: at batch 1
+// it streams the weights ~1.2x faster than vdpbf16ps (measured 29.6 vs 24.1 GB/s on 2 AMX cores), whose
+// per-instruction work is too small to keep the loads in flight; more rows reuse each weight load enough.
 struct Bf16Weights {
   const uint16_t* p;
   int64_t N, K;
   template <typename X>
-  int prepare(const X*, int64_t) const { return 0; }
+  std::vector<float> prepare(const X* x, int64_t T) const {
+    return T > 2 ? std::vector<float>() : widened(x, T, K);
+  }
   template <typename X, typename Y>
-  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, int, int64_t) const {
-    rows(M, x, K, p + (e * N + nb * 16) * K, y, ldy);
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, const std::vector<float>& xf,
+           int64_t r0) const {
+    if (xf.empty())
+      rows(M, x, K, p + (e * N + nb * 16) * K, y, ldy);
+    else
+      rows(M, xf.data() + r0 * K, K, p + (e * N + nb * 16) * K, y, ldy);
   }
 };
 
@@ -258,10 +276,7 @@ struct Int8Weights {
   int64_t N, K, group;
   template <typename X>
   std::vector<float> prepare(const X* x, int64_t T) const {
-    if constexpr (std::is_same<X, float>::value) return {};
-    std::vector<float> xf(T * K);
-    for (int64_t i = 0; i < T * K; ++i) xf[i] = as_float(x[i]);
-    return xf;
+    return widened(x, T, K);
   }
   template <typename X, typename Y>
   void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, const std::vector<float>& xf,
