@@ -286,8 +286,12 @@ def main():
                   num_hidden_layers=2, n_routed_experts=8, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16,
                   v_head_dim=32, num_attention_heads=4, num_key_value_heads=4)
     x = torch.ones(2 ** 28, dtype=torch.float32)
+    import llama_cpp
+
     out = {"bench": "local", **machine(), "threads": 2, "tokens": args.tokens, "prompt_tokens": args.prompt,
-           "bf16_native": runtime.cpu().bf16_native}
+           "bf16_native": runtime.cpu().bf16_native,
+           "llama_cpp": {"version": llama_cpp.__version__,
+                         "system_info": llama_cpp.llama_print_system_info().decode().strip(" |")}}
     with tempfile.TemporaryDirectory() as tmp:
         for name, kind, shapes in (("qwen2_1.5b_shapes", "qwen2", qwen), ("v2_lite_slice", "deepseek_v2", v2)):
             out[name] = one_model(kind, shapes, args.tokens, args.prompt, Path(tmp), x, args.rounds)

@@ -57,8 +57,8 @@ def small_pack(weight: torch.Tensor) -> torch.Tensor | None:
 
 @dataclass(frozen=True)
 class QuantPack:
-    """The decode kernel's copy of a quantized weight [E, N, K] (model/quant.py): integers packed [E, N/16, K,
-    16] (int8) or [E, N/16, K/8, 16, 4] (int4, two to a byte; see csrc/decode.cpp), scales [E, N/16, K/group, 16]
+    """The decode kernel's copy of a quantized weight [E, N, K] (model/quant.py): integers packed [E, N/16, K/2,
+    16, 2] (int8) or [E, N/16, K/8, 16, 4] (int4, two to a byte; see csrc/decode.cpp), scales [E, N/16, K/group, 16]
     float32."""
 
     packed: torch.Tensor
@@ -69,14 +69,14 @@ class QuantPack:
 def quant_pack(q: torch.Tensor, scales: torch.Tensor, bits: int) -> QuantPack | None:
     """Packs integers q [N, K] or [E, N, K] (int8; int4 values in [-8, 7]) with scales [..., N, K / group] for
     the decode kernel, or None where it does not apply (no kernels, N not a multiple of 16)."""
-    if decode_kernels() is None or q.device.type != "cpu" or q.shape[-2] % 16 or (bits == 4 and q.shape[-1] % 8):
+    if decode_kernels() is None or q.device.type != "cpu" or q.shape[-2] % 16 or q.shape[-1] % (8 if bits == 4 else 2):
         return None
     if q.dim() == 2:
         q, scales = q.unsqueeze(0), scales.unsqueeze(0)
     E, N, K = q.shape
     G = scales.shape[-1]
     if bits == 8:
-        packed = q.view(torch.uint8).reshape(E, N // 16, 16, K).permute(0, 1, 3, 2)
+        packed = q.view(torch.uint8).reshape(E, N // 16, 16, K // 2, 2).permute(0, 1, 3, 2, 4)
     else:  # inputs 8b + i and 8b + 4 + i share byte i of an output's 4 (the kernel's integer-dot layout)
         u = (q + 8).to(torch.uint8).reshape(E, N // 16, 16, K // 8, 2, 4)
         packed = (u[..., 0, :] | (u[..., 1, :] << 4)).permute(0, 1, 3, 2, 4)
