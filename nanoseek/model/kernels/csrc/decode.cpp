@@ -1,6 +1,6 @@
-// CPU decoding kernels: small-batch linear layers y = x @ W^T over bf16 weights (few rows of x: memory-bound),
-// every routed expert of a layer in one call, fused RMSNorm and expert selection, and (AVX512-BF16) MLA decode
-// attention read in place from the paged latent cache.
+// CPU decoding kernels: small-batch linear layers y = x @ W^T over bf16 or int8/int4 weights (few rows of x:
+// memory-bound), every routed expert of a layer in one call, fused RMSNorm, RoPE and expert selection, and MLA and
+// GQA decode attention read in place from the paged cache.
 //
 // Built on first use by torch.utils.cpp_extension (model/kernels/build.py) for the CPU's ISA level, with
 // -fopenmp (at::parallel_for runs serially without). Why by hand: for a few rows oneDNN streams decode weights
@@ -10,8 +10,8 @@
 //
 // Layout: each weight W [N, K] is packed as [N/16][K/2][16][2] bf16, so one 64-byte load holds 16 outputs x 2
 // inputs. With AVX512-BF16 that is exactly the operand of vdpbf16ps (bf16 pairs multiplied, float32 sums) for
-// bf16 activations. Everywhere else -- AVX2, AVX-512 without bf16, and float32 activations (models that keep
-// bf16 weights but compute in float32) -- the pairs are widened in registers (a bf16 is float32's upper half:
+// bf16 activations (from 3 rows up). Everywhere else -- AVX2, AVX-512 without bf16, float32 activations (models
+// that keep bf16 weights but compute in float32), and 1-2 rows of bf16 -- the pairs are widened in registers (a bf16 is float32's upper half:
 // one shift or one mask) and multiplied in float32 FMAs: the bytes streamed stay half of float32's. Each output
 // row block is a contiguous run of memory that the hardware prefetcher streams (software prefetching measured
 // slower). Rows of x are processed a few at a time against a block still in L1/L2.
