@@ -308,23 +308,26 @@ class GQAttention(nn.Module):
         """Engine path; cache: [slots, 2, kv_heads, head_dim] (K and V) of this layer."""
         q, k, v = self._project_rows(x, rope)
         cache.index_copy_(0, batch.slot_mapping, torch.stack((k, v), dim=1).to(cache.dtype))
+        if not batch.prefills:  # decoding only: every row is one sequence's token, in order (no scatter)
+            return self.o_proj(self._decode(q, cache, batch))
         out = x.new_empty(x.shape[0], self.n_heads * self.head_dim)
         for span in batch.prefills:
             rows = slice(span.start, span.end)
             kv = cache[span.context_slots].to(x.dtype)
             out[rows] = ops.sdpa(q[rows][None], kv[None, :, 0], kv[None, :, 1], span.mask, self.scale)[0].flatten(1)
         if batch.decode_rows is not None:
-            rows = batch.decode_rows
-            decoding = q if not batch.prefills else q[rows]  # a step of decodes only: every row, in order
-            if self._decodes_from_cache(cache, batch):
-                heads = ops.gqa_cache_attention(decoding, cache, batch.decode_slots, batch.decode_lengths, self.scale)
-            else:
-                kv = cache[batch.decode_slots].to(x.dtype)  # [B, S, 2, kv_heads, head_dim]
-                heads = ops.decode_attention(decoding, kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
-            if not batch.prefills:
-                return self.o_proj(heads.flatten(1).to(x.dtype))
-            out[rows] = heads.flatten(1).to(out.dtype)
+            out[batch.decode_rows] = self._decode(q[batch.decode_rows], cache, batch)
         return self.o_proj(out)
+
+    def _decode(self, q, cache, batch: PagedBatch):
+        """B single-token decodes ([B, H, D] queries) -> [B, H * D] in q's dtype: read in place from the paged
+        cache where the kernel applies, else over the gathered context."""
+        if self._decodes_from_cache(cache, batch):
+            heads = ops.gqa_cache_attention(q, cache, batch.decode_slots, batch.decode_lengths, self.scale)
+        else:
+            kv = cache[batch.decode_slots].to(q.dtype)  # [B, S, 2, kv_heads, head_dim]
+            heads = ops.decode_attention(q, kv[:, :, 0], kv[:, :, 1], batch.decode_mask, self.scale)
+        return heads.flatten(1).to(q.dtype)
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
         """Whether the decode kernel reads this step's decodes' K/V in place from the paged cache (inference with

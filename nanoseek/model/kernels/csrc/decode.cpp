@@ -35,43 +35,38 @@ inline float as_float(float v) { return v; }
 inline float as_float(uint16_t v) { return bf16_scalar(v); }
 
 #if defined(__AVX512BF16__)
-// bf16 activations on vdpbf16ps: C accumulator chains per row hide the instruction's latency (4 for one or two
-// rows, measured faster at batch 1; 2 for more rows, which bring their own independent chains).
-template <int MC, int C = (MC <= 2 ? 4 : 2)>
+// bf16 activations on vdpbf16ps: two accumulator chains per row hide the instruction's latency.
+template <int MC>
 inline void block_rows_dp(const uint16_t* x, int64_t K, const uint16_t* wb, uint16_t* y, int64_t ldy) {
-  __m512 a[C][MC];
-#pragma GCC unroll 4
-  for (int c = 0; c < C; ++c)
+  __m512 a0[MC], a1[MC];
 #pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m) a[c][m] = _mm512_setzero_ps();
+  for (int m = 0; m < MC; ++m) {
+    a0[m] = _mm512_setzero_ps();
+    a1[m] = _mm512_setzero_ps();
+  }
   const int64_t pairs = K / 2;
   const __m512i* w = reinterpret_cast<const __m512i*>(wb);
   int64_t kp = 0;
-  for (; kp + C <= pairs; kp += C) {
-#pragma GCC unroll 4
-    for (int c = 0; c < C; ++c) {
-      const __m512i wc = _mm512_loadu_si512(w + kp + c);
+  for (; kp + 2 <= pairs; kp += 2) {
+    const __m512i w0 = _mm512_loadu_si512(w + kp), w1 = _mm512_loadu_si512(w + kp + 1);
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        const int32_t* xr = reinterpret_cast<const int32_t*>(x + m * K);
-        a[c][m] = _mm512_dpbf16_ps(a[c][m], (__m512bh)_mm512_set1_epi32(xr[kp + c]), (__m512bh)wc);
-      }
+    for (int m = 0; m < MC; ++m) {
+      const int32_t* xr = reinterpret_cast<const int32_t*>(x + m * K);
+      a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_set1_epi32(xr[kp]), (__m512bh)w0);
+      a1[m] = _mm512_dpbf16_ps(a1[m], (__m512bh)_mm512_set1_epi32(xr[kp + 1]), (__m512bh)w1);
     }
   }
-  for (; kp < pairs; ++kp) {
+  if (kp < pairs) {
     const __m512i w0 = _mm512_loadu_si512(w + kp);
 #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) {
       const int32_t* xr = reinterpret_cast<const int32_t*>(x + m * K);
-      a[0][m] = _mm512_dpbf16_ps(a[0][m], (__m512bh)_mm512_set1_epi32(xr[kp]), (__m512bh)w0);
+      a0[m] = _mm512_dpbf16_ps(a0[m], (__m512bh)_mm512_set1_epi32(xr[kp]), (__m512bh)w0);
     }
   }
 #pragma GCC unroll 8
   for (int m = 0; m < MC; ++m) {
-    __m512 t = a[0][m];
-#pragma GCC unroll 4
-    for (int c = 1; c < C; ++c) t = _mm512_add_ps(t, a[c][m]);
-    const __m256bh r = _mm512_cvtneps_pbh(t);  // round to nearest even
+    const __m256bh r = _mm512_cvtneps_pbh(_mm512_add_ps(a0[m], a1[m]));  // round to nearest even
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + m * ldy), (__m256i)r);
   }
 }
@@ -81,6 +76,15 @@ inline void block_rows_dp(const uint16_t* x, int64_t K, const uint16_t* wb, uint
 // outputs v*W.. as (even input, odd input) 32-bit pairs: the even one is the low half, widened by a shift, the
 // odd one the high half, widened by a mask.
 constexpr int NV = int(16 / W);
+
+// Every entry of an MC x NV block of register sums set to `value` (zero, to start a sum).
+template <typename V, int MC>
+inline void fill(V (&a)[MC][NV], V value) {
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) a[m][v] = value;
+}
 #if defined(__AVX512F__)
 inline void widen_pairs(const uint16_t* p, int v, vf& even, vf& odd) {
   const __m512i w = _mm512_loadu_si512(reinterpret_cast<const __m512i*>(p) + v);
@@ -243,58 +247,37 @@ inline vi dot4(vi acc, vi u, vi s) {
 #endif
 
 #if defined(__AVX512F__) || defined(__AVX2__)
-// MC rows of quantized activations times one block of 16 outputs (NV vectors of W lanes). The low and high
-// nibbles, and S consecutive steps of 8 inputs, sum into separate accumulators: one chain of dependent integer
-// dot products would wait out each one's latency (~5 cycles), which bounds a batch-1 product below the memory's
-// rate. More rows give independent chains by themselves (S = 1).
-template <int MC, int S, typename Y>
+// MC rows of quantized activations times one block of 16 outputs (NV vectors of W lanes).
+template <int MC, typename Y>
 inline void block_rows_q4(const int8_t* xq, const float* xs, const int32_t* xsum, int64_t K, int64_t G,
                           const uint8_t* wb, const float* sb, int64_t group, Y* y, int64_t ldy) {
   vf acc[MC][NV];
-#pragma GCC unroll 8
-  for (int m = 0; m < MC; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
+  fill(acc, set1(0.0f));
   for (int64_t g = 0; g < G; ++g, sb += 16) {
-    vi dlo[S][MC][NV], dhi[S][MC][NV];
+    vi dots[MC][NV];
+    fill(dots, zero_vi());
+    for (int64_t k = g * group; k < (g + 1) * group; k += 8) {
+      vi lo[NV], hi[NV];
 #pragma GCC unroll 2
-    for (int s = 0; s < S; ++s)
+      for (int v = 0; v < NV; ++v) {
+        const vi packed = load_vi(wb + k * 8 + v * W * 4);
+        lo[v] = low_nibbles(packed);
+        hi[v] = high_nibbles(packed);
+      }
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m)
+      for (int m = 0; m < MC; ++m) {
+        const vi xa = bcast4(xq + m * K + k), xb = bcast4(xq + m * K + k + 4);
 #pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) dlo[s][m][v] = dhi[s][m][v] = zero_vi();
-    for (int64_t k0 = g * group; k0 < (g + 1) * group; k0 += 8 * S) {
-#pragma GCC unroll 2
-      for (int s = 0; s < S; ++s) {
-        const int64_t k = k0 + 8 * s;
-        vi lo[NV], hi[NV];
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) {
-          const vi packed = load_vi(wb + k * 8 + v * W * 4);
-          lo[v] = low_nibbles(packed);
-          hi[v] = high_nibbles(packed);
-        }
-#pragma GCC unroll 8
-        for (int m = 0; m < MC; ++m) {
-          const vi xa = bcast4(xq + m * K + k), xb = bcast4(xq + m * K + k + 4);
-#pragma GCC unroll 2
-          for (int v = 0; v < NV; ++v) {
-            dlo[s][m][v] = dot4(dlo[s][m][v], lo[v], xa);
-            dhi[s][m][v] = dot4(dhi[s][m][v], hi[v], xb);
-          }
-        }
+        for (int v = 0; v < NV; ++v) dots[m][v] = dot4(dot4(dots[m][v], lo[v], xa), hi[v], xb);
       }
     }
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
       const vf scale = load(sb + v * W);
 #pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m) {
-        vi dots = add_vi(dlo[0][m][v], dhi[0][m][v]);
-#pragma GCC unroll 2
-        for (int s = 1; s < S; ++s) dots = add_vi(dots, add_vi(dlo[s][m][v], dhi[s][m][v]));
-        acc[m][v] = fmadd(group_value(dots, 8 * xsum[m * G + g]), mul(scale, set1(xs[m * G + g])), acc[m][v]);
-      }
+      for (int m = 0; m < MC; ++m)
+        acc[m][v] = fmadd(group_value(dots[m][v], 8 * xsum[m * G + g]), mul(scale, set1(xs[m * G + g])),
+                          acc[m][v]);
     }
   }
 #pragma GCC unroll 8
@@ -337,15 +320,9 @@ struct Int4Weights {
     const uint8_t* wb = p + (e * N + nb * 16) * K / 2;
     const float* sb = scales + (e * N + nb * 16) * G;
     in_blocks<ROWS_Q>(M, [&](auto mc, int64_t m) {
-      constexpr int MC = decltype(mc)::value;
       const int64_t r = r0 + m;
-      // Two steps' chains where few rows leave the registers for them and the group splits evenly.
-      if (MC * NV <= 2 && group % 16 == 0)
-        block_rows_q4<MC, 2>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G, wb, sb, group,
-                             y + m * ldy, ldy);
-      else
-        block_rows_q4<MC, 1>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G, wb, sb, group,
-                             y + m * ldy, ldy);
+      block_rows_q4<decltype(mc)::value>(a.q.data() + r * K, a.scale.data() + r * G, a.sum.data() + r * G, K, G,
+                                         wb, sb, group, y + m * ldy, ldy);
     });
   }
 };
@@ -386,23 +363,14 @@ template <int MC>
 inline void block_rows_q8(const int16_t* xq, const float* xs, int64_t K, int64_t G, int64_t cpg,
                           const uint8_t* wb, const float* sb, int64_t group, float* y) {
   vf acc[MC][NV];
-#pragma GCC unroll 8
-  for (int m = 0; m < MC; ++m)
-#pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) acc[m][v] = set1(0.0f);
+  fill(acc, set1(0.0f));
   for (int64_t g = 0; g < G; ++g, sb += 16) {
     vf gacc[MC][NV];
-#pragma GCC unroll 8
-    for (int m = 0; m < MC; ++m)
-#pragma GCC unroll 2
-      for (int v = 0; v < NV; ++v) gacc[m][v] = set1(0.0f);
+    fill(gacc, set1(0.0f));
     for (int64_t c = 0; c < cpg; ++c) {
       const int64_t k0 = g * group + c * Q8_CHUNK, k1 = std::min(k0 + Q8_CHUNK, (g + 1) * group);
       vi dots[MC][NV];
-#pragma GCC unroll 8
-      for (int m = 0; m < MC; ++m)
-#pragma GCC unroll 2
-        for (int v = 0; v < NV; ++v) dots[m][v] = zero_vi();
+      fill(dots, zero_vi());
       for (int64_t k = k0; k < k1; k += 2) {
 #pragma GCC unroll 8
         for (int m = 0; m < MC; ++m) {
