@@ -45,18 +45,21 @@ def test_kernels_build_for_this_cpu_s_isa():
 
 @needs_kernels
 @pytest.mark.parametrize("x_dtype", BOTH)
-@pytest.mark.parametrize("K", [64, 70, 768])  # 70: an odd number of input pairs (the kernel's tail)
-def test_grouped_linear_matches_a_float32_product_per_expert(K, x_dtype):
+# bf16 weights pack in input pairs (70: an odd number of pairs, the kernel's tail); float32 ones take any width
+@pytest.mark.parametrize("w_dtype, K", [(torch.bfloat16, 64), (torch.bfloat16, 70), (torch.bfloat16, 768),
+                                        (torch.float32, 64), (torch.float32, 33), (torch.float32, 768)])
+@pytest.mark.parametrize("N", [48, 24])  # 24: padded to the kernel's blocks of 16 outputs
+def test_grouped_linear_matches_a_float32_product_per_expert(N, K, x_dtype, w_dtype):
     g = torch.Generator().manual_seed(K)
-    E, N = 5, 48
+    E = 5
     counts = torch.tensor([3, 0, 1, 19, 8])  # an empty expert, and more than the kernels' 4- and 8-row blocks
-    w = torch.randn(E, N, K, generator=g).bfloat16()
+    w = torch.randn(E, N, K, generator=g).to(w_dtype)
     x = torch.randn(int(counts.sum()), K, generator=g).to(x_dtype)
     offsets = F.pad(counts.cumsum(0), (1, 0))
     y = decode.grouped_linear(x, decode.small_pack(w), offsets, N)
     ref = torch.cat([x[a:b].float() @ w[e].float().T for e, (a, b) in enumerate(zip(offsets[:-1], offsets[1:]))])
     assert y.dtype == x_dtype and y.shape == ref.shape
-    if x_dtype == torch.float32:  # bf16 weights widened exactly: only the float32 summation order differs
+    if x_dtype == torch.float32:  # weights widened exactly (or float32): only the float32 summation order differs
         torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
     else:  # bf16 output rounding (2^-9 relative) plus a different order of float32 summation
         torch.testing.assert_close(y.float(), ref, rtol=8e-3, atol=1e-3 * ref.abs().max().item())
@@ -82,16 +85,38 @@ def test_linear_with_bf16_weights_matches_a_float32_product(rows, compute):
 
 
 @needs_kernels
-@pytest.mark.parametrize("compute", BOTH)
+@pytest.mark.parametrize("rows", [1, 5, 33])
+def test_small_float32_weights_decode_on_the_kernel_and_large_ones_stay_on_onednn(rows, monkeypatch):
+    """float32 weights (float32 checkpoints) get a decode-kernel copy up to SMALL_FLOAT32_ELEMENTS: their small
+    products skip oneDNN's fixed cost per call and match the float32 product."""
+    torch.manual_seed(rows)
+    layer = Linear(96, 64, bias=True)
+    x = torch.randn(rows, 96)
+    calls = []
+    original = decode.grouped_linear
+    monkeypatch.setattr(decode, "grouped_linear", lambda *a: calls.append(1) or original(*a))
+    with torch.no_grad():
+        layer.derive(plan(torch.float32))
+        assert layer.derived.small is not None and layer.derived.small.dtype == torch.float32
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias), rtol=1e-5, atol=1e-5)
+    assert calls
+    monkeypatch.setattr(decode, "SMALL_FLOAT32_ELEMENTS", 96 * 64 - 1)
+    layer.derive(plan(torch.float32))
+    assert layer.derived is None or layer.derived.small is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("weights_dtype, compute", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                    (torch.float32, torch.float32)])
 @pytest.mark.parametrize("tokens", [1, 7, 40])
-def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens, compute):
+def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens, weights_dtype, compute):
     config = ModelConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=6, num_experts_per_tok=3)
     experts = Experts(config)
     g = torch.Generator().manual_seed(tokens)
     with torch.no_grad():
         for p in experts.parameters():
             p.normal_(0, 0.3, generator=g)
-    experts = experts.bfloat16().eval()
+    experts = experts.to(weights_dtype).eval()
     reference = copy.deepcopy(experts).float()
     experts.derive(plan(compute))
     assert experts.derived.small is not None
@@ -292,6 +317,33 @@ def test_float32_mla_decode_attention_kernel_matches_float32_attention(heads, la
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_an_mla_engine_decodes_through_the_stacked_input_projection_rope_and_cache_kernels(tmp_path, monkeypatch,
+                                                                                          dtype):
+    """An MLA engine whose W_UV has no decode-kernel pack (v_head_dim 24, as the speedrun model's) still reads
+    decode attention from the paged cache; q_a and kv_a run as one stacked product and RoPE on the kernel; its
+    greedy output is that of the module-by-module, eager, gathered path."""
+    from tiny import save_hf_checkpoint
+
+    from nanoseek import LLM, SamplingParams
+
+    save_hf_checkpoint("deepseek_v3", tmp_path, v_head_dim=24)
+    prompts, params = [[5, 9, 13, 2, 7], [40, 41, 42]], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+    calls = []
+    for name in ("mla_cache_attention", "stacked_linear", "rotate_rows"):
+        original = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _f=original, _n=name: calls.append(_n) or _f(*a))
+    llm = LLM(tmp_path, dtype=dtype, kv_cache_memory="4MiB")
+    attention = llm.engine.model.model.layers[0].self_attn
+    assert attention.derived.inputs is not None and attention.derived.kernels
+    ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+    assert {"mla_cache_attention", "stacked_linear", "rotate_rows"} <= set(calls)
+    for layer in llm.engine.model.model.layers:
+        layer.self_attn.derived = None
+    assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ours
+
+
+@needs_kernels
 def test_a_float32_engine_decodes_mla_attention_from_the_cache_in_place(hf_checkpoint, monkeypatch):
     """float32 inference (what every CPU without native bf16 runs) reads decode attention from the paged cache
     through the kernel, and greedy output stays that of the gathered path."""
@@ -347,22 +399,32 @@ def test_gqa_decode_attention_kernel_refuses_slots_outside_the_cache():
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("head_dim", [128, 24, 6])
-def test_rope_kernel_rotates_like_the_eager_half_split_rotation(dtype, head_dim):
-    """The decode kernel's RoPE: bf16 bit for bit with the eager rotation's roundings, float32 to rounding."""
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_kernel_rotates_like_the_eager_rotation(dtype, head_dim, interleaved):
+    """The decode kernel's RoPE in both layouts: half-split in bf16 bit for bit with the eager rotation's
+    roundings; interleaved (one float32 complex product, rounded once) to bf16's rounding; float32 to 1e-6. It
+    also takes the [T, 1, D] shared rope key of MLA and leading batch dims."""
     from nanoseek.model.rope import Rope
 
     g = torch.Generator().manual_seed(head_dim)
     positions = torch.tensor([0, 7, 300, 4095])
     inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2).float() / head_dim)
-    rope = Rope(positions[:, None].float() * inv_freq, 1.0, interleaved=False)
-    x = torch.randn(4, 3, head_dim, generator=g).to(dtype)
-    ours = ops.rotate_half_split(x, rope, fused=True)
-    eager = rope.rotate(x)
-    assert ours.dtype == dtype
-    if dtype == torch.bfloat16:
-        assert torch.equal(ours, eager)
-    else:
-        torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-6)
+    rope = Rope(positions[:, None].float() * inv_freq, 1.0, interleaved=interleaved)
+    for shape in ((4, 3, head_dim), (4, 1, head_dim)):
+        x = torch.randn(*shape, generator=g).to(dtype)
+        ours = ops.rotate_rows(x, rope, fused=True)
+        eager = rope.rotate(x)
+        assert ours.dtype == dtype and ours.shape == x.shape
+        assert not torch.equal(ours, x)
+        if dtype == torch.bfloat16 and not interleaved:
+            assert torch.equal(ours, eager)
+        elif dtype == torch.bfloat16:
+            torch.testing.assert_close(ours.float(), eager.float(), rtol=2 ** -8, atol=1e-6)
+        else:
+            torch.testing.assert_close(ours, eager, rtol=1e-6, atol=1e-6)
+    batched = torch.randn(1, 4, 3, head_dim, generator=g).to(dtype)  # MLA's compress: [B = 1, T, heads, D]
+    torch.testing.assert_close(ops.rotate_rows(batched, rope[None], fused=True).float(),
+                               rope[None].rotate(batched).float(), rtol=2 ** -8, atol=1e-6)
 
 
 @needs_kernels
@@ -382,8 +444,8 @@ def test_a_gqa_engine_decodes_through_the_stacked_projection_and_the_cache_kerne
     monkeypatch.setattr(ops, "gqa_cache_attention", lambda *a: calls.append(a[0].shape) or original(*a))
     llm = LLM(directory, dtype=dtype, kv_cache_memory="4MiB")
     attention = llm.engine.model.model.layers[0].self_attn
-    # bf16 weights stack q, k and v (and their biases) for the decode kernel; float32 weights run on oneDNN
-    assert (attention.derived is not None and attention.derived[1] is not None) == (dtype == "bfloat16")
+    # q, k and v (and their biases) stacked for the decode kernel: bf16 weights, and small float32 ones
+    assert attention.derived is not None and attention.derived[1] is not None
     ours = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
     assert calls
     monkeypatch.setattr(GQAttention, "_decodes_from_cache", lambda *a: False)

@@ -64,14 +64,25 @@ class MLAttention(nn.Module):
         latent and k_rope are exactly what the latent KV cache stores for these tokens.
         """
         B, T, _ = x.shape
-        q_latent = self.q_a_layernorm(self.q_a_proj(x)) if self.q_lora_rank else None
+        d = self.derived
+        kv_width = self.kv_lora_rank + self.rope_dim
+        both = None
+        if d is not None and d.inputs is not None:
+            both = ops.stacked_linear(x, d.inputs[0], self.q_lora_rank + kv_width, d.inputs[1])
+        if both is not None:  # decode-sized: q_a and kv_a in one product
+            q_a, kv_a = both.split([self.q_lora_rank, kv_width], dim=-1)
+        else:
+            q_a = self.q_a_proj(x) if self.q_lora_rank else None
+            kv_a = self.kv_a_proj_with_mqa(x)
+        q_latent = self.q_a_layernorm(q_a) if self.q_lora_rank else None
         q = self.q_b_proj(q_latent) if self.q_lora_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv_a.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)
-        q_rope = rope.rotate(q_rope)
-        k_rope = rope.rotate(k_rope.unsqueeze(-2)).squeeze(-2)
+        fused = d is not None and d.kernels
+        q_rope = ops.rotate_rows(q_rope, rope, fused)
+        k_rope = ops.rotate_rows(k_rope.unsqueeze(-2), rope, fused).squeeze(-2)
         return q_nope, q_rope, latent, k_rope, q_latent
 
     def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,7 +92,9 @@ class MLAttention(nn.Module):
         return w[:, : self.nope_dim], w[:, self.nope_dim:].transpose(1, 2)
 
     def derive(self, plan: ops.Plan | None) -> None:
-        self.derived = None if plan is None else ops.pack_absorbed(*self.absorbed_weights(), plan, self._uv_quantized())
+        inputs = (self.q_a_proj, self.kv_a_proj_with_mqa) if self.q_lora_rank else ()
+        self.derived = None if plan is None else ops.pack_absorbed(*self.absorbed_weights(), plan, self._uv_quantized(),
+                                                                   inputs)
 
     def _uv_quantized(self) -> quant.QuantizedWeight | None:
         """W_UV [H, v, L]: the value rows of a quantized kv_b_proj, as integers."""
@@ -233,13 +246,12 @@ class MLAttention(nn.Module):
         return self.heads_absorbed(q_nope[:, None], q_rope[:, None], cached, batch.decode_mask)[:, 0]
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
-        """Whether a kernel runs this step's decodes reading the cache in place (bf16 inference with packed
-        absorbed weights on AVX512-BF16; float32 inference on every ISA), with few sequences or not too many
-        heads. It saves the gather and its float32 copy (bf16: 2x faster at batch 1; bench/engine.py's 32
+        """Whether a kernel runs this step's decodes reading the cache in place (an inference plan with the decode
+        extension, every ISA), with few sequences or not too many heads. It saves the gather and its float32 copy (bf16: 2x faster at batch 1; bench/engine.py's 32
         sequences of 12 heads 1,088 -> 1,188 tokens/s; the speedrun model's 64 of 4 heads 6.5 -> 5.9 ms a
         step). With very many heads per sequence (V3's 128) oneDNN's batched products over the gathered rows
         are the better kernel."""
-        return (self.derived is not None and self.derived.cache_kernel
+        return (self.derived is not None and self.derived.kernels
                 and cache.dtype in (torch.bfloat16, torch.float32)
                 and cache.is_contiguous() and not torch.is_grad_enabled() and batch.decode_lengths is not None
                 and (batch.decode_slots.shape[0] <= 4 or self.n_heads <= 32))
@@ -293,8 +305,8 @@ class GQAttention(nn.Module):
         widths = (self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.n_kv_heads * self.head_dim)
         qkv = None if self.derived is None else ops.stacked_linear(x, self.derived[0], sum(widths), self.derived[1])
         q, k, v = (self.q_proj(x), self.k_proj(x), self.v_proj(x)) if qkv is None else qkv.split(widths, dim=-1)
-        q = ops.rotate_half_split(q.view(-1, self.n_heads, self.head_dim), rope, self.fused)
-        k = ops.rotate_half_split(k.view(-1, self.n_kv_heads, self.head_dim), rope, self.fused)
+        q = ops.rotate_rows(q.view(-1, self.n_heads, self.head_dim), rope, self.fused)
+        k = ops.rotate_rows(k.view(-1, self.n_kv_heads, self.head_dim), rope, self.fused)
         return q, k, v.view(-1, self.n_kv_heads, self.head_dim)
 
     def attend(self, q, k, v, mask):

@@ -39,7 +39,7 @@ def eager():
 @dataclass(frozen=True)
 class Plan:
     """How a model's derived weights are built. compute: the activations' dtype; onednn: pack weights of the
-    compute dtype for oneDNN; small: pack bf16 weights for the decode kernel; fused: the decode-time fusions
+    compute dtype for oneDNN; small: pack bf16 (and small float32) weights for the decode kernel; fused: the decode-time fusions
     (norm, expert selection, MLA cache attention) are available; quant: the model's weights are quantized
     (model/quant.py), and the decode kernel streams their integers instead."""
 
@@ -70,7 +70,7 @@ def derive_weights(model: torch.nn.Module, plan: Plan | None | str = "auto") -> 
 
 @dataclass
 class LinearPack:
-    """A linear weight's packed copies: for oneDNN (compute dtype) and for the decode kernel (bf16)."""
+    """A linear weight's packed copies: for oneDNN (compute dtype) and for the decode kernel."""
 
     onednn: torch.Tensor | None
     small: torch.Tensor | None
@@ -87,15 +87,16 @@ def pack_linear(weight: torch.Tensor, plan: Plan | None, quantized: quant.Quanti
     return None if onednn is None and small is None else LinearPack(onednn, small, weight.shape[0])
 
 
-def pack_stack(weight: torch.Tensor, plan: Plan | None, quantized: quant.QuantizedWeight | None = None
-               ) -> torch.Tensor | decode.QuantPack | None:
+def pack_stack(weight: torch.Tensor, plan: Plan | None, quantized: quant.QuantizedWeight | None = None,
+               pad_rows: bool = True) -> torch.Tensor | decode.QuantPack | None:
     """The decode kernel's copy of a weight or of stacked weights [E, N, K] (experts, heads, gate and up):
-    their integers where `quantized` holds them, else bf16 weights; None where the kernel does not apply."""
+    their integers where `quantized` holds them, else the weights (bf16, small float32; rows padded to the
+    kernel's blocks unless not `pad_rows`); None where the kernel does not apply."""
     if plan is None or not plan.small:
         return None
     if quantized is not None:
         return decode.quant_pack(quantized.q, quantized.scales, quantized.bits)
-    return decode.small_pack(weight)
+    return decode.small_pack(weight, pad_rows)
 
 
 def pack_each(weights: torch.Tensor, plan: Plan | None) -> list[torch.Tensor] | None:
@@ -222,7 +223,8 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, plan: Plan | None,
     onednn = pack_each(gate_up, plan), pack_each(down, plan)
     if (quantized[0] is None) != (quantized[1] is None):
         quantized = (None, None)  # the kernel runs both stacks in one format
-    small = pack_stack(gate_up, plan, quantized[0]), pack_stack(down, plan, quantized[1])
+    # The expert kernel splits gate_up's rows in halves: its stacks take no padding.
+    small = pack_stack(gate_up, plan, quantized[0], False), pack_stack(down, plan, quantized[1], False)
     if None not in small and type(small[0]) is not type(small[1]):
         small = (None, None)
     return ExpertsPack(None if None in onednn else onednn, None if None in small else small)
@@ -368,31 +370,39 @@ def decode_attention(q, k, v, mask, scale, latent_width: int = 0, out_dtype=None
 
 @dataclass
 class AbsorbedPack:
-    """MLA's absorbed projections for inference: W_UK [H, nope, L] and W_UV^T [H, L, v] as contiguous float32
-    copies (tiny per-head products are several times faster in float32 on CPU, and decode attention runs in
-    float32 anyway), and, for bf16 weights with the decode kernel, both per head packed for it."""
+    """MLA's derived weights for inference: W_UK [H, nope, L] and W_UV^T [H, L, v] as contiguous float32 copies
+    (tiny per-head products are several times faster in float32 on CPU, and decode attention runs in float32
+    anyway); for bf16 or quantized weights with the decode kernel, both per head packed for it, and q_a_proj and
+    kv_a_proj_with_mqa stacked (one product of the layer's input, with their stacked bias)."""
 
     w_uk: torch.Tensor
     w_uv_t: torch.Tensor
     small: tuple[torch.Tensor | None, torch.Tensor | decode.QuantPack | None] | None
-    cache_kernel: bool  # a kernel reads decode attention in place from the paged cache (bf16: AVX512-BF16)
+    inputs: tuple[torch.Tensor | decode.QuantPack, torch.Tensor | None] | None
+    # The decode extension runs this layer's decode attention in place from the paged cache and its RoPE.
+    kernels: bool
 
 
 def pack_absorbed(w_uk: torch.Tensor, w_uv_t: torch.Tensor, plan: Plan | None,
-                  uv_quantized: quant.QuantizedWeight | None = None) -> AbsorbedPack:
+                  uv_quantized: quant.QuantizedWeight | None = None, input_linears=()) -> AbsorbedPack:
     """`uv_quantized`: W_UV [H, v, L] as integers, where kv_b_proj is quantized (its value rows, whose groups run
     along the latent as the product's do). W_UK reads kv_b_proj's key rows across their groups, so it keeps
-    their dequantized values: the same model on every path."""
+    their dequantized values: the same model on every path. `input_linears`: the projections of the layer's
+    input to stack (q_a_proj and kv_a_proj_with_mqa; none without q LoRA)."""
     small = None
     if plan is not None and plan.small:
         small = (pack_stack(w_uk.transpose(1, 2), plan), pack_stack(w_uv_t.transpose(1, 2), plan, uv_quantized))
-    kernels = decode.decode_kernels() if plan is not None and plan.fused else None
-    cache_kernel = kernels is not None and (
-        plan.compute == torch.float32
-        or small is not None and None not in small and plan.compute == torch.bfloat16
-        and hasattr(kernels, "mla_decode_attention"))
-    return AbsorbedPack(w_uk.detach().float().contiguous(), w_uv_t.detach().float().contiguous(), small,
-                        cache_kernel)
+    stacked = stack_linears(input_linears, plan) if input_linears else None
+    inputs = None
+    if stacked is not None:
+        biases = [m.bias for m in input_linears]
+        inputs = (stacked, None if biases[0] is None else torch.cat(biases).detach())
+    # Decode attention reads the paged cache in place wherever the decode extension is built: in bf16 on the
+    # AVX512-BF16 kernel when the latent query comes out of its packed W_UK in bf16, otherwise in float32 (a bf16
+    # cache widened as it is read).
+    kernels = plan is not None and plan.fused and decode.decode_kernels() is not None
+    return AbsorbedPack(w_uk.detach().float().contiguous(), w_uv_t.detach().float().contiguous(), small, inputs,
+                        kernels)
 
 
 def absorbed_query(q_nope: torch.Tensor, derived: AbsorbedPack | None, w_uk: torch.Tensor) -> torch.Tensor:
@@ -423,22 +433,29 @@ def gqa_cache_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tenso
     return decode.decode_kernels().gqa_decode_attention(q.float(), cache, slots, lengths, scale)
 
 
-def rotate_half_split(x: torch.Tensor, rope, fused: bool) -> torch.Tensor:
-    """Half-split RoPE of x [N, heads, D] by the table of its N positions: the decode kernel's one call where
-    `fused` (an inference plan with kernels) and no gradient is wanted, else the eager rotation."""
-    if fused and not rope.interleaved and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16):
-        return decode.decode_kernels().rope_half(x, rope.cos, rope.sin)
+def rotate_rows(x: torch.Tensor, rope, fused: bool) -> torch.Tensor:
+    """RoPE of x [..., T, heads, D] by the table of its positions: one call on the decode kernel (half-split or
+    interleaved) where `fused` (an inference plan with kernels), no gradient is wanted and the table has a row
+    per position of x, else the eager rotation."""
+    half = x.shape[-1] // 2
+    rows = x.numel() // (x.shape[-2] * x.shape[-1])
+    if (fused and not torch.is_grad_enabled() and x.dtype in (torch.float32, torch.bfloat16)
+            and rope.cos.numel() == rows * half):
+        kernels = decode.decode_kernels()
+        rotate = kernels.rope_interleaved if rope.interleaved else kernels.rope_half
+        return rotate(x.reshape(rows, x.shape[-2], -1), rope.cos, rope.sin).view(x.shape)
     return rope.rotate(x)
 
 
 def mla_cache_attention(q: torch.Tensor, cache: torch.Tensor, slots: torch.Tensor, lengths: torch.Tensor,
                         scale: float, latent_width: int) -> torch.Tensor:
     """Absorbed MLA decode attention read in place from the paged latent cache: q [B, H, L + rope], cache
-    [slots, L + rope] -> [B, H, L] float32. bf16 q and cache: the AVX512-BF16 kernel; float32 q (float32 or bf16
-    cache): the kernel every ISA builds."""
-    if q.dtype == torch.bfloat16:
-        return decode.decode_kernels().mla_decode_attention(q, cache, slots, lengths, scale, latent_width)
-    return decode.decode_kernels().mla_decode_attention_f32(q.float(), cache, slots, lengths, scale, latent_width)
+    [slots, L + rope] -> [B, H, L] float32. bf16 q and cache: the AVX512-BF16 kernel where it is built; otherwise
+    the float32 kernel every ISA builds (a bf16 cache widened as it is read)."""
+    kernels = decode.decode_kernels()
+    if q.dtype == torch.bfloat16 and cache.dtype == torch.bfloat16 and hasattr(kernels, "mla_decode_attention"):
+        return kernels.mla_decode_attention(q, cache, slots, lengths, scale, latent_width)
+    return kernels.mla_decode_attention_f32(q.float(), cache, slots, lengths, scale, latent_width)
 
 
 # ---- losses ----

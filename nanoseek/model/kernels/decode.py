@@ -5,7 +5,7 @@ Two kernels, chosen per call by the number of rows:
   * nanoseek's own small-batch kernel (csrc/decode.cpp) for decoding: bf16 weights packed in column pairs,
     multiplied on vdpbf16ps with AVX512-BF16 or widened to float32 in registers elsewhere (AVX2, AVX-512), so a
     bf16 weight streams half the bytes of a float32 one on every x86 CPU; int8 and int4 weights in integer
-    products. The same extension holds the decode-time fusions (routed experts in one call, norm, RoPE, expert
+    products; small float32 weights (where oneDNN's fixed cost per call is most of the product). The same extension holds the decode-time fusions (routed experts in one call, norm, RoPE, expert
     selection, MLA and GQA attention read in place from the paged cache).
 
 `F.linear` on CPU re-lays-out its weight for oneDNN on every call; for the small batches of decoding that
@@ -23,6 +23,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from .build import CompiledKernels
 
@@ -47,12 +48,33 @@ def decode_kernels():
     return DECODE_KERNELS.get()
 
 
-def small_pack(weight: torch.Tensor) -> torch.Tensor | None:
-    """The decode kernel's packed copy of a bf16 weight [N, K] or [E, N, K], or None where it does not apply."""
-    kernels = decode_kernels() if weight.dtype == torch.bfloat16 and weight.device.type == "cpu" else None
-    if kernels is None or weight.shape[-2] % 16 or weight.shape[-1] % 2:
+# float32 weights get a decode-kernel copy only up to this many elements per matrix: what it saves is oneDNN's
+# fixed ~25 us a call, which matters for small products (the speedrun model's, a routed expert's); a large
+# float32 matrix streams as fast through oneDNN, and a third copy of it would cost memory for nothing.
+SMALL_FLOAT32_ELEMENTS = 1 << 22
+
+
+def small_pack(weight: torch.Tensor, pad_rows: bool = True) -> torch.Tensor | None:
+    """The decode kernel's packed copy of a bf16 weight [N, K] or [E, N, K] (or of a small float32 one), or None
+    where it does not apply. The kernel works in blocks of 16 outputs: with `pad_rows` a weight of any N is
+    padded with zero rows to the next multiple (a product's extra outputs are dropped), else N must be one."""
+    if weight.device.type != "cpu" or (weight.shape[-2] % 16 and not pad_rows):
         return None
-    return kernels.pack(weight.detach())
+    if weight.dtype == torch.float32:
+        if weight.shape[-2] * weight.shape[-1] > SMALL_FLOAT32_ELEMENTS:
+            return None
+    elif weight.dtype != torch.bfloat16 or weight.shape[-1] % 2:
+        return None
+    kernels = decode_kernels()
+    if kernels is None:
+        return None
+    weight = weight.detach()
+    return kernels.pack(F.pad(weight, (0, 0, 0, -weight.shape[-2] % 16)))
+
+
+def packed_rows(packed: torch.Tensor) -> int:
+    """N of a `small_pack`ed weight, padding included."""
+    return packed.shape[1] * 16
 
 
 @dataclass(frozen=True)
@@ -118,7 +140,8 @@ def grouped_linear(x: torch.Tensor, packed: torch.Tensor | QuantPack, offsets: t
     `quant_pack`ed stack -> [T, N] in x's dtype."""
     if isinstance(packed, QuantPack):
         return decode_kernels().grouped_linear_q(x, packed.packed, packed.scales, offsets, out_features, packed.bits)
-    return decode_kernels().grouped_linear(x, packed, offsets, out_features)
+    y = decode_kernels().grouped_linear(x, packed, offsets, packed_rows(packed))
+    return y if y.shape[1] == out_features else y[:, :out_features]
 
 
 @functools.lru_cache(maxsize=1024)

@@ -197,6 +197,67 @@ struct Bf16Weights {
 // Rows per register block of the quantized kernels: their sums per row and vector must stay in registers.
 constexpr int ROWS_Q = W == 16 ? 8 : 2;
 
+// ---- float32 weights ----
+// Layout: weight e [N, K] as [N/16][K][16] float32 (each input's 16 outputs in one 64-byte run). What float32
+// checkpoints decode through: a tiny product costs ~4 us here against oneDNN's ~25 us fixed cost per call, and
+// the routed experts run in one call. Even and odd inputs sum into separate accumulators at batch 1, as above.
+template <int MC, typename X, typename Y>
+inline void block_rows_f32(const X* x, int64_t K, const float* wb, Y* y, int64_t ldy) {
+  constexpr bool split = MC * NV <= 4;
+  vf acc[MC][NV], acc_odd[MC][NV];
+  fill(acc, set1(0.0f));
+  fill(acc_odd, set1(0.0f));
+  int64_t k = 0;
+  for (; k + 2 <= K; k += 2) {
+    vf w0[NV], w1[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+      w0[v] = load(wb + k * 16 + v * W);
+      w1[v] = load(wb + k * 16 + 16 + v * W);
+    }
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+      const vf xa = set1(as_float(x[m * K + k])), xb = set1(as_float(x[m * K + k + 1]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) {
+        acc[m][v] = fmadd(w0[v], xa, acc[m][v]);
+        if (split)
+          acc_odd[m][v] = fmadd(w1[v], xb, acc_odd[m][v]);
+        else
+          acc[m][v] = fmadd(w1[v], xb, acc[m][v]);
+      }
+    }
+  }
+  if (k < K) {
+#pragma GCC unroll 8
+    for (int m = 0; m < MC; ++m) {
+      const vf xa = set1(as_float(x[m * K + k]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[m][v] = fmadd(load(wb + k * 16 + v * W), xa, acc[m][v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int m = 0; m < MC; ++m)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) store(y + m * ldy + v * W, split ? add(acc[m][v], acc_odd[m][v]) : acc[m][v]);
+}
+
+// The packed float32 weights of E experts, [E, N/16, K, 16].
+struct Float32Weights {
+  const float* p;
+  int64_t N, K;
+  template <typename X>
+  std::vector<float> prepare(const X*, int64_t) const { return {}; }
+  template <typename X, typename Y>
+  void run(int64_t M, const X* x, int64_t e, int64_t nb, Y* y, int64_t ldy, const std::vector<float>&,
+           int64_t) const {
+    const float* wb = p + (e * N + nb * 16) * K;
+    in_blocks<ROWS>(M, [&](auto mc, int64_t m) {
+      block_rows_f32<decltype(mc)::value>(x + m * K, K, wb, y + m * ldy, ldy);
+    });
+  }
+};
+
 // ---- int4 by integer dot products ----
 // Widening nibbles to float32 costs more instructions than the bytes take to stream, so int4 multiplies in
 // integers, as llama.cpp's q4_0 does: each group of `group` inputs of a row is quantized to int8 (scale =
@@ -474,29 +535,48 @@ T* ptr(const torch::Tensor& t) { return reinterpret_cast<T*>(t.data_ptr()); }
 
 }  // namespace
 
-// Weights [E, N, K] (or [N, K]) -> the packed layout [E, N/16, K/2, 16, 2].
+// Weights [E, N, K] (or [N, K]) -> the packed layout: bf16 [E, N/16, K/2, 16, 2], float32 [E, N/16, K, 16].
 torch::Tensor pack(torch::Tensor w) {
   if (w.dim() == 2) w = w.unsqueeze(0);
   const int64_t E = w.size(0), N = w.size(1), K = w.size(2);
+  if (w.scalar_type() == at::kFloat) {
+    TORCH_CHECK(N % 16 == 0, "pack needs weights with rows divisible by 16");
+    return w.reshape({E, N / 16, 16, K}).permute({0, 1, 3, 2}).contiguous();
+  }
   TORCH_CHECK(w.scalar_type() == at::kBFloat16 && N % 16 == 0 && K % 2 == 0,
-              "pack needs bf16 weights with rows divisible by 16 and an even input width");
+              "pack needs bf16 or float32 weights with rows divisible by 16 (bf16: an even input width)");
   return w.reshape({E, N / 16, 16, K / 2, 2}).permute({0, 1, 3, 2, 4}).contiguous();
 }
+
+namespace {
+// Calls f with the weights view of a `pack`ed stack [E, ...] (bf16 or float32) of E weights [N, K].
+template <typename F>
+void with_packed(const torch::Tensor& w, int64_t N, int64_t K, F f) {
+  TORCH_CHECK(w.is_contiguous() && w.numel() == w.size(0) * N * K, "packed weights do not match their shape");
+  if (w.scalar_type() == at::kFloat) {
+    f(Float32Weights{ptr<float>(w), N, K});
+  } else {
+    TORCH_CHECK(w.scalar_type() == at::kBFloat16, "packed weights are bf16 or float32");
+    f(Bf16Weights{ptr<uint16_t>(w), N, K});
+  }
+}
+}  // namespace
 
 // x [T, K] (bf16 or float32) with the rows of expert e at offsets[e]..offsets[e+1]; w packed [E, ...] ->
 // y [T, N] in x's dtype.
 torch::Tensor grouped_linear(torch::Tensor x, torch::Tensor w, torch::Tensor offsets, int64_t N) {
-  TORCH_CHECK(w.scalar_type() == at::kBFloat16, "packed weights are bf16");
   x = x.contiguous();
   offsets = offsets.to(torch::kLong).contiguous();
   const int64_t T = x.size(0), K = x.size(1), E = w.size(0);
-  TORCH_CHECK(w.numel() == E * N * K && offsets.numel() == E + 1, "weights or offsets do not match x");
+  TORCH_CHECK(offsets.numel() == E + 1, "offsets do not match the weights");
   const int64_t* off = offsets.data_ptr<int64_t>();
   TORCH_CHECK(off[0] == 0 && off[E] == T, "offsets must span the rows of x");
   auto y = torch::empty({T, N}, x.options());
-  dispatch(x, [&](auto* tx) {
-    using X = std::remove_pointer_t<decltype(tx)>;
-    grouped(ptr<X>(x), Bf16Weights{ptr<uint16_t>(w), N, K}, E, off, ptr<X>(y));
+  with_packed(w, N, K, [&](const auto& weights) {
+    dispatch(x, [&](auto* tx) {
+      using X = std::remove_pointer_t<decltype(tx)>;
+      grouped(ptr<X>(x), weights, E, off, ptr<X>(y));
+    });
   });
   return y;
 }
@@ -568,10 +648,16 @@ torch::Tensor moe_layer(torch::Tensor x, torch::Tensor weights, torch::Tensor in
 
 torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
                          torch::Tensor down, int64_t I) {
-  TORCH_CHECK(gate_up.scalar_type() == at::kBFloat16 && down.scalar_type() == at::kBFloat16, "packed weights are bf16");
+  TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "both expert stacks are packed in one dtype");
   const int64_t E = gate_up.size(0), H = x.size(1);
-  return moe_layer(x, weights, indices, Bf16Weights{ptr<uint16_t>(gate_up), 2 * I, H},
-                   Bf16Weights{ptr<uint16_t>(down), H, I}, E, I);
+  torch::Tensor out;
+  with_packed(gate_up, 2 * I, H, [&](const auto& gu) {
+    with_packed(down, H, I, [&](const auto& dn) {
+      if constexpr (std::is_same<std::decay_t<decltype(gu)>, std::decay_t<decltype(dn)>>::value)
+        out = moe_layer(x, weights, indices, gu, dn, E, I);
+    });
+  });
+  return out;
 }
 
 // Calls f with the QuantWeights view of packed quantized weights [E, ...] (uint8) and scales [E, N/16, G, 16].
@@ -899,10 +985,11 @@ inline vf rounded(vf v) {
 }
 }  // namespace
 
-// Half-split RoPE (Llama / Qwen2) of x [N, heads, D] by cos, sin [N, D/2] float32 -> a new tensor in x's dtype:
-// [x1 c - x2 s, x2 c + x1 s] with the eager roundings (bf16: cos and sin rounded, each product and each sum
-// rounded). One call instead of ~10 small ops per rotated tensor.
-torch::Tensor rope_half(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+namespace {
+// RoPE of x [N, heads, D] by cos, sin [N, D/2] float32 -> a new tensor in x's dtype: rotate(x row, y row, cos
+// row, sin row, D / 2) for each position and head. One call instead of ~10 small ops per rotated tensor.
+template <typename F>
+torch::Tensor rope_rows(torch::Tensor x, torch::Tensor cos, torch::Tensor sin, F rotate) {
   x = x.contiguous();
   cos = cos.contiguous();
   sin = sin.contiguous();
@@ -915,21 +1002,43 @@ torch::Tensor rope_half(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
   const float* sp = sin.data_ptr<float>();
   dispatch(x, [&](auto* tx) {
     using X = std::remove_pointer_t<decltype(tx)>;
-    const X* xp = ptr<X>(x);
-    X* yp = ptr<X>(y);
     for (int64_t n = 0; n < N; ++n)
-      for (int64_t h = 0; h < Hh; ++h) {
-        const X* xr = xp + (n * Hh + h) * D;
-        X* yr = yp + (n * Hh + h) * D;
-        for_lanes(half, [&](int64_t d, int64_t m) {
-          const vf c = rounded<X>(load(cp + n * half + d, m)), s = rounded<X>(load(sp + n * half + d, m));
-          const vf x1 = load(xr + d, m), x2 = load(xr + half + d, m);
-          store(yr + d, rounded<X>(sub(rounded<X>(mul(x1, c)), rounded<X>(mul(x2, s)))), m);
-          store(yr + half + d, rounded<X>(add(rounded<X>(mul(x2, c)), rounded<X>(mul(x1, s)))), m);
-        });
-      }
+      for (int64_t h = 0; h < Hh; ++h)
+        rotate(ptr<X>(x) + (n * Hh + h) * D, ptr<X>(y) + (n * Hh + h) * D, cp + n * half, sp + n * half, half);
   });
   return y;
+}
+
+inline float stored(float v, float) { return v; }
+inline uint16_t stored(float v, uint16_t) { return to_bf16_scalar(v); }
+}  // namespace
+
+// Half-split RoPE (Llama / Qwen2): [x1 c - x2 s, x2 c + x1 s] with the eager roundings (bf16: cos and sin
+// rounded, each product and each sum rounded).
+torch::Tensor rope_half(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  return rope_rows(x, cos, sin, [](const auto* xr, auto* yr, const float* c_row, const float* s_row, int64_t half) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
+    for_lanes(half, [&](int64_t d, int64_t m) {
+      const vf c = rounded<X>(load(c_row + d, m)), s = rounded<X>(load(s_row + d, m));
+      const vf x1 = load(xr + d, m), x2 = load(xr + half + d, m);
+      store(yr + d, rounded<X>(sub(rounded<X>(mul(x1, c)), rounded<X>(mul(x2, s)))), m);
+      store(yr + half + d, rounded<X>(add(rounded<X>(mul(x2, c)), rounded<X>(mul(x1, s)))), m);
+    });
+  });
+}
+
+// Interleaved RoPE (DeepSeek's MLA): each pair (a, b) at 2i, 2i + 1 is the complex number a + ib times
+// cos + i sin, in float32, rounded once to x's dtype -- the eager complex multiply's arithmetic. The rotated
+// dims are few (MLA's 64 per head), so plain scalar code.
+torch::Tensor rope_interleaved(torch::Tensor x, torch::Tensor cos, torch::Tensor sin) {
+  return rope_rows(x, cos, sin, [](const auto* xr, auto* yr, const float* c_row, const float* s_row, int64_t half) {
+    using X = std::remove_const_t<std::remove_pointer_t<decltype(xr)>>;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = as_float(xr[2 * i]), b = as_float(xr[2 * i + 1]), c = c_row[i], s = s_row[i];
+      yr[2 * i] = stored(a * c - b * s, X{});
+      yr[2 * i + 1] = stored(a * s + b * c, X{});
+    }
+  });
 }
 
 #if defined(__AVX512BF16__)
@@ -1111,6 +1220,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("mla_decode_attention_f32", &mla_decode_attention_f32);
   m.def("gqa_decode_attention", &gqa_decode_attention);
   m.def("rope_half", &rope_half);
+  m.def("rope_interleaved", &rope_interleaved);
   m.def("select_experts", &select_experts);
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
