@@ -16,7 +16,7 @@ from nanoseek.model import ops
 from nanoseek.model.attention import MLAttention
 from nanoseek.model.kernels import decode
 from nanoseek.model.layers import Linear, RMSNorm
-from nanoseek.model.moe import Experts, Router
+from nanoseek.model.moe import Experts, MoE, Router
 
 ISA = runtime.cpu().isa
 needs_kernels = pytest.mark.skipif(not (ISA in decode.DECODE_KERNELS.isas and shutil.which("c++")),
@@ -32,6 +32,15 @@ def plan(compute: torch.dtype) -> ops.Plan:
     p = ops.inference_plan(torch.device("cpu"), compute)
     assert p is not None and p.small
     return p
+
+
+def randomized(module: torch.nn.Module, g: torch.Generator, dtype: torch.dtype):
+    """(module with N(0, 0.3) weights in `dtype`, for inference; its float32 copy, the eager reference)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.normal_(0, 0.3, generator=g)
+    module = module.to(dtype).eval()
+    return module, copy.deepcopy(module).float()
 
 
 @needs_kernels
@@ -111,13 +120,8 @@ def test_small_float32_weights_decode_on_the_kernel_and_large_ones_stay_on_onedn
 @pytest.mark.parametrize("tokens", [1, 7, 40])
 def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens, weights_dtype, compute):
     config = ModelConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=6, num_experts_per_tok=3)
-    experts = Experts(config)
     g = torch.Generator().manual_seed(tokens)
-    with torch.no_grad():
-        for p in experts.parameters():
-            p.normal_(0, 0.3, generator=g)
-    experts = experts.to(weights_dtype).eval()
-    reference = copy.deepcopy(experts).float()
+    experts, reference = randomized(Experts(config), g, weights_dtype)
     experts.derive(plan(compute))
     assert experts.derived.small is not None
     x = torch.randn(tokens, 64, generator=g).to(compute)
@@ -132,25 +136,60 @@ def test_routed_experts_in_one_kernel_call_match_the_eager_layer(tokens, weights
 
 
 @needs_kernels
+@pytest.mark.parametrize("weights_dtype, compute", [(torch.bfloat16, torch.bfloat16), (torch.bfloat16, torch.float32),
+                                                    (torch.float32, torch.float32)])
+@pytest.mark.parametrize("shared_experts", [1, 2])
+def test_the_shared_expert_joins_the_routed_experts_kernel_call(shared_experts, weights_dtype, compute, monkeypatch):
+    """Decoding a DeepSeekMoE layer runs its shared expert inside the routed experts' kernel call, bit for bit
+    what the layer computes with the two halves apart (routed sum rounded, then the shared expert added)."""
+    config = ModelConfig(hidden_size=64, moe_intermediate_size=48, n_routed_experts=6, num_experts_per_tok=2,
+                         n_shared_experts=shared_experts, n_group=1, topk_group=1)
+    g = torch.Generator().manual_seed(shared_experts)
+    layer, reference = randomized(MoE(config), g, weights_dtype)
+    ops.derive_weights(layer, plan(compute))
+    calls = []
+    original = decode.moe_swiglu
+    monkeypatch.setattr(decode, "moe_swiglu", lambda *a: calls.append(a[-1] is not None) or original(*a))
+    x = torch.randn(2, 64, generator=g).to(compute)
+    with torch.inference_mode():
+        fused = layer(x)
+        monkeypatch.setattr(ops, "shared_expert_packs", lambda mlp: None)
+        apart = layer(x)
+        eager = reference(x.float())
+    assert calls == [True, False]
+    assert fused.dtype == compute and torch.equal(fused, apart)
+    scale = eager.abs().max().item()
+    tol = dict(rtol=0.03, atol=0.03 * scale) if compute == torch.bfloat16 else dict(rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(fused.float(), eager, **tol)
+
+
+@needs_kernels
 @pytest.mark.parametrize("method,n_group,topk_group", [("noaux_tc", 4, 2), ("group_limited_greedy", 4, 3),
                                                        ("greedy", 1, 1), ("noaux_tc", 1, 1)])
-def test_fused_expert_selection_picks_the_eager_routers_experts(method, n_group, topk_group):
+@pytest.mark.parametrize("x_dtype", BOTH)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_the_routing_kernel_picks_and_weighs_the_eager_routers_experts(method, n_group, topk_group, x_dtype,
+                                                                        normalize, monkeypatch):
+    """Routing in one decode-kernel call: the eager Router's experts and weights, bit for bit."""
     config = ModelConfig(hidden_size=32, n_routed_experts=16, num_experts_per_tok=3, n_group=n_group,
-                         topk_group=topk_group, topk_method=method,
-                         scoring_func="sigmoid" if method == "noaux_tc" else "softmax")
+                         topk_group=topk_group, topk_method=method, norm_topk_prob=normalize,
+                         routed_scaling_factor=2.5, scoring_func="sigmoid" if method == "noaux_tc" else "softmax")
     router = Router(config).eval()
     g = torch.Generator().manual_seed(n_group + topk_group)
     with torch.no_grad():
         router.weight.normal_(0, 1, generator=g)
         if router.e_score_correction_bias is not None:
             router.e_score_correction_bias.normal_(0, 0.3, generator=g)
-    x = torch.randn(50, 32, generator=g)
+    x = torch.randn(50, 32, generator=g).to(x_dtype)
+    calls = []
+    original = ops.route
+    monkeypatch.setattr(ops, "route", lambda *a: calls.append(1) or original(*a))
     with torch.no_grad():
         w_ref, i_ref, _ = router(x)
         router.derive(plan(torch.float32))
         assert router.derived
         w, i, _ = router(x)
-    assert torch.equal(i, i_ref) and torch.equal(w, w_ref)
+    assert calls and torch.equal(i, i_ref) and torch.equal(w, w_ref)
 
 
 @needs_kernels

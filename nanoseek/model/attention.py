@@ -259,11 +259,11 @@ class MLAttention(nn.Module):
     def _decode_from_cache(self, q_nope, q_rope, cache, batch: PagedBatch):
         """Absorbed decode of B single tokens ([B, H, *] queries) with attention read straight from the paged
         latent cache (no gathered or float32 copy of the context). Returns [B, H * v]."""
-        w_uk, w_uv_t = self.absorbed_weights()
-        q = torch.cat((ops.absorbed_query(q_nope, self.derived, w_uk), q_rope), dim=-1)
+        d = self.derived  # the absorbed weights' own copies (no views of kv_b_proj to take each step)
+        q = torch.cat((ops.absorbed_query(q_nope, d, d.w_uk), q_rope), dim=-1)
         out_latent = ops.mla_cache_attention(q, cache, batch.decode_slots, batch.decode_lengths, self.scale,
                                              self.kv_lora_rank)
-        return ops.absorbed_output(out_latent, self.derived, w_uv_t, q_nope.dtype).flatten(1)
+        return ops.absorbed_output(out_latent, d, d.w_uv_t, q_nope.dtype).flatten(1)
 
 
 class GQAttention(nn.Module):

@@ -46,7 +46,7 @@ class Router(nn.Module):
             self.register_buffer("e_score_correction_bias", torch.zeros(c.n_routed_experts, dtype=torch.float32))
         else:
             self.e_score_correction_bias = None
-        self.derived = False  # inference: select experts with the decode kernel, one call instead of ~10 ops
+        self.derived = False  # inference: route on the decode kernel, one call instead of ~10 ops
 
     def _apply(self, fn, recurse=True):
         # Routing parameters keep their float32 values when the model is cast (model.to(bfloat16)): a bf16 round
@@ -61,12 +61,18 @@ class Router(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k], scores [N, E] fp32)."""
+        """x [N, hidden] -> (weights [N, k] fp32, expert indices [N, k], scores [N, E] fp32; inference on the
+        decode kernel: no scores, which only training's balancing statistics read)."""
+        rule = {"noaux_tc": 1, "group_limited_greedy": 2}.get(self.method, 0) if self.n_group > 1 else 0
+        if self.derived and not torch.is_grad_enabled() and x.device.type == "cpu":
+            weights, indices = ops.route(x, self.weight, self.e_score_correction_bias, self.scoring == "sigmoid",
+                                         self.n_group, self.topk_group, self.top_k, rule,
+                                         self.normalize and self.top_k > 1, self.scaling)
+            return weights, indices, None
         logits = F.linear(x.float(), self.weight)
         scores = logits.sigmoid() if self.scoring == "sigmoid" else logits.softmax(dim=-1)
         choice = scores if self.e_score_correction_bias is None else scores + self.e_score_correction_bias
-        rule = {"noaux_tc": 1, "group_limited_greedy": 2}.get(self.method, 0) if self.n_group > 1 else 0
-        indices = ops.select_experts(choice, self.n_group, self.topk_group, self.top_k, rule, fused=self.derived)
+        indices = ops.select_experts(choice, self.n_group, self.topk_group, self.top_k, rule)
         weights = scores.gather(1, indices)
         if self.normalize and self.top_k > 1:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
@@ -92,9 +98,11 @@ class Experts(nn.Module):
         self.limit = config.swiglu_limit if config.is_v4 else None  # V4 clips the SwiGLU's inputs
         self.derived: ops.ExpertsPack | None = None  # inference: packed copies (ops.pack_experts)
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, shared=None) -> torch.Tensor:
+        """The routed experts' weighted sum over x [N, hidden], plus shared(x) where the layer's shared-expert
+        module is given (in one kernel call when decoding)."""
         return ops.routed_experts(x, weights, indices, self.gate_up_proj, self.down_proj, self.act,
-                                  training=self.training, derived=self.derived, limit=self.limit)
+                                  training=self.training, derived=self.derived, limit=self.limit, shared=shared)
 
     def derive(self, plan: ops.Plan | None) -> None:
         self.derived = ops.pack_experts(self.gate_up_proj, self.down_proj, plan,
@@ -138,7 +146,4 @@ class MoE(nn.Module):
             self.last_expert_load = torch.bincount(indices.flatten(), minlength=self.experts.n_experts)
         if self.training and self.aux_alpha > 0 and x.dim() == 3:
             self.aux_loss = self._sequence_balance_loss(scores, indices, shape[0])
-        out = self.experts(flat, weights, indices).view(shape)
-        if self.shared_experts is not None:
-            out = out + self.shared_experts(x)
-        return out
+        return self.experts(flat, weights, indices, self.shared_experts).view(shape)

@@ -230,23 +230,45 @@ def pack_experts(gate_up: torch.Tensor, down: torch.Tensor, plan: Plan | None,
     return ExpertsPack(None if None in onednn else onednn, None if None in small else small)
 
 
+def shared_expert_packs(mlp) -> tuple | None:
+    """(gate_up, down, intermediate) of a shared-expert MLP for `decode.moe_swiglu`, where its decode-kernel
+    copies are unquantized, unpadded and bias-free SwiGLU; else None."""
+    if getattr(mlp, "act", None) is not F.silu or not hasattr(mlp, "down_proj") or mlp.down_proj.bias is not None:
+        return None  # no shared expert, or not the SwiGLU MLP the kernel runs (V4's clipped one)
+    gate_up, down = mlp.derived, mlp.down_proj.derived.small if mlp.down_proj.derived is not None else None
+    intermediate, hidden = mlp.down_proj.in_features, mlp.down_proj.out_features
+    if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor):
+        return None
+    if decode.packed_rows(gate_up) != 2 * intermediate or decode.packed_rows(down) != hidden:
+        return None
+    return gate_up, down, intermediate
+
+
 def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor, gate_up: torch.Tensor,
                    down: torch.Tensor, act, *, training: bool = False, derived: ExpertsPack | None = None,
-                   limit: float | None = None) -> torch.Tensor:
+                   limit: float | None = None, shared=None) -> torch.Tensor:
     """sum_j weights[n, j] * expert_{indices[n, j]}(x[n]) for SwiGLU experts stored stacked: gate_up
-    [E, 2I, H], down [E, H, I]. Grouped: token copies sorted by expert, one product per expert. `limit`: V4's
-    clipped SwiGLU (the fused kernels do not clip, so it runs the grouped products)."""
+    [E, 2I, H], down [E, H, I], plus shared(x) where a shared-expert module is given. Grouped: token copies
+    sorted by expert, one product per expert. `limit`: V4's clipped SwiGLU (the fused kernels do not clip, so it
+    runs the grouped products)."""
     if limit is not None:
         training, derived = False, None
-    if fused_training(x, training) and act is F.silu:
-        return train_ops.routed_experts(x, weights, indices, gate_up, down)
     inference = derived is not None and not torch.is_grad_enabled()
     if inference and derived.small is not None and act is F.silu and x.dtype in (torch.bfloat16, torch.float32) \
             and indices.numel() <= decode.SMALL_ROWS_PER_EXPERT * min(indices.numel(), gate_up.shape[0]):
         # Decoding (few rows per expert, were every routed copy spread evenly; no host sync to count them):
-        # the whole layer in one kernel call.
-        return decode.moe_swiglu(x, weights, indices, *derived.small, down.shape[-1])
-    onednn = derived.onednn if inference and x.dtype == gate_up.dtype else None
+        # the whole layer in one kernel call, the shared expert included where its copies allow.
+        packs = None if isinstance(derived.small[0], decode.QuantPack) else shared_expert_packs(shared)
+        out = decode.moe_swiglu(x, weights, indices, *derived.small, down.shape[-1], packs)
+        return out if shared is None or packs is not None else out + shared(x)
+    out = _routed_experts(x, weights, indices, gate_up, down, act, training, derived if inference else None, limit)
+    return out if shared is None else out + shared(x)
+
+
+def _routed_experts(x, weights, indices, gate_up, down, act, training, derived, limit) -> torch.Tensor:
+    if fused_training(x, training) and act is F.silu:
+        return train_ops.routed_experts(x, weights, indices, gate_up, down)
+    onednn = derived.onednn if derived is not None and x.dtype == gate_up.dtype else None
 
     def expert(rows: torch.Tensor, e: int) -> torch.Tensor:
         if onednn is not None:
@@ -279,13 +301,18 @@ def routed_experts(x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor
     return torch.zeros_like(x).index_add_(0, token_of, ys)
 
 
-def select_experts(choice: torch.Tensor, n_group: int, topk_group: int, top_k: int, rule: int, *,
-                   fused: bool = False) -> torch.Tensor:
+def route(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sigmoid: bool, n_group: int,
+          topk_group: int, top_k: int, rule: int, normalize: bool, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A DeepSeek router's (weights [N, k] float32, expert indices [N, k]) in one decode-kernel call: the eager
+    Router's ops one for one (see Router.forward)."""
+    return decode.decode_kernels().route(x, weight, bias, sigmoid, n_group, topk_group, top_k, rule, normalize,
+                                         scaling)
+
+
+def select_experts(choice: torch.Tensor, n_group: int, topk_group: int, top_k: int, rule: int) -> torch.Tensor:
     """DeepSeek's expert selection on float32 choice scores [N, E]: keep the `topk_group` best of `n_group`
     groups (rule 1: group score = sum of its top 2, V3's noaux_tc; 2: its max, V2's group_limited_greedy;
-    0: no groups), then the `top_k` best experts in them. `fused`: one decode-kernel call instead of ~10 ops."""
-    if fused and not torch.is_grad_enabled() and choice.device.type == "cpu":
-        return decode.decode_kernels().select_experts(choice, n_group, topk_group, top_k, rule)
+    0: no groups), then the `top_k` best experts in them (inference: inside `route`'s one kernel call)."""
     if rule:
         grouped = choice.view(choice.shape[0], n_group, -1)
         group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1) if rule == 1 else grouped.amax(dim=-1)

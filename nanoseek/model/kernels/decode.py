@@ -106,13 +106,18 @@ def quant_pack(q: torch.Tensor, scales: torch.Tensor, bits: int) -> QuantPack | 
     return QuantPack(packed.contiguous(), blocked.contiguous(), bits)
 
 
-def moe_swiglu(x, weights, indices, gate_up, down, intermediate: int) -> torch.Tensor:
-    """A routed-expert SwiGLU layer in one call over `small_pack`ed (bf16) or `quant_pack`ed expert stacks."""
+def moe_swiglu(x, weights, indices, gate_up, down, intermediate: int, shared=None) -> torch.Tensor:
+    """A routed-expert SwiGLU layer in one call over `small_pack`ed (bf16, float32) or `quant_pack`ed expert
+    stacks. `shared`: (gate_up, down, intermediate) of the layer's shared expert, `small_pack`ed without padding
+    (`shared_expert_packs`), added in the same call; only beside unquantized experts."""
     kernels = decode_kernels()
     if isinstance(gate_up, QuantPack):
+        assert shared is None, "the shared expert joins unquantized experts only"
         return kernels.moe_swiglu_q(x, weights, indices, gate_up.packed, gate_up.scales, down.packed, down.scales,
                                     intermediate, gate_up.bits)
-    return kernels.moe_swiglu(x, weights, indices, gate_up, down, intermediate)
+    shared_gate_up, shared_down, shared_intermediate = shared or (None, None, 0)
+    return kernels.moe_swiglu(x, weights, indices, gate_up, down, intermediate, shared_gate_up, shared_down,
+                              shared_intermediate)
 
 
 def onednn_packs(dtype: torch.dtype) -> bool:

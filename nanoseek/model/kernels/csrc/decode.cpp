@@ -646,9 +646,31 @@ torch::Tensor moe_layer(torch::Tensor x, torch::Tensor weights, torch::Tensor in
 }
 }  // namespace
 
+// The shared expert of a DeepSeekMoE layer for every row of x [N, H]: gate_up packed [1, 2I, H], down [1, H, I]
+// -> [N, H] in x's dtype, with the eager MLP's roundings (the same products, silu and product rounded).
+torch::Tensor shared_expert(const torch::Tensor& x, const torch::Tensor& gate_up, const torch::Tensor& down,
+                            int64_t I) {
+  const int64_t N = x.size(0), H = x.size(1);
+  const int64_t off[2] = {0, N};
+  auto gu = torch::empty({N, 2 * I}, x.options()), y = torch::empty({N, H}, x.options());
+  torch::Tensor h;
+  dispatch(x, [&](auto* tx) {
+    using X = std::remove_pointer_t<decltype(tx)>;
+    with_packed(gate_up, 2 * I, H, [&](const auto& w) { grouped(ptr<X>(x), w, 1, off, ptr<X>(gu)); });
+    h = at::silu(gu.narrow(1, 0, I)).mul_(gu.narrow(1, I, I));
+    with_packed(down, H, I, [&](const auto& w) { grouped(ptr<X>(h), w, 1, off, ptr<X>(y)); });
+  });
+  return y;
+}
+
+// With `shared_gate_up` / `shared_down` (the layer's shared expert, intermediate shared_I) the layer's output
+// includes it: routed sum rounded to x's dtype, then the shared expert added in x's dtype, as the eager layer
+// adds its two halves.
 torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor indices, torch::Tensor gate_up,
-                         torch::Tensor down, int64_t I) {
+                         torch::Tensor down, int64_t I, c10::optional<torch::Tensor> shared_gate_up,
+                         c10::optional<torch::Tensor> shared_down, int64_t shared_I) {
   TORCH_CHECK(gate_up.scalar_type() == down.scalar_type(), "both expert stacks are packed in one dtype");
+  TORCH_CHECK(shared_gate_up.has_value() == shared_down.has_value(), "the shared expert needs gate_up and down");
   const int64_t E = gate_up.size(0), H = x.size(1);
   torch::Tensor out;
   with_packed(gate_up, 2 * I, H, [&](const auto& gu) {
@@ -657,6 +679,7 @@ torch::Tensor moe_swiglu(torch::Tensor x, torch::Tensor weights, torch::Tensor i
         out = moe_layer(x, weights, indices, gu, dn, E, I);
     });
   });
+  if (shared_gate_up.has_value()) out.add_(shared_expert(x.contiguous(), *shared_gate_up, *shared_down, shared_I));
   return out;
 }
 
@@ -985,6 +1008,21 @@ inline vf rounded(vf v) {
 }
 }  // namespace
 
+// DeepSeek's router in one call: float32 logits of x [N, H] (bf16 or float32) by the router's float32 weight
+// [E, H], scores (sigmoid, or softmax), the choice scores (+ the balancing bias where given), select_experts,
+// and the chosen experts' scores, normalised where `normalize`, times `scaling` -> (weights [N, k] float32,
+// indices [N, k]). The eager Router's ATen ops one for one, so the same bits, without ~9 Python-level calls.
+std::tuple<torch::Tensor, torch::Tensor> route(torch::Tensor x, torch::Tensor weight, c10::optional<torch::Tensor> bias,
+                                               bool sigmoid, int64_t n_group, int64_t topk_group, int64_t top_k,
+                                               int64_t rule, bool normalize, double scaling) {
+  auto logits = at::linear(x.to(at::kFloat), weight);
+  auto scores = sigmoid ? logits.sigmoid() : logits.softmax(-1);
+  auto indices = select_experts(bias.has_value() ? scores + *bias : scores, n_group, topk_group, top_k, rule);
+  auto weights = scores.gather(1, indices);
+  if (normalize) weights = weights / (weights.sum(-1, true) + 1e-20);
+  return {weights * scaling, indices};
+}
+
 namespace {
 // RoPE of x [N, heads, D] by cos, sin [N, D/2] float32 -> a new tensor in x's dtype: rotate(x row, y row, cos
 // row, sin row, D / 2) for each position and head. One call instead of ~10 small ops per rotated tensor.
@@ -1221,7 +1259,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gqa_decode_attention", &gqa_decode_attention);
   m.def("rope_half", &rope_half);
   m.def("rope_interleaved", &rope_interleaved);
-  m.def("select_experts", &select_experts);
+  m.def("route", &route);
   m.def("rms_norm", &rms_norm);
   m.def("pack", &pack);
   m.def("grouped_linear", &grouped_linear);
