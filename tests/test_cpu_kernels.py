@@ -493,6 +493,29 @@ def test_a_gqa_engine_decodes_through_the_stacked_projection_and_the_cache_kerne
     assert [o.outputs[0].token_ids for o in llm.generate(prompts, params)] == ours
 
 
+@needs_kernels
+@pytest.mark.parametrize("arch", ["qwen2", "deepseek_v3"])
+def test_stacked_weights_replace_their_parts_decode_copies(hf_checkpoint, arch):
+    """gate/up, q/k/v and q_a/kv_a keep one decode-kernel copy, their stack's; each part keeps only what prefill
+    uses."""
+    directory, _ = hf_checkpoint(arch)
+    model = load_model(directory, dtype=torch.bfloat16).eval()
+    ops.derive_weights(model)
+    stacks = []
+    for layer in model.model.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        if arch == "qwen2":
+            stacks.append((attention.derived[0], (attention.q_proj, attention.k_proj, attention.v_proj)))
+        else:
+            stacks.append((attention.derived.inputs[0], (attention.q_a_proj, attention.kv_a_proj_with_mqa)))
+        mlp = getattr(mlp, "shared_experts", None) or mlp
+        stacks.append((mlp.derived, (mlp.gate_proj, mlp.up_proj)))
+    for stacked, parts in stacks:
+        assert stacked is not None
+        assert all(m.derived is None or m.derived.small is None for m in parts)
+    assert model.model.layers[0].self_attn.o_proj.derived.small is not None  # a weight no stack holds keeps its own
+
+
 def test_small_products_beyond_the_decode_row_limit_go_to_the_kernel():
     # 64 x 256 x 192: oneDNN's fixed cost would dominate; 64 x 4096 x 400: oneDNN's.
     assert 64 > decode.SMALL_ROWS and decode.small_product(64, 256, 192)

@@ -247,10 +247,10 @@ class MLAttention(nn.Module):
 
     def _decodes_from_cache(self, cache, batch: PagedBatch) -> bool:
         """Whether a kernel runs this step's decodes reading the cache in place (an inference plan with the decode
-        extension, every ISA), with few sequences or not too many heads. It saves the gather and its float32 copy (bf16: 2x faster at batch 1; bench/engine.py's 32
-        sequences of 12 heads 1,088 -> 1,188 tokens/s; the speedrun model's 64 of 4 heads 6.5 -> 5.9 ms a
-        step). With very many heads per sequence (V3's 128) oneDNN's batched products over the gathered rows
-        are the better kernel."""
+        extension, every ISA), with few sequences or not too many heads. It saves the gather and its float32
+        copy (bf16: 2x faster at batch 1; bench/engine.py's 32 sequences of 12 heads 1,088 -> 1,188 tokens/s;
+        the speedrun model's 64 of 4 heads 6.5 -> 5.9 ms a step). With very many heads per sequence (V3's 128)
+        oneDNN's batched products over the gathered rows are the better kernel."""
         return (self.derived is not None and self.derived.kernels
                 and cache.dtype in (torch.bfloat16, torch.float32)
                 and cache.is_contiguous() and not torch.is_grad_enabled() and batch.decode_lengths is not None

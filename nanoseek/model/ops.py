@@ -16,7 +16,7 @@ decode kernel, per call for prefill-sized products.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,9 @@ def eager():
 @dataclass(frozen=True)
 class Plan:
     """How a model's derived weights are built. compute: the activations' dtype; onednn: pack weights of the
-    compute dtype for oneDNN; small: pack bf16 (and small float32) weights for the decode kernel; fused: the decode-time fusions
-    (norm, expert selection, MLA cache attention) are available; quant: the model's weights are quantized
-    (model/quant.py), and the decode kernel streams their integers instead."""
+    compute dtype for oneDNN; small: pack bf16 (and small float32) weights for the decode kernel; fused: the
+    decode-time fusions (norm, routing, RoPE, cache attention) are available; quant: the model's weights are
+    quantized (model/quant.py), and the decode kernel streams their integers instead."""
 
     compute: torch.dtype
     onednn: bool
@@ -63,7 +63,9 @@ def derive_weights(model: torch.nn.Module, plan: Plan | None | str = "auto") -> 
     derived weights. Call again whenever the weights change."""
     if plan == "auto":
         plan = inference_plan(model.device, model.compute_dtype, getattr(model, "quantization", None))
-    for module in model.modules():
+    # Children first: a module that stacks its children's weights (gate and up; q, k and v; q_a and kv_a) then
+    # drops their own decode-kernel copies (`stack_linears`).
+    for module in reversed(list(model.modules())):
         if hasattr(module, "derive"):
             module.derive(plan)
 
@@ -181,15 +183,22 @@ def swiglu_mlp(x: torch.Tensor, gate, up, down, act, *, training: bool = False,
 def stack_linears(linears, plan: Plan | None) -> torch.Tensor | decode.QuantPack | None:
     """The decode kernel's copy of several Linear modules' weights stacked along their outputs (gate and up;
     q, k and v): one weight stream per decode step instead of one per module. Quantized modules stack their
-    integers (where all share one group size)."""
+    integers (where all share one group size). The modules' own decode-kernel copies are dropped once the stack
+    exists (it serves their decode-sized products; their oneDNN copies stay, for prefill): a 1.5B Qwen2's engine
+    in bf16 measured 11.7 -> 10.5 GB resident."""
     if plan is None or not plan.small:
         return None
     parts = [quant.quantized_of(m) for m in linears]
-    stacked = None
+    integers = None
     if None not in parts and len({p.group for p in parts}) == 1:
-        stacked = quant.QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
-                                        parts[0].bits)
-    return pack_stack(torch.cat([m.weight for m in linears]), plan, stacked)
+        integers = quant.QuantizedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scales for p in parts]),
+                                         parts[0].bits)
+    stacked = pack_stack(torch.cat([m.weight for m in linears]), plan, integers)
+    if stacked is not None:
+        for m in linears:
+            if m.derived is not None and m.derived.small is not None:
+                m.derived = None if m.derived.onednn is None else replace(m.derived, small=None)
+    return stacked
 
 
 def stacked_linear(x: torch.Tensor, stacked, out_features: int, bias: torch.Tensor | None = None

@@ -5,8 +5,9 @@ Two kernels, chosen per call by the number of rows:
   * nanoseek's own small-batch kernel (csrc/decode.cpp) for decoding: bf16 weights packed in column pairs,
     multiplied on vdpbf16ps with AVX512-BF16 or widened to float32 in registers elsewhere (AVX2, AVX-512), so a
     bf16 weight streams half the bytes of a float32 one on every x86 CPU; int8 and int4 weights in integer
-    products; small float32 weights (where oneDNN's fixed cost per call is most of the product). The same extension holds the decode-time fusions (routed experts in one call, norm, RoPE, expert
-    selection, MLA and GQA attention read in place from the paged cache).
+    products; small float32 weights (where oneDNN's fixed cost per call is most of the product). The same
+    extension holds the decode-time fusions (routed and shared experts in one call, norm, RoPE, routing, MLA and
+    GQA attention read in place from the paged cache).
 
 `F.linear` on CPU re-lays-out its weight for oneDNN on every call; for the small batches of decoding that
 re-layout costs as much as the product itself. Packing each weight once (what inductor's freezing does)
