@@ -11,11 +11,10 @@
 // Layout: each weight W [N, K] is packed as [N/16][K/2][16][2] bf16, so one 64-byte load holds 16 outputs x 2
 // inputs. With AVX512-BF16 that is exactly the operand of vdpbf16ps (bf16 pairs multiplied, float32 sums) for
 // bf16 activations (from 3 rows up). Everywhere else -- AVX2, AVX-512 without bf16, float32 activations (models
-// that keep bf16 weights but compute in float32), and 1-2 rows of bf16 -- the pairs are widened in registers (a bf16 is float32's upper half:
-// one shift or one mask) and multiplied in float32 FMAs: the bytes streamed stay half of float32's. Each output
-// row block is a contiguous run of memory that the hardware prefetcher streams (software prefetching measured
-// slower here; the quantized kernels, which do more work per byte, prefetch: PREFETCH_BYTES). Rows of x are
-// processed a few at a time against a block still in L1/L2.
+// that keep bf16 weights but compute in float32), and 1-2 rows of bf16 -- the pairs are widened in registers (a
+// bf16 is float32's upper half: one shift or one mask) and multiplied in float32 FMAs: the bytes streamed stay
+// half of float32's. Each output row block is a contiguous run of memory, prefetched PREFETCH_BYTES ahead. Rows
+// of x are processed a few at a time against a block still in L1/L2.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -33,16 +32,17 @@ namespace {
 using namespace simd;
 
 inline float as_float(float v) { return v; }
-
-// The quantized kernels prefetch their weight stream this far ahead: their integer work per byte is more than the
-// bf16 kernel's, so fewer loads are in flight and the hardware prefetcher alone left them at 70-75% of the sum-read
-// (measured on 2 AMX cores, 8960x1536 matrices: int8 22 -> 28 GB/s under the AVX2 ceiling, 23.5 -> 27.5 natively;
-// int4 17 -> 26 and 20 -> 26). 1-4 KiB all measured alike.
-constexpr int64_t PREFETCH_BYTES = 2048;
-inline void prefetch_ahead(const uint8_t* p) {
-  __builtin_prefetch(p + PREFETCH_BYTES);  // read, kept in every cache level (prefetcht0)
-}
 inline float as_float(uint16_t v) { return bf16_scalar(v); }
+
+// The weight streams of the widening, float32 and quantized kernels are prefetched this far ahead: with more work
+// per byte than a plain sum, these loops keep too few loads in flight for the hardware prefetcher alone (measured
+// on 2 AMX cores, 8960x1536 matrices under the AVX2 ceiling: bf16 30 -> 33 GB/s, int8 22 -> 28, int4 17 -> 26;
+// the 186M bench model's 0.4-1.5 MB matrices at batch 1: 43% -> 51% of the sum-read in bf16, 55% -> 60% in
+// float32). 1-4 KiB measured alike.
+constexpr int64_t PREFETCH_BYTES = 2048;
+inline void prefetch_ahead(const void* p) {
+  __builtin_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES);  // read, kept in every cache level
+}
 
 #if defined(__AVX512BF16__)
 // bf16 activations on vdpbf16ps: two accumulator chains per row hide the instruction's latency.
@@ -121,6 +121,7 @@ inline void block_rows_widen(const X* x, int64_t K, const uint16_t* wb, Y* y, in
     for (int v = 0; v < NV; ++v) acc[m][v] = acc_odd[m][v] = set1(0.0f);
   const int64_t pairs = K / 2;
   for (int64_t kp = 0; kp < pairs; ++kp) {
+    prefetch_ahead(wb + kp * 32);
     vf even[NV], odd[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) widen_pairs(wb + kp * 32, v, even[v], odd[v]);
@@ -219,6 +220,8 @@ inline void block_rows_f32(const X* x, int64_t K, const float* wb, Y* y, int64_t
   fill(acc_odd, set1(0.0f));
   int64_t k = 0;
   for (; k + 2 <= K; k += 2) {
+    prefetch_ahead(wb + k * 16);
+    prefetch_ahead(wb + k * 16 + 16);
     vf w0[NV], w1[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) {
