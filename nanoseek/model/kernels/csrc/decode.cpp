@@ -34,11 +34,11 @@ using namespace simd;
 inline float as_float(float v) { return v; }
 inline float as_float(uint16_t v) { return bf16_scalar(v); }
 
-// The weight streams of the widening, float32 and quantized kernels are prefetched this far ahead: with more work
-// per byte than a plain sum, these loops keep too few loads in flight for the hardware prefetcher alone (measured
-// on 2 AMX cores, 8960x1536 matrices under the AVX2 ceiling: bf16 30 -> 33 GB/s, int8 22 -> 28, int4 17 -> 26;
-// the 186M bench model's 0.4-1.5 MB matrices at batch 1: 43% -> 51% of the sum-read in bf16, 55% -> 60% in
-// float32). 1-4 KiB measured alike.
+// Every kernel's weight stream is prefetched this far ahead: with more work per byte than a plain sum, these loops
+// keep too few loads in flight for the hardware prefetcher alone (measured on 2 AMX cores, 8960x1536 matrices under
+// the AVX2 ceiling: bf16 30 -> 33 GB/s, int8 22 -> 28, int4 17 -> 26; the 186M bench model's 0.4-1.5 MB matrices
+// at batch 1: 43% -> 49% of the sum-read in bf16, 55% -> 60% in float32; its 32-sequence decoding on vdpbf16ps
+// 700 -> 800 tokens/s). 1-4 KiB measured alike.
 constexpr int64_t PREFETCH_BYTES = 2048;
 inline void prefetch_ahead(const void* p) {
   __builtin_prefetch(static_cast<const char*>(p) + PREFETCH_BYTES);  // read, kept in every cache level
@@ -58,6 +58,8 @@ inline void block_rows_dp(const uint16_t* x, int64_t K, const uint16_t* wb, uint
   const __m512i* w = reinterpret_cast<const __m512i*>(wb);
   int64_t kp = 0;
   for (; kp + 2 <= pairs; kp += 2) {
+    prefetch_ahead(w + kp);
+    prefetch_ahead(w + kp + 1);
     const __m512i w0 = _mm512_loadu_si512(w + kp), w1 = _mm512_loadu_si512(w + kp + 1);
 #pragma GCC unroll 8
     for (int m = 0; m < MC; ++m) {
