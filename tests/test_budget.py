@@ -50,3 +50,16 @@ def test_the_training_rate_probe_trains_the_recipe_s_own_model(tmp_path):
                         "qk_rope_head_dim": 8, "v_head_dim": 16, "first_k_dense_replace": 1},
               "tokenizer": {"vocab_size": 100}, "train": {"micro_batch_size": 2, "seq_len": 32}}
     assert dial.training_rate(recipe, torch.device("cpu"), None) > 0
+
+
+@pytest.mark.parametrize("rate,expected", [
+    (100.0, "every stage's steps x 0.5 (= min(1, 60 min / 15 min x 100 / 800 tokens/s)"),
+    (900.0, "the recipe as written (at this rate it fits in its 60 minutes: the reference ran it in 15 at 800"),
+])
+def test_the_report_states_the_dial_s_decision(tmp_path, monkeypatch, rate, expected):
+    from nanoseek.train.report import write_report
+
+    monkeypatch.setattr(dial, "training_rate", lambda recipe, device, autocast: rate)
+    stage_config(_recipe(tmp_path, minutes=60, reference_minutes=15, reference_tokens_per_second=800), "pretrain")
+    report = write_report(tmp_path / "r").read_text()
+    assert expected in report and f"{int(rate)} training tokens/s measured before the run" in report

@@ -35,7 +35,8 @@ def write_report(run: str | Path) -> Path:
                   f"- compute dial: every stage's steps x {b['scale']} (= min(1, {b['minutes']} min / "
                   f"{b['reference_minutes']} min x {b['tokens_per_second']:,} / {b['reference_tokens_per_second']:,} "
                   "tokens/s), train/budget.py)" if b["scale"] < 1 else
-                  "- compute dial: the recipe as written (this machine trains at least as fast as its reference, "
+                  "- compute dial: the recipe as written (at this rate it fits in its "
+                  f"{b['minutes']} minutes: the reference ran it in {b['reference_minutes']} at "
                   f"{b['reference_tokens_per_second']:,} tokens/s)", ""]
     tok_stats = run / "tokenizer" / "stats.json"
     if tok_stats.exists():
