@@ -11,9 +11,9 @@ CPU classes (docs/LOG.md and ../REFERENCE figures, 2-core VMs):
   * neon (arm64) and scalar (anything else): float32, eager PyTorch; kernels that need x86 are simply absent.
 
 The ISA ceiling NANOSEEK_ISA=avx2|avx512|avx512_bf16|amx|scalar makes an AVX-512 host behave like a smaller
-CPU: nanoseek's own kernels and dtype choices follow it, and it is passed on to torch (ATEN_CPU_CAPABILITY)
-and oneDNN (ONEDNN_MAX_CPU_ISA), which read those once, at their first use. Correctness and crashes are
-reproduced that way; speed only approximately (the host's clock and bandwidth stay).
+CPU: nanoseek's own kernels and dtype choices follow it, and it is passed on to torch (ATEN_CPU_CAPABILITY),
+oneDNN (ONEDNN_MAX_CPU_ISA) and MKL (MKL_ENABLE_INSTRUCTIONS), which read those once, at their first use.
+Correctness and crashes are reproduced that way; speed only approximately (the host's clock and bandwidth stay).
 
 Process settings (NANOSEEK_CPU_RUNTIME=0 leaves them alone), measured on a 2-core VM (docs/LOG.md):
   * THP_MEM_ALLOC_ENABLE=1 and glibc's mallopt (mmap threshold at its 32 MiB maximum, heap never trimmed):
@@ -51,6 +51,10 @@ _FLAGS = {"avx2": ("avx2", "fma", "f16c"), "avx512": ("avx512f", "avx512bw", "av
 # What a ceiling tells torch's own kernels and oneDNN.
 _ATEN_CAPABILITY = {"scalar": "default", "avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512"}
 _ONEDNN_ISA = {"scalar": "SSE41", "avx2": "AVX2", "avx512": "AVX512_CORE", "avx512_bf16": "AVX512_CORE_BF16"}
+# ...and MKL, which runs torch's float32 GEMMs: without the cap it kept AVX-512 under NANOSEEK_ISA=avx2 (a 2048^3
+# float32 product at 397 GFLOP/s on an AMX host, 212 capped), so the "AVX2" figures of training and of
+# transformers' float32 side were an AVX-512 machine's.
+_MKL_ISA = {"scalar": "SSE4_2", "avx2": "AVX2", "avx512": "AVX512", "avx512_bf16": "AVX512"}
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,7 @@ def _apply_ceiling() -> None:
         return
     os.environ.setdefault("ATEN_CPU_CAPABILITY", _ATEN_CAPABILITY[info.isa])
     os.environ.setdefault("ONEDNN_MAX_CPU_ISA", _ONEDNN_ISA[info.isa])
+    os.environ.setdefault("MKL_ENABLE_INSTRUCTIONS", _MKL_ISA[info.isa])
 
 
 def _apply_settings() -> bool:

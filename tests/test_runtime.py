@@ -15,7 +15,7 @@ from nanoseek.errors import ConfigError
 import procs
 
 _SETTINGS = ("THP_MEM_ALLOC_ENABLE", "ONEDNN_PRIMITIVE_CACHE_CAPACITY", "NANOSEEK_CPU_RUNTIME", "NANOSEEK_ISA",
-             "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+             "ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS", "MKL_VERBOSE")
 
 
 def _run(code: str, **env) -> subprocess.CompletedProcess:
@@ -61,6 +61,19 @@ def test_the_avx2_ceiling_reaches_torch_and_onednn():
     out = _run(code, NANOSEEK_ISA="avx2")
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout) == ["avx2", False, "AVX2", False]
+
+
+@pytest.mark.skipif(runtime.cpu().native_isa not in runtime.X86_LEVELS or not torch.backends.mkl.is_available(),
+                    reason="the ceilings are x86 levels; MKL runs float32 GEMMs only where torch is built with it")
+def test_the_avx2_ceiling_reaches_mkl():
+    """torch's float32 GEMMs run on MKL, which picks its own code path: under the ceiling it must pick AVX2's (MKL
+    names the instruction set it chose in its verbose log), or the training and float32 figures measured under
+    NANOSEEK_ISA=avx2 are an AVX-512 machine's."""
+    code = "import torch, nanoseek; a = torch.ones(64, 64); a @ a"
+    out = _run(code, NANOSEEK_ISA="avx2", MKL_VERBOSE="1")
+    assert out.returncode == 0, out.stderr
+    banner = next(line for line in out.stdout.splitlines() if "enabled processors" in line or "AVX" in line)
+    assert "(Intel(R) AVX2)" in banner and "AVX-512" not in banner, banner
 
 
 def test_a_malformed_ceiling_is_one_clear_error():
