@@ -5,12 +5,13 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import pytest
 import torch
 
 from nanoseek.checkpoint import load_model
-from nanoseek.train.metrics import read_metrics
+from nanoseek.train.metrics import loss_scale, plot_metrics, read_metrics
 from nanoseek.train.recipe import load_recipe, stage_config
 from nanoseek.train.stages import run_stage
 from nanoseek.train.trainer import TrainingError, lr_factor
@@ -69,6 +70,19 @@ def test_lr_schedules():
     assert lr_factor(99, cfg.replace(schedule="cosine")) == pytest.approx(0.1, abs=0.01)
     wsd = cfg.replace(schedule="wsd", decay_fraction=0.2)
     assert lr_factor(50, wsd) == 1.0 and lr_factor(79, wsd) == 1.0 and lr_factor(99, wsd) == pytest.approx(0.145, abs=0.01)
+
+
+def test_loss_plots_take_a_log_axis_only_for_positive_losses(tmp_path):
+    assert loss_scale([4.1, 0.3, float("nan")]) == "log"
+    assert loss_scale([0.02, -0.01]) == "linear"  # a policy-gradient loss crosses zero
+    assert loss_scale([]) == "linear"
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_text("".join(json.dumps({"step": s, "loss": loss, "lr": 1e-4}) + "\n"
+                               for s, loss in enumerate([-0.05, -0.03, -0.01, -0.02])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # matplotlib warns when a log axis has no positive value to show
+        written = plot_metrics(metrics, tmp_path, "grpo")
+    assert tmp_path / "loss.png" in written and (tmp_path / "loss.png").stat().st_size > 0
 
 
 def _state(path):

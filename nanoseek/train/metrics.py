@@ -4,6 +4,7 @@ completion length and diagnostics)."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 
@@ -38,6 +39,13 @@ def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def loss_scale(values: list[float]) -> str:
+    """A cross-entropy falls over decades and reads best on a log axis; a policy-gradient loss (GRPO) crosses zero,
+    where a log axis would drop every point at or below it."""
+    finite = [v for v in values if math.isfinite(v)]
+    return "log" if finite and min(finite) > 0 else "linear"
+
+
 def plot_metrics(metrics_path: Path, out_dir: Path, title: str = "") -> list[Path]:
     """loss.png (train and validation), lr.png, expert_load.png; returns the files written."""
     import matplotlib
@@ -51,16 +59,20 @@ def plot_metrics(metrics_path: Path, out_dir: Path, title: str = "") -> list[Pat
     written = []
     if steps:
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.plot([r["step"] for r in steps], [r["loss"] for r in steps], label="train", lw=1)
+        plotted = [r["loss"] for r in steps]
+        ax.plot([r["step"] for r in steps], plotted, label="train", lw=1)
         if any("mtp_loss" in r for r in steps):
-            ax.plot([r["step"] for r in steps if "mtp_loss" in r], [r["mtp_loss"] for r in steps if "mtp_loss" in r],
-                    label="MTP (depth 1)", lw=1, alpha=0.7)
+            mtp = [r for r in steps if "mtp_loss" in r]
+            plotted += [r["mtp_loss"] for r in mtp]
+            ax.plot([r["step"] for r in mtp], [r["mtp_loss"] for r in mtp], label="MTP (depth 1)", lw=1, alpha=0.7)
         val = [r for r in records if "val_loss" in r]
         if val:
+            plotted += [r["val_loss"] for r in val]
             ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="validation")
         ax.set_xlabel("step")
-        ax.set_ylabel("loss (nats/token)")
-        ax.set_yscale("log")
+        scale = loss_scale(plotted)
+        ax.set_ylabel("loss (nats/token)" if scale == "log" else "loss")  # a cross-entropy, or a policy loss
+        ax.set_yscale(scale)
         ax.set_title(f"{title} loss")
         ax.legend()
         fig.tight_layout()
