@@ -4,10 +4,13 @@ natively and under the AVX2 ceiling (NANOSEEK_ISA=avx2), so the AVX-512 and the 
 
 import copy
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils.cpp_extension import _get_build_directory
 
 from nanoseek import runtime
 from nanoseek.checkpoint import load_model
@@ -17,6 +20,7 @@ from nanoseek.model.attention import MLAttention
 from nanoseek.model.kernels import decode
 from nanoseek.model.layers import Linear, RMSNorm
 from nanoseek.model.moe import Experts, MoE, Router
+import procs
 
 ISA = runtime.cpu().isa
 needs_kernels = pytest.mark.skipif(not (ISA in decode.DECODE_KERNELS.isas and shutil.which("c++")),
@@ -50,6 +54,38 @@ def test_kernels_build_for_this_cpu_s_isa():
     assert kernels.isa == ("avx2" if ISA == "avx2" else "avx512")  # the vector layer compiled in
     assert kernels.native_bf16 == runtime.cpu().bf16_native
     assert ISA in decode.DECODE_KERNELS.extension_name(ISA)  # a shared build cache never mixes ISA levels
+
+
+@needs_kernels
+def test_a_kernel_build_killed_midway_does_not_hang_every_later_load():
+    # What a Ctrl-C during the first build leaves: torch's `lock` file in the extension's build directory, which
+    # torch alone would wait on forever, even for an extension already built.
+    decode.decode_kernels()  # built (or loaded) here first, so the child only loads
+    build_dir = Path(_get_build_directory(decode.DECODE_KERNELS.extension_name(ISA), verbose=False))
+    stale = build_dir / "lock"
+    stale.touch()
+    try:
+        r = procs.run([sys.executable, "-c", "from nanoseek.model.kernels.decode import decode_kernels; "
+                       "assert decode_kernels() is not None"], timeout=120, capture_output=True, text=True)
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert "left by a kernel build that was killed" in r.stderr and not stale.exists()
+    finally:
+        stale.unlink(missing_ok=True)
+
+
+def test_the_first_build_on_a_machine_says_why_it_pauses(tmp_path, monkeypatch, capsys):
+    import torch.utils.cpp_extension as cpp_extension
+
+    from nanoseek.model.kernels.build import CompiledKernels
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path / name))
+    monkeypatch.setattr(cpp_extension, "load", lambda name, **kwargs: name)  # the compiler is not what is tested
+    kernels = CompiledKernels("nanoseek_probe", "decode.cpp", ("avx2",))
+    name = kernels.extension_name("avx2")
+    assert kernels._build("avx2") == name
+    assert "building the nanoseek_probe CPU kernels for avx2, once on this machine" in capsys.readouterr().err
+    (tmp_path / name / f"{name}.so").touch()  # built: later loads are quiet
+    assert kernels._build("avx2") == name and capsys.readouterr().err == ""
 
 
 @needs_kernels

@@ -15,7 +15,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import sys
 import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 from ...runtime import cpu
@@ -36,6 +38,32 @@ ISA_FLAGS = {
                     "-mavx512bf16", "-mavx512vnni"],
 }
 ISA_FLAGS["amx"] = ISA_FLAGS["avx512_bf16"]  # AMX tiles are oneDNN's business; the kernels use AVX512-BF16
+
+
+@contextmanager
+def build_lock(build_dir: Path):
+    """Holds an OS lock on one extension's build directory, which the kernel releases when its holder dies.
+
+    torch serialises builds with a plain `lock` file: a build killed midway (Ctrl-C during the first, silent
+    half-minute; a timeout) leaves it behind, and every later load of that extension -- a built one too -- then
+    waits for it forever. Every nanoseek process builds and loads under this lock, so a `lock` file found while
+    holding it belongs to no live build and is removed."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: torch's lock file alone
+        yield
+        return
+    build_dir.mkdir(parents=True, exist_ok=True)
+    with open(build_dir / "nanoseek.lock", "a") as f:
+        fcntl.flock(f.fileno(), fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"
+            if stale.exists():
+                log.warning("nanoseek: removing %s, left by a kernel build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(f.fileno(), fcntl.LOCK_UN)
 
 
 def kernels_enabled() -> bool:
@@ -89,11 +117,17 @@ class CompiledKernels:
 
     def _build(self, isa: str):
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import _get_build_directory, load
 
-            return load(name=self.extension_name(isa), sources=[str(CSRC / self.source)], verbose=False,
-                        extra_cflags=[*COMMON_FLAGS, *ISA_FLAGS[isa]], extra_include_paths=[str(CSRC)],
-                        extra_ldflags=["-fopenmp"])
+            name = self.extension_name(isa)
+            build_dir = Path(_get_build_directory(name, verbose=False))  # torch's own choice (python, torch, name)
+            with build_lock(build_dir):
+                if not any(build_dir.glob(f"{name}*.so")):  # the first use on this machine: say why it pauses
+                    print(f"nanoseek: building the {self.name} CPU kernels for {isa}, once on this machine "
+                          "(under a minute)", file=sys.stderr, flush=True)
+                return load(name=name, sources=[str(CSRC / self.source)], verbose=False,
+                            extra_cflags=[*COMMON_FLAGS, *ISA_FLAGS[isa]], extra_include_paths=[str(CSRC)],
+                            extra_ldflags=["-fopenmp"])
         except Exception as exc:  # no compiler, no ninja, ...: eager PyTorch still runs everything
             log.warning("nanoseek: CPU kernels %s unavailable (%s); using eager PyTorch", self.name,
                         str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
