@@ -116,6 +116,33 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, dtype):
     assert steps_logged == list(range(1, 15))  # no duplicated or missing steps after the resume
 
 
+def test_ctrl_c_checkpoints_the_step_it_stopped_at_and_the_resume_is_bitwise_identical(tmp_path):
+    steps = ["pretrain.steps=40", "pretrain.save_every=0", "pretrain.eval_every=0"]  # no checkpoint but the stop's
+    procs.run(CLI + ["train", "pretrain", "--recipe", str(write_tiny_recipe(tmp_path, "ref")), "--no-progress",
+                     *steps], check=True, capture_output=True)
+    recipe = write_tiny_recipe(tmp_path, "stopped")
+    run = tmp_path / "runs" / "stopped" / "pretrain"
+    with procs.spawn(CLI + ["train", "pretrain", "--recipe", str(recipe), "--no-progress", *steps],
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+        deadline = time.time() + 120
+        while time.time() < deadline and len(read_metrics(run / "metrics.jsonl")) < 5:
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+        err = proc.stderr.read()
+        proc.wait()
+    assert proc.returncode == 130, err[-2000:]
+    stopped_at = max(r["step"] for r in read_metrics(run / "metrics.jsonl") if "loss" in r)
+    assert 5 <= stopped_at < 40 and not (run / "model").exists()
+    checkpoint = run / "checkpoints" / f"step_{stopped_at:06d}"
+    assert f"stopped by SIGINT after step {stopped_at}; checkpoint {checkpoint}; continue with --resume" in err
+    assert [p.name for p in (run / "checkpoints").iterdir()] == [checkpoint.name]
+    procs.run(CLI + ["train", "pretrain", "--recipe", str(recipe), "--no-progress", "--resume", *steps], check=True,
+              capture_output=True)
+    a, b = _state(tmp_path / "runs" / "ref" / "pretrain" / "model"), _state(run / "model")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
 def test_repeated_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
     from nanoseek.train import trainer as trainer_module
 

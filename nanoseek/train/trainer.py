@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 
@@ -94,6 +97,29 @@ def training_flops_per_token(model: Transformer, seq_len: int, with_mtp: bool) -
     params = cost.active_params + (cost.mtp_params if with_mtp else 0)
     attn_forward = cost.flops_per_token - 2 * cost.active_params
     return 6 * params + 3 * attn_forward
+
+
+class StopRequests:
+    """Ctrl-C (SIGINT) or SIGTERM during a run asks the loop to stop after the step in flight, with a checkpoint
+    there, instead of losing every step since the last one; a second Ctrl-C interrupts at once. Installed only in
+    the main thread (signal handlers cannot be elsewhere) and only when `enabled`; `restore` puts the previous
+    handlers back."""
+
+    def __init__(self, enabled: bool):
+        self.signal: int | None = None
+        self._previous = {}
+        if enabled and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._ask)
+
+    def _ask(self, signum, frame) -> None:
+        self.signal = signum
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}
 
 
 class Trainer:
@@ -287,6 +313,9 @@ class Trainer:
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage, unit="step", dynamic_ncols=True)
         last_time, last_tokens = time.perf_counter(), self.tokens_seen
         deadline = time.perf_counter() + cfg.max_seconds if cfg.max_seconds else None
+        # One process alone: a checkpoint taken on several ranks is collective, and they may see a signal in
+        # different steps.
+        stop, interrupted = StopRequests(enabled=self.dist.world_size == 1), None
         try:
             while self.step < cfg.steps:
                 if deadline is not None and time.perf_counter() > deadline:
@@ -318,12 +347,21 @@ class Trainer:
                 self.metrics.log(record)
                 if bar is not None:
                     bar.update(1)
+                saved = None
                 if cfg.save_every and self.step % cfg.save_every == 0 and self.step < cfg.steps:
-                    self.save()
+                    saved = self.save()
                     last_time = time.perf_counter()
+                if stop.signal is not None and self.step < cfg.steps:
+                    interrupted = saved or self.save()
+                    break
         finally:
+            stop.restore()
             if bar is not None:
                 bar.close()
+        if interrupted is not None:
+            print(f"{self.stage}: stopped by {signal.Signals(stop.signal).name} after step {self.step}; checkpoint "
+                  f"{interrupted}; continue with --resume", file=sys.stderr, flush=True)
+            raise KeyboardInterrupt
         final_eval = self.evaluate()
         if final_eval:
             self.metrics.log({"step": self.step, "final": True, **final_eval})
