@@ -340,7 +340,7 @@ def cmd_export(args) -> int:
 def cmd_quantize(args) -> int:
     from .interop.quantize import quantize_checkpoint
 
-    summary = quantize_checkpoint(args.src, args.dst, args.scheme)
+    summary = quantize_checkpoint(args.src, args.dst, args.scheme, overwrite=args.overwrite)
     print(json.dumps(summary))
     return 0
 
@@ -446,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dst", help="directory to write")
     p.add_argument("--scheme", default="int8", choices=["int8", "int4", "int4-g128"],
                    help="int8 per output channel, int4 in groups of 32 inputs (or 128)")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists (never the source)")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("usage", help="per-key totals of a server's usage ledger")

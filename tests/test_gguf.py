@@ -180,6 +180,16 @@ def test_export_needs_a_tokenizer_and_a_known_architecture(tmp_path):
         export_gguf(directory, tmp_path / "x.gguf", "q3")
 
 
+def test_a_nanoseek_quantized_checkpoint_is_refused_with_the_way_to_a_quantized_gguf(checkpoint, tmp_path):
+    from nanoseek.interop.quantize import quantize_checkpoint
+
+    directory, _ = checkpoint("qwen2")
+    quantize_checkpoint(directory, tmp_path / "int8", "int8")
+    with pytest.raises(ConfigError, match="nanoseek-quantized weights.*float checkpoint.*q8_0 or q4_0"):
+        export_gguf(tmp_path / "int8", tmp_path / "x.gguf", "q8_0")
+    assert not (tmp_path / "x.gguf").exists()
+
+
 @pytest.mark.parametrize("arch", EXPORTED)
 def test_nanoseek_reads_a_gguf_file_back_exactly(arch, checkpoint, tmp_path, monkeypatch):
     """GGUF -> nanoseek: an f32 export loads to the very same weights, routing and rope as its source checkpoint,

@@ -3,6 +3,7 @@ under the AVX2 ceiling by scripts/test.sh), the engine and the checkpoints `nano
 
 import json
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,6 +193,25 @@ def test_quantized_checkpoint_loads_back_without_requantizing(hf_checkpoint, tmp
         LLM(tmp_path / "q", quantization="int4" if scheme == "int8" else "int8")
     with pytest.raises(ConfigError, match="already quantized"):
         quantize_checkpoint(tmp_path / "q", tmp_path / "qq", scheme)
+
+
+def test_quantize_never_writes_over_its_source_or_an_existing_directory(hf_checkpoint, tmp_path):
+    directory, _ = hf_checkpoint("qwen2")
+    before = {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()}
+    for dst in (directory, Path(directory).parent):  # the source itself, or a folder that holds it
+        with pytest.raises(ConfigError, match="would write over its source"):
+            quantize_checkpoint(directory, dst, "int8")
+    assert {p.name: p.read_bytes() for p in Path(directory).iterdir() if p.is_file()} == before
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("someone's")
+    with pytest.raises(ConfigError, match="already exists.*--overwrite"):
+        quantize_checkpoint(directory, taken, "int8")
+    assert (taken / "notes.txt").exists()
+    quantize_checkpoint(directory, taken, "int8", overwrite=True)
+    assert json.loads((taken / "config.json").read_text())["quantization_config"]["quant_method"] == "nanoseek"
+    (tmp_path / "empty").mkdir()
+    quantize_checkpoint(directory, tmp_path / "empty", "int8")  # an empty directory is a new one
 
 
 def test_weights_changed_after_quantization_are_saved_and_served_as_float(hf_checkpoint, tmp_path):

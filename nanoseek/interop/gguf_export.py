@@ -329,6 +329,9 @@ def export_gguf(model: str | Path, out: str | Path, kind: str = "f16", modelfile
     mt = config.get("model_type")
     if mt not in ARCHITECTURES:
         raise ConfigError(f"model_type {mt!r} does not export to GGUF; supported: {', '.join(ARCHITECTURES)}")
+    if (config.get("quantization_config") or {}).get("quant_method") == "nanoseek":
+        raise ConfigError(f"{directory} holds nanoseek-quantized weights, which GGUF has no type for: export its "
+                          "float checkpoint, with --type q8_0 or q4_0 for a quantized GGUF")
     files = find_checkpoint_files(directory)
     tensors = {}
     for key in files.key_to_file:

@@ -20,13 +20,19 @@ def _bytes(directory: Path) -> int:
     return sum(p.stat().st_size for p in directory.glob("*.safetensors"))
 
 
-def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8") -> dict:
-    """Quantizes the float checkpoint `src` into `dst` (written atomically). Returns a summary: the scheme,
-    parameters quantized and left in float, and the weight files' bytes before and after."""
+def quantize_checkpoint(src: str | Path, dst: str | Path, scheme: str = "int8", overwrite: bool = False) -> dict:
+    """Quantizes the float checkpoint `src` into `dst` (written atomically; an existing `dst` only with
+    `overwrite`, and never the source itself or a folder holding it). Returns a summary: the scheme, parameters
+    quantized and left in float, and the weight files' bytes before and after."""
     chosen = quant.scheme(scheme)
     if chosen is None:
         raise ConfigError("quantize needs a scheme: int8, int4 or int4-g128")
     directory = model_directory(src)
+    source, target = Path(directory).resolve(), Path(dst).resolve()
+    if target == source or target in source.parents:
+        raise ConfigError(f"quantize would write over its source {src}: pass a new directory as DST")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise ConfigError(f"{dst} already exists: pass a new directory, or --overwrite to replace it")
     config = ModelConfig.from_pretrained(directory)
     if quant.scheme_from_config(config.extra.get("quantization_config")) is not None:
         raise ConfigError(f"{src} is already quantized: quantize its float checkpoint instead")
