@@ -4,6 +4,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -464,6 +465,19 @@ def test_policy_system_prompt_goes_first_and_keeps_the_clients_own(chat_checkpoi
                                                                       "content": "Answer in one line."}] + MSG)
     audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
     assert [(a["rule"], a["action"]) for a in audit] == [("system_prompt", "merged"), ("system_prompt", "prepended")]
+
+
+def test_a_port_already_taken_is_a_one_line_error_before_the_model_loads(chat_checkpoint):
+    directory, _ = chat_checkpoint("deepseek_v3")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = procs.run([sys.executable, "-m", "nanoseek.cli", "serve", "--model", str(directory), "--port", str(port)],
+                      capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.strip().splitlines() == [f"nanoseek serve: error: cannot listen on 127.0.0.1:{port} (Address "
+                                             "already in use): another server may hold it; pass --port N"]
 
 
 def test_sigterm_shuts_down_cleanly(chat_checkpoint):

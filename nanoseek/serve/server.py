@@ -11,9 +11,11 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 from dataclasses import dataclass, field, fields
 
 from ..engine import AsyncLLM
+from ..errors import ConfigError
 from .app import ServeConfig, create_app
 from .policy import Policy
 from .pricing import calibrate
@@ -56,7 +58,6 @@ class ServerSettings:
 def accounts_and_ledger(settings: ServerSettings, priced: bool):
     """(Accounts or None, Ledger or None) from --api-keys / --api-key and --ledger; ConfigError on what cannot
     work (quotas with nowhere to remember them, cost quotas without prices)."""
-    from ..errors import ConfigError
     from .accounts import Accounts
     from .ledger import Ledger
 
@@ -90,11 +91,34 @@ def build(settings: ServerSettings) -> tuple:
     return llm, create_app(llm, config)
 
 
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a port already taken is a one-line error at once,
+    not uvicorn's log lines and exit 3 after the load."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+    except socket.gaierror as e:
+        raise ConfigError(f"--host {host!r} is not an address this machine has ({e.strerror})") from None
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({e.strerror}): another server may hold it; "
+                          "pass --port N") from None
+    return sock
+
+
 def serve(settings: ServerSettings) -> int:
     import uvicorn
 
+    sock = listening_socket(settings.host, settings.port)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    llm, app = build(settings)
+    try:
+        llm, app = build(settings)
+    except BaseException:
+        sock.close()
+        raise
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="info",
                             timeout_graceful_shutdown=settings.shutdown_grace, access_log=False)
     server = _Server(config)
@@ -108,7 +132,7 @@ def serve(settings: ServerSettings) -> int:
 
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop)
-        await server.serve()
+        await server.serve(sockets=[sock])
 
     try:
         asyncio.run(main())
