@@ -143,6 +143,23 @@ def test_ctrl_c_checkpoints_the_step_it_stopped_at_and_the_resume_is_bitwise_ide
         assert torch.equal(a[k], b[k]), k
 
 
+def test_stop_requests_leave_an_ignored_sigint_ignored_and_restore_the_handlers():
+    from nanoseek.train.trainer import StopRequests
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # how a background or nohup job starts
+        stop = StopRequests(enabled=True)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) == stop._ask
+        stop.restore()
+        assert signal.getsignal(signal.SIGTERM) == before[1]
+        assert StopRequests(enabled=False)._previous == {}  # several ranks: nothing installed
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
+
+
 def test_repeated_nan_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, monkeypatch):
     from nanoseek.train import trainer as trainer_module
 

@@ -102,15 +102,17 @@ def training_flops_per_token(model: Transformer, seq_len: int, with_mtp: bool) -
 class StopRequests:
     """Ctrl-C (SIGINT) or SIGTERM during a run asks the loop to stop after the step in flight, with a checkpoint
     there, instead of losing every step since the last one; a second Ctrl-C interrupts at once. Installed only in
-    the main thread (signal handlers cannot be elsewhere) and only when `enabled`; `restore` puts the previous
-    handlers back."""
+    the main thread (signal handlers cannot be elsewhere), only when `enabled`, and never over a signal the
+    process was started to ignore (a `nohup` or background job's SIGINT); `restore` puts the previous handlers
+    back."""
 
     def __init__(self, enabled: bool):
         self.signal: int | None = None
         self._previous = {}
         if enabled and threading.current_thread() is threading.main_thread():
             for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._ask)
+                if signal.getsignal(sig) is not signal.SIG_IGN:
+                    self._previous[sig] = signal.signal(sig, self._ask)
 
     def _ask(self, signum, frame) -> None:
         self.signal = signum
