@@ -122,8 +122,11 @@ def test_ctrl_c_checkpoints_the_step_it_stopped_at_and_the_resume_is_bitwise_ide
                      *steps], check=True, capture_output=True)
     recipe = write_tiny_recipe(tmp_path, "stopped")
     run = tmp_path / "runs" / "stopped" / "pretrain"
+    # A terminal's foreground run: SIGINT at its default, whatever this test process inherited (CI started in the
+    # background ignores it, and a process started ignoring SIGINT keeps ignoring it).
     with procs.spawn(CLI + ["train", "pretrain", "--recipe", str(recipe), "--no-progress", *steps],
-                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) as proc:
+                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                     preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL)) as proc:
         deadline = time.time() + 120
         while time.time() < deadline and len(read_metrics(run / "metrics.jsonl")) < 5:
             time.sleep(0.02)
