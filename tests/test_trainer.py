@@ -155,6 +155,8 @@ def test_stop_requests_leave_an_ignored_sigint_ignored_and_restore_the_handlers(
         stop = StopRequests(enabled=True)
         assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGTERM) == stop._ask
+        stop._ask(signal.SIGTERM, None)  # a SIGTERM arrives: the ignored SIGINT is not armed by it
+        assert stop.signal == signal.SIGTERM and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
         stop.restore()
         assert signal.getsignal(signal.SIGTERM) == before[1]
         assert StopRequests(enabled=False)._previous == {}  # several ranks: nothing installed

@@ -116,7 +116,8 @@ class StopRequests:
 
     def _ask(self, signum, frame) -> None:
         self.signal = signum
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.SIGINT in self._previous:  # an ignored SIGINT stays ignored
+            signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
